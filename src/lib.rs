@@ -1,0 +1,7 @@
+//! denoised: an HTTP inference server for diffusion image generation and editing on ONNX Runtime.
+//!
+//! The crate is one library with a thin binary on top. [`engine`] is the synchronous inference library
+//! (models, tokenizer, schedulers, pipelines, images) that knows nothing of HTTP or databases; [`jobs`] owns
+//! every SQL statement; [`worker`] bridges the two with OS threads; [`api`] is the axum front end.
+
+pub mod engine;
