@@ -4,4 +4,5 @@
 //! (models, tokenizer, schedulers, pipelines, images) that knows nothing of HTTP or databases; [`jobs`] owns
 //! every SQL statement; [`worker`] bridges the two with OS threads; [`api`] is the axum front end.
 
+pub mod config;
 pub mod engine;

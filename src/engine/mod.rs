@@ -1,5 +1,15 @@
 //! The synchronous inference engine: everything needed to turn a prompt into pixels, with no knowledge of
 //! HTTP, tokio or the job store. Usable as a library on its own.
 
+pub mod error;
+pub mod graph;
+pub mod image;
+pub mod model;
+pub mod npy;
+pub mod pipeline;
 pub mod rng;
+pub mod runtime;
 pub mod scheduler;
+pub mod tokenizer;
+
+pub use error::EngineError;

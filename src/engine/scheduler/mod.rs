@@ -34,3 +34,36 @@ pub trait Scheduler: Send {
         noise: &mut dyn NoiseSource,
     ) -> StepOutput;
 }
+
+// --- temporary stand-in until the scheduler family lands (replaced on merge) ---
+/// Model scheduler config.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SchedulerConfig {
+    /// `_class_name`
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+}
+/// Scheduler families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    /// DDIM
+    Ddim,
+}
+impl SchedulerKind {
+    /// From diffusers class.
+    pub fn from_class_name(_c: &str) -> Option<Self> {
+        Some(SchedulerKind::Ddim)
+    }
+    /// From request name.
+    pub fn from_request_name(_c: &str) -> Option<Self> {
+        Some(SchedulerKind::Ddim)
+    }
+    /// Name.
+    pub fn name(self) -> &'static str {
+        "ddim"
+    }
+}
+/// Builds.
+pub fn build(_k: SchedulerKind, _c: &SchedulerConfig, _n: usize) -> Result<Box<dyn Scheduler>, String> {
+    Err("not yet".into())
+}

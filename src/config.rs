@@ -1,0 +1,467 @@
+//! Server configuration: `config.toml`, overridden by `DENOISED_…` environment variables, overridden by flags.
+//!
+//! Everything is validated once at start-up into [`Config`]; the rest of the program never reads the
+//! environment or the file again. Unknown keys are an error that names the key, so a typo never silently
+//! falls back to a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Prefix of environment variables that override config keys (`DENOISED_SERVER__BIND`).
+pub const ENV_PREFIX: &str = "DENOISED_";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path that was tried.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// Where the bad value came from (the file or an environment variable).
+        origin: String,
+        /// The parser's message, which names the key.
+        message: String,
+    },
+    /// The values parse but make no sense together.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where jobs and images are stored.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// ONNX Runtime settings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Job queue behaviour.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Models served, by the id clients use. The first is the default.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    /// One worker thread per entry.
+    #[serde(default)]
+    pub workers: Vec<WorkerConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP server listens on.
+    pub bind: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds that running jobs get to finish on SIGTERM/SIGINT before they are handed back to the queue.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { bind: "127.0.0.1:8080".into(), max_body_bytes: 32 * 1024 * 1024, shutdown_grace_seconds: 30 }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Folder for images (and, by default, the SQLite file).
+    pub data_dir: PathBuf,
+    /// sqlx database URL; `sqlite://relative/path.db` resolves against the config file's folder.
+    pub database_url: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { data_dir: "data".into(), database_url: "sqlite://data/denoised.db".into() }
+    }
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Path of the ONNX Runtime shared library. `ORT_DYLIB_PATH` takes precedence when set.
+    pub onnxruntime_library: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { onnxruntime_library: ".ort/libonnxruntime.so".into() }
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// How long a worker's claim on a job lasts without renewal. A crashed process's jobs run again after this.
+    pub lease_seconds: u64,
+    /// Attempts before a job whose worker keeps dying is failed.
+    pub max_attempts: u32,
+    /// How often the queue is polled for jobs submitted by other processes and for expired leases.
+    pub poll_millis: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { lease_seconds: 30, max_attempts: 3, poll_millis: 1000 }
+    }
+}
+
+/// `[limits]`: what a single request may ask for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most denoising steps per job.
+    pub max_steps: u32,
+    /// Most images per job.
+    pub max_images: u32,
+    /// Longest image side in pixels.
+    pub max_side: u32,
+    /// Longest prompt, in characters.
+    pub max_prompt_chars: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_steps: 150, max_images: 8, max_side: 2048, max_prompt_chars: 4000 }
+    }
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `RUST_LOG`-style filter; `RUST_LOG` wins when set.
+    pub log: String,
+    /// One JSON object per log line instead of human-readable text.
+    pub json: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { log: "info,ort=warn".into(), json: false }
+    }
+}
+
+/// `[[models]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The id clients send as `model`.
+    pub name: String,
+    /// An optimum Stable Diffusion export folder.
+    pub path: PathBuf,
+}
+
+/// `[[workers]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// `cpu`, or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Intra-op threads for this worker's sessions.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+fn default_threads() -> usize {
+    2
+}
+
+/// Command-line flags that override the most common keys.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--bind`
+    pub bind: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--database-url`
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Reads `path`, applies `DENOISED_…` variables from `env`, then `overrides`, and validates.
+    /// Relative paths resolve against the config file's folder.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_toml_str(&text, &path.display().to_string(), &base, env, overrides)
+    }
+
+    /// Like [`Config::load`] on text already read; `base` is the folder relative paths resolve against.
+    pub fn from_toml_str(
+        text: &str,
+        origin: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut tree: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })?;
+        let env: BTreeMap<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        for (key, value) in &env {
+            apply_env_override(&mut tree, &key[ENV_PREFIX.len()..], value)
+                .map_err(|message| ConfigError::Parse { origin: format!("environment variable {key}"), message })?;
+        }
+        let mut config: Config = toml::Value::Table(tree)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })?;
+        if let Some(bind) = &overrides.bind {
+            config.server.bind = bind.clone();
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.storage.data_dir = dir.clone();
+        }
+        if let Some(url) = &overrides.database_url {
+            config.storage.database_url = url.clone();
+        }
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        self.storage.data_dir = resolve(&self.storage.data_dir);
+        self.runtime.onnxruntime_library = resolve(&self.runtime.onnxruntime_library);
+        for model in &mut self.models {
+            model.path = resolve(&model.path);
+        }
+        if let Some(rest) = self.storage.database_url.strip_prefix("sqlite://") {
+            let (file, query) = rest.split_once('?').map_or((rest, None), |(f, q)| (f, Some(q)));
+            if !file.is_empty() && !file.starts_with(':') && !Path::new(file).is_absolute() {
+                let absolute = resolve(Path::new(file));
+                self.storage.database_url = match query {
+                    Some(q) => format!("sqlite://{}?{q}", absolute.display()),
+                    None => format!("sqlite://{}", absolute.display()),
+                };
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.bind_addr()?;
+        if self.models.is_empty() {
+            return Err(ConfigError::Invalid("no [[models]] configured".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for model in &self.models {
+            if model.name.trim().is_empty() {
+                return Err(ConfigError::Invalid("models.name must not be empty".into()));
+            }
+            if !names.insert(model.name.as_str()) {
+                return Err(ConfigError::Invalid(format!("models.name `{}` is configured twice", model.name)));
+            }
+        }
+        if self.workers.is_empty() {
+            return Err(ConfigError::Invalid("no [[workers]] configured".into()));
+        }
+        for (i, worker) in self.workers.iter().enumerate() {
+            crate::engine::runtime::Device::parse(&worker.device)
+                .map_err(|e| ConfigError::Invalid(format!("workers[{i}].device: {e}")))?;
+            if worker.threads == 0 {
+                return Err(ConfigError::Invalid(format!("workers[{i}].threads must be at least 1")));
+            }
+        }
+        if self.queue.lease_seconds == 0 {
+            return Err(ConfigError::Invalid("queue.lease_seconds must be at least 1".into()));
+        }
+        if self.queue.max_attempts == 0 {
+            return Err(ConfigError::Invalid("queue.max_attempts must be at least 1".into()));
+        }
+        if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
+            return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .bind
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("server.bind `{}`: {e}", self.server.bind)))
+    }
+}
+
+/// Applies one `SECTION__KEY` (or `MODELS__0__PATH`) override to the raw TOML tree. The value is read as a
+/// TOML scalar when it parses as one (numbers, booleans), else taken as a string.
+fn apply_env_override(tree: &mut toml::Table, key: &str, value: &str) -> Result<(), String> {
+    let parts: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if parts.iter().any(String::is_empty) {
+        return Err(format!("malformed key `{key}`: use SECTION__KEY, e.g. DENOISED_SERVER__BIND"));
+    }
+    let parsed = parse_scalar(value);
+    let mut node = tree;
+    let mut i = 0;
+    while i < parts.len() {
+        let part = &parts[i];
+        let last = i + 1 == parts.len();
+        if last {
+            node.insert(part.clone(), parsed);
+            return Ok(());
+        }
+        let next_is_index = parts[i + 1].parse::<usize>().ok();
+        match next_is_index {
+            Some(index) => {
+                let entry = node.entry(part.clone()).or_insert_with(|| toml::Value::Array(Vec::new()));
+                let array = entry.as_array_mut().ok_or_else(|| format!("`{part}` is not an array"))?;
+                while array.len() <= index {
+                    array.push(toml::Value::Table(toml::Table::new()));
+                }
+                if i + 2 == parts.len() {
+                    return Err(format!("`{key}` names an array element, not a key inside it"));
+                }
+                node = array[index].as_table_mut().ok_or_else(|| format!("`{part}[{index}]` is not a table"))?;
+                i += 2;
+            }
+            None => {
+                let entry = node.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                node = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
+                i += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_scalar(value: &str) -> toml::Value {
+    if let Ok(b) = value.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        if value.contains('.') {
+            return toml::Value::Float(f);
+        }
+    }
+    toml::Value::String(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+bind = "127.0.0.1:8080"
+[storage]
+data_dir = "data"
+database_url = "sqlite://data/denoised.db"
+[[models]]
+name = "m"
+path = "models/m"
+[[workers]]
+device = "cpu"
+threads = 2
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml_str(text, "test.toml", Path::new("/srv/app"), env, &Overrides::default())
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.storage.data_dir, PathBuf::from("/srv/app/data"));
+        assert_eq!(c.models[0].path, PathBuf::from("/srv/app/models/m"));
+        assert_eq!(c.storage.database_url, "sqlite:///srv/app/data/denoised.db");
+        assert_eq!(c.runtime.onnxruntime_library, PathBuf::from("/srv/app/.ort/libonnxruntime.so"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load(&format!("{MINIMAL}\n[queue]\nlease_secs = 3\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("lease_secs"), "{err}");
+        let err = load(&MINIMAL.replace("threads = 2", "threads = 2\ngpu = 1"), &[]).unwrap_err().to_string();
+        assert!(err.contains("gpu"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_keys_including_array_entries() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("DENOISED_SERVER__BIND", "0.0.0.0:9000"),
+                ("DENOISED_QUEUE__LEASE_SECONDS", "7"),
+                ("DENOISED_WORKERS__0__THREADS", "4"),
+                ("DENOISED_MODELS__0__PATH", "/abs/model"),
+                ("OTHER_VAR", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.bind, "0.0.0.0:9000");
+        assert_eq!(c.queue.lease_seconds, 7);
+        assert_eq!(c.workers[0].threads, 4);
+        assert_eq!(c.models[0].path, PathBuf::from("/abs/model"));
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_errors() {
+        let err = load(MINIMAL, &[("DENOISED_SERVER__BINDD", "x")]).unwrap_err().to_string();
+        assert!(err.contains("bindd") && err.contains("DENOISED_SERVER__BINDD"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_file_and_environment() {
+        let overrides = Overrides { bind: Some("127.0.0.1:1".into()), ..Default::default() };
+        let env = vec![("DENOISED_SERVER__BIND".to_string(), "127.0.0.1:2".to_string())];
+        let c = Config::from_toml_str(MINIMAL, "t", Path::new("/x"), env, &overrides).unwrap();
+        assert_eq!(c.server.bind, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(load(&MINIMAL.replace("\"cpu\"", "\"tpu\""), &[]).unwrap_err().to_string().contains("workers[0]"));
+        assert!(load(&MINIMAL.replace("127.0.0.1:8080", "nope"), &[]).is_err());
+        assert!(load(&MINIMAL.replace("threads = 2", "threads = 0"), &[]).is_err());
+    }
+
+    #[test]
+    fn the_shipped_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let c = Config::load(&path, Vec::new(), &Overrides::default()).unwrap();
+        assert!(!c.models.is_empty());
+        assert!(!c.workers.is_empty());
+    }
+}

@@ -1,0 +1,206 @@
+//! An optimum Stable Diffusion export on disk: what it is ([`ModelInfo`], read from its JSON files alone) and
+//! its loaded graphs ([`LoadedModel`], one per worker, since sessions are never shared).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::error::EngineError;
+use super::graph::{Element, Graph};
+use super::runtime::SessionFactory;
+use super::scheduler::{SchedulerConfig, SchedulerKind};
+use super::tokenizer::ClipTokenizer;
+
+/// What a model can be asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// Text to image.
+    TextToImage,
+}
+
+/// Everything about a model that can be known without loading its graphs: enough to validate requests.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The export folder.
+    pub path: PathBuf,
+    /// The diffusers pipeline class named in `model_index.json`.
+    pub pipeline_class: String,
+    /// The scheduler config shipped with the model.
+    pub scheduler_config: SchedulerConfig,
+    /// The scheduler family the model ships with.
+    pub default_scheduler: SchedulerKind,
+    /// `scaling_factor` of the VAE (latents are divided by it before decoding).
+    pub vae_scaling_factor: f32,
+    /// Pixels per latent cell (8 for Stable Diffusion).
+    pub vae_scale_factor: u32,
+    /// Channels of the latent space (4 for Stable Diffusion).
+    pub latent_channels: u32,
+    /// Channels the U-Net takes (4 plain, 9 inpainting, 8 InstructPix2Pix).
+    pub unet_in_channels: u32,
+    /// Native image width and height in pixels (`unet.sample_size * vae_scale_factor`).
+    pub native_size: u32,
+    /// What requests it can serve.
+    pub capabilities: Vec<Capability>,
+}
+
+/// Pipeline classes whose graphs this engine runs.
+const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "ORTStableDiffusionPipeline"];
+
+fn read_json(path: &Path) -> Result<Value, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Model { path: path.to_path_buf(), message: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Model { path: path.to_path_buf(), message: e.to_string() })
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<Value>, EngineError> {
+    if path.is_file() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn number(config: &Option<Value>, key: &str) -> Option<f64> {
+    config.as_ref().and_then(|c| c.get(key)).and_then(Value::as_f64)
+}
+
+impl ModelInfo {
+    /// Reads `model_index.json`, the scheduler config and the component configs of an export folder.
+    pub fn read(path: &Path) -> Result<Self, EngineError> {
+        let model_err = |message: String| EngineError::Model { path: path.to_path_buf(), message };
+        if !path.is_dir() {
+            return Err(model_err("folder not found".into()));
+        }
+        let index = read_json(&path.join("model_index.json"))?;
+        let pipeline_class = index.get("_class_name").and_then(Value::as_str).unwrap_or_default().to_string();
+        if !SUPPORTED_PIPELINES.contains(&pipeline_class.as_str()) {
+            return Err(model_err(format!(
+                "pipeline `{pipeline_class}` is not supported (supported: {})",
+                SUPPORTED_PIPELINES.join(", ")
+            )));
+        }
+        let scheduler_path = path.join("scheduler").join("scheduler_config.json");
+        let scheduler_json = read_json(&scheduler_path)?;
+        let scheduler_config: SchedulerConfig = serde_json::from_value(scheduler_json)
+            .map_err(|e| EngineError::Model { path: scheduler_path.clone(), message: e.to_string() })?;
+        let class = scheduler_config.class_name.clone().unwrap_or_default();
+        let default_scheduler = SchedulerKind::from_class_name(&class).ok_or_else(|| EngineError::Model {
+            path: scheduler_path.clone(),
+            message: format!("scheduler class `{class}` is not supported"),
+        })?;
+        // Building once checks every config value now rather than at the first request.
+        super::scheduler::build(default_scheduler, &scheduler_config, 10)
+            .map_err(|e| EngineError::Model { path: scheduler_path, message: e.to_string() })?;
+
+        let vae = read_optional_json(&path.join("vae_decoder").join("config.json"))?;
+        let unet = read_optional_json(&path.join("unet").join("config.json"))?;
+        let vae_scaling_factor = number(&vae, "scaling_factor").unwrap_or(0.18215) as f32;
+        let vae_blocks = vae
+            .as_ref()
+            .and_then(|c| c.get("block_out_channels"))
+            .and_then(Value::as_array)
+            .map_or(4, |a| a.len());
+        let vae_scale_factor = 1u32 << vae_blocks.saturating_sub(1).min(6);
+        let latent_channels = number(&vae, "latent_channels").unwrap_or(4.0) as u32;
+        let unet_in_channels = number(&unet, "in_channels").unwrap_or(4.0) as u32;
+        let sample_size = number(&unet, "sample_size").unwrap_or(64.0) as u32;
+        if unet_in_channels != latent_channels {
+            return Err(model_err(format!(
+                "U-Net takes {unet_in_channels} channels; only plain text-to-image U-Nets ({latent_channels}) are supported so far"
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            pipeline_class,
+            scheduler_config,
+            default_scheduler,
+            vae_scaling_factor,
+            vae_scale_factor,
+            latent_channels,
+            unet_in_channels,
+            native_size: sample_size * vae_scale_factor,
+            capabilities: vec![Capability::TextToImage],
+        })
+    }
+}
+
+/// A model's graphs loaded into one worker's sessions.
+pub struct LoadedModel {
+    /// The model's description.
+    pub info: ModelInfo,
+    /// CLIP tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Text encoder graph.
+    pub text_encoder: Graph,
+    /// U-Net graph.
+    pub unet: Graph,
+    /// VAE decoder graph.
+    pub vae_decoder: Graph,
+    /// Name of the U-Net's output.
+    pub unet_output: String,
+    /// Name of the text encoder's hidden-state output.
+    pub text_output: String,
+    /// Name of the VAE decoder's image output.
+    pub vae_output: String,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    /// Opens the graphs of `info` with `factory` and checks that their inputs are the ones the pipeline feeds.
+    pub fn load(info: ModelInfo, factory: &SessionFactory) -> Result<Self, EngineError> {
+        let dir = info.path.clone();
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let text_encoder = Graph::open(factory, &dir.join("text_encoder").join("model.onnx"), "text_encoder")?;
+        let unet = Graph::open(factory, &dir.join("unet").join("model.onnx"), "unet")?;
+        let vae_decoder = Graph::open(factory, &dir.join("vae_decoder").join("model.onnx"), "vae_decoder")?;
+
+        let bad = |graph: &Graph, message: String| EngineError::Model {
+            path: dir.join(graph.name()).join("model.onnx"),
+            message,
+        };
+        require_input(&text_encoder, "input_ids", false).map_err(|m| bad(&text_encoder, m))?;
+        for (name, float) in [("sample", true), ("timestep", false), ("encoder_hidden_states", true)] {
+            require_input(&unet, name, float).map_err(|m| bad(&unet, m))?;
+        }
+        if let Some(extra) = unet
+            .inputs()
+            .iter()
+            .find(|s| !["sample", "timestep", "encoder_hidden_states"].contains(&s.name.as_str()))
+        {
+            return Err(bad(&unet, format!("U-Net input `{}` is not supported yet (SDXL/LCM graphs)", extra.name)));
+        }
+        require_input(&vae_decoder, "latent_sample", true).map_err(|m| bad(&vae_decoder, m))?;
+
+        let text_output = pick_output(&text_encoder, &["last_hidden_state"]).map_err(|m| bad(&text_encoder, m))?;
+        let unet_output = pick_output(&unet, &["out_sample", "sample"]).map_err(|m| bad(&unet, m))?;
+        let vae_output = pick_output(&vae_decoder, &["sample"]).map_err(|m| bad(&vae_decoder, m))?;
+        Ok(Self { info, tokenizer, text_encoder, unet, vae_decoder, unet_output, text_output, vae_output })
+    }
+}
+
+fn require_input(graph: &Graph, name: &str, float: bool) -> Result<(), String> {
+    let spec = graph.input(name).ok_or_else(|| format!("missing input `{name}`"))?;
+    if spec.element == Element::Unsupported || (float && !spec.element.is_float()) {
+        return Err(format!("input `{name}` has an unsupported element type {:?}", spec.element));
+    }
+    Ok(())
+}
+
+fn pick_output(graph: &Graph, names: &[&str]) -> Result<String, String> {
+    for name in names {
+        if graph.output(name).is_some() {
+            return Ok((*name).to_string());
+        }
+    }
+    graph
+        .outputs()
+        .first()
+        .map(|o| o.name.clone())
+        .ok_or_else(|| format!("no output named {}", names.join(" or ")))
+}

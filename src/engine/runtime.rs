@@ -1,0 +1,193 @@
+//! ONNX Runtime start-up and the one place sessions are created.
+//!
+//! The library is loaded dynamically from a path we check first (a missing file can otherwise hang the
+//! process), and every session is built by [`SessionFactory`] so that threads, execution providers and
+//! optimisation level are decided in one place.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+
+use super::error::EngineError;
+
+/// Environment variable that overrides the configured library path, as ort itself honours it.
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// Where a worker runs its graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// CUDA execution provider on the given device ordinal.
+    Cuda(u32),
+}
+
+impl Device {
+    /// Parses `cpu` or `cuda:N` (`cuda` alone means `cuda:0`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim().to_ascii_lowercase();
+        if text == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if text == "cuda" {
+            return Ok(Device::Cuda(0));
+        }
+        if let Some(n) = text.strip_prefix("cuda:") {
+            return n.parse().map(Device::Cuda).map_err(|_| format!("`{text}`: expected cuda:N with N a number"));
+        }
+        Err(format!("`{text}`: expected `cpu` or `cuda:N`"))
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The loaded ONNX Runtime environment. Created once per process.
+#[derive(Clone)]
+pub struct Runtime {
+    env: ort::environment::Environment,
+    library: PathBuf,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime").field("library", &self.library).finish()
+    }
+}
+
+impl Runtime {
+    /// Picks the library path: `ORT_DYLIB_PATH` when set and non-empty, else `configured`.
+    pub fn library_path(configured: &Path) -> PathBuf {
+        match std::env::var_os(ORT_DYLIB_ENV) {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => configured.to_path_buf(),
+        }
+    }
+
+    /// Loads the shared library at `library` and creates the environment. Fails with one clear message
+    /// when the file is missing or is not a compatible ONNX Runtime.
+    pub fn load(library: &Path) -> Result<Self, EngineError> {
+        let err = |message: String| EngineError::Runtime { path: library.to_path_buf(), message };
+        let meta = std::fs::metadata(library).map_err(|e| {
+            err(format!("{e}; run `python3 scripts/fetch-onnxruntime.py` or set {ORT_DYLIB_ENV}"))
+        })?;
+        if !meta.is_file() {
+            return Err(err("is not a file".into()));
+        }
+        let builder = ort::init_from(library).map_err(|e| err(e.to_string()))?;
+        let env = builder.with_name("denoised").build().map_err(|e| err(e.to_string()))?;
+        Ok(Self { env, library: library.to_path_buf() })
+    }
+
+    /// The library this runtime was loaded from.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// A factory for sessions on `device` with `threads` intra-op threads.
+    pub fn session_factory(&self, device: Device, threads: usize) -> SessionFactory {
+        SessionFactory { env: self.env.clone(), device, threads }
+    }
+}
+
+/// Builds sessions for one worker: same device and thread count for every graph it loads.
+#[derive(Clone)]
+pub struct SessionFactory {
+    env: ort::environment::Environment,
+    device: Device,
+    threads: usize,
+}
+
+impl fmt::Debug for SessionFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionFactory").field("device", &self.device).field("threads", &self.threads).finish()
+    }
+}
+
+impl SessionFactory {
+    /// The device sessions run on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Loads `model_path` into a session. With `cuda:N` the CUDA provider must register, or this fails:
+    /// a config that asks for a GPU never silently runs on the CPU.
+    pub fn open(&self, model_path: &Path) -> Result<Session, EngineError> {
+        build_session(&self.env, self.device, self.threads, model_path).map_err(|e| match self.device {
+            Device::Cuda(_) if e.to_string().to_ascii_lowercase().contains("cuda") => {
+                EngineError::Device { device: self.device.to_string(), message: e.to_string() }
+            }
+            _ => EngineError::Model { path: model_path.to_path_buf(), message: e.to_string() },
+        })
+    }
+}
+
+fn build_session(
+    env: &ort::environment::Environment,
+    device: Device,
+    threads: usize,
+    model_path: &Path,
+) -> ort::Result<Session> {
+    let builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(threads)?
+        .with_inter_threads(1)?;
+    let mut builder = match device {
+        Device::Cpu => builder,
+        Device::Cuda(ordinal) => with_cuda(builder, ordinal)?,
+    };
+    builder.commit_from_file(model_path)
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    ordinal: u32,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    use ort::ep;
+    let cuda = ep::CUDA::default()
+        .with_device_id(ordinal as i32)
+        .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic)
+        .build()
+        .error_on_failure();
+    Ok(builder.with_execution_providers([cuda])?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(
+    _builder: ort::session::builder::SessionBuilder,
+    ordinal: u32,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    Err(ort::Error::new(format!(
+        "cuda:{ordinal} requested but this build has no CUDA support: rebuild with `--features cuda`"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(Device::parse("cpu"), Ok(Device::Cpu));
+        assert_eq!(Device::parse("CUDA:1"), Ok(Device::Cuda(1)));
+        assert_eq!(Device::parse("cuda"), Ok(Device::Cuda(0)));
+        assert!(Device::parse("cuda:x").is_err());
+        assert!(Device::parse("metal").is_err());
+    }
+
+    #[test]
+    fn missing_library_is_one_clear_error() {
+        let err = Runtime::load(Path::new("/nonexistent/libonnxruntime.so")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
+        assert!(err.contains("fetch-onnxruntime"), "{err}");
+    }
+}
