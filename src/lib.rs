@@ -4,5 +4,12 @@
 //! (models, tokenizer, schedulers, pipelines, images) that knows nothing of HTTP or databases; [`jobs`] owns
 //! every SQL statement; [`worker`] bridges the two with OS threads; [`api`] is the axum front end.
 
+pub mod api;
 pub mod config;
 pub mod engine;
+pub mod jobs;
+pub mod models;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+pub mod worker;

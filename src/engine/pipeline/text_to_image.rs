@@ -55,13 +55,20 @@ pub fn text_to_image(
     let info = &model.info;
     let factor = info.vae_scale_factor;
     if request.width % factor != 0 || request.height % factor != 0 || request.width == 0 || request.height == 0 {
-        return Err(EngineError::InvalidRequest(format!("width and height must be positive multiples of {factor}")));
+        return Err(EngineError::InvalidRequest(format!(
+            "width and height must be positive multiples of {factor}"
+        )));
     }
     let n = request.images as usize;
     if n == 0 {
         return Err(EngineError::InvalidRequest("at least one image".into()));
     }
-    let shape = [n, info.latent_channels as usize, (request.height / factor) as usize, (request.width / factor) as usize];
+    let shape = [
+        n,
+        info.latent_channels as usize,
+        (request.height / factor) as usize,
+        (request.width / factor) as usize,
+    ];
     let mut noise = BatchNoise::new(&request.seeds());
     let initial = match &request.latents {
         Some(given) => {
@@ -97,7 +104,8 @@ pub fn text_to_image(
             return Err(EngineError::Cancelled);
         }
         let model_input = if guided {
-            concatenate(Axis(0), &[latents.view(), latents.view()]).map_err(|e| EngineError::InvalidRequest(e.to_string()))?
+            concatenate(Axis(0), &[latents.view(), latents.view()])
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?
         } else {
             latents.clone()
         };
@@ -113,7 +121,10 @@ pub fn text_to_image(
         ])?;
         let predicted = outputs
             .remove(&model.unet_output)
-            .ok_or_else(|| EngineError::Inference { graph: "unet", message: "no output".into() })?;
+            .ok_or_else(|| EngineError::Inference {
+                graph: "unet",
+                message: "no output".into(),
+            })?;
         let guided_prediction = if guided {
             let uncond = predicted.slice_axis(Axis(0), (0..n).into());
             let cond = predicted.slice_axis(Axis(0), (n..2 * n).into());
@@ -130,7 +141,12 @@ pub fn text_to_image(
 }
 
 /// Text embeddings for the U-Net: `[uncond × n, cond × n]` with guidance, `[cond × n]` without.
-fn encode_prompts(model: &mut LoadedModel, request: &GenerateRequest, n: usize, guided: bool) -> Result<ArrayD<f32>, EngineError> {
+fn encode_prompts(
+    model: &mut LoadedModel,
+    request: &GenerateRequest,
+    n: usize,
+    guided: bool,
+) -> Result<ArrayD<f32>, EngineError> {
     let mut texts = Vec::new();
     if guided {
         texts.push(request.negative_prompt.as_str());
@@ -150,7 +166,10 @@ fn encode_prompts(model: &mut LoadedModel, request: &GenerateRequest, n: usize, 
         let mut outputs = model.text_encoder.run(vec![("input_ids", Feed::Int(one))])?;
         let h = outputs
             .remove(&model.text_output)
-            .ok_or_else(|| EngineError::Inference { graph: "text_encoder", message: "no hidden states".into() })?;
+            .ok_or_else(|| EngineError::Inference {
+                graph: "text_encoder",
+                message: "no hidden states".into(),
+            })?;
         hidden.push(h);
     }
     let mut parts = Vec::with_capacity(texts.len() * n);
@@ -159,7 +178,10 @@ fn encode_prompts(model: &mut LoadedModel, request: &GenerateRequest, n: usize, 
             parts.push(h.view());
         }
     }
-    concatenate(Axis(0), &parts).map_err(|e| EngineError::Inference { graph: "text_encoder", message: e.to_string() })
+    concatenate(Axis(0), &parts).map_err(|e| EngineError::Inference {
+        graph: "text_encoder",
+        message: e.to_string(),
+    })
 }
 
 /// Decodes latents one image at a time (bounded memory for large batches) into pictures.
@@ -171,10 +193,14 @@ fn decode(model: &mut LoadedModel, latents: ArrayD<f32>) -> Result<Vec<RgbImage>
         let mut outputs = model.vae_decoder.run(vec![("latent_sample", Feed::Float(one))])?;
         let sample = outputs
             .remove(&model.vae_output)
-            .ok_or_else(|| EngineError::Inference { graph: "vae_decoder", message: "no sample".into() })?;
-        let sample: Array<f32, Ix4> = sample
-            .into_dimensionality()
-            .map_err(|e| EngineError::Inference { graph: "vae_decoder", message: e.to_string() })?;
+            .ok_or_else(|| EngineError::Inference {
+                graph: "vae_decoder",
+                message: "no sample".into(),
+            })?;
+        let sample: Array<f32, Ix4> = sample.into_dimensionality().map_err(|e| EngineError::Inference {
+            graph: "vae_decoder",
+            message: e.to_string(),
+        })?;
         images.extend(tensor_to_images(sample.view()));
     }
     Ok(images)

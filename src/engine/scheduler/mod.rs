@@ -58,6 +58,10 @@ impl SchedulerKind {
     pub fn from_request_name(_c: &str) -> Option<Self> {
         Some(SchedulerKind::Ddim)
     }
+    /// All.
+    pub fn all() -> &'static [SchedulerKind] {
+        &[SchedulerKind::Ddim]
+    }
     /// Name.
     pub fn name(self) -> &'static str {
         "ddim"

@@ -1,0 +1,300 @@
+//! One error type for every HTTP answer that is not a success, one status table, one JSON body:
+//! `{"error": {"code", "message", "field"?}}`. Internal errors are logged, never leaked.
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The JSON error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, for programs (`code`, `field`) and people (`message`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `invalid_field`, `not_found`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The request field at fault, when there is one (`steps`, `latents`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A field is missing, of the wrong type, or out of range.
+    #[error("{message}")]
+    InvalidField {
+        /// The field.
+        field: String,
+        /// Why.
+        message: String,
+    },
+    /// The body is not JSON at all.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// The body is not declared as JSON.
+    #[error("expected a JSON body with `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    /// The body is over the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No such job, image or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not for this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The image exists but is not ready (the job has not succeeded).
+    #[error("{0}")]
+    Conflict(String),
+    /// Not ready to serve (models loading, database down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an infrastructure failure; details go to the log only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A field error.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidField {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An internal error with a detail for the log.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        ApiError::Internal(detail.to_string())
+    }
+
+    /// The status table.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidField { .. } => "invalid_field",
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let field = match &self {
+            ApiError::InvalidField { field, .. } => Some(field.clone()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().into(),
+                message: self.to_string(),
+                field,
+            },
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+impl From<crate::jobs::StoreError> for ApiError {
+    fn from(e: crate::jobs::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// The body limit, handed to [`AppJson`] through request extensions so its 413 can name the limit.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// A JSON extractor whose every rejection is an [`ApiError`] naming the field at fault.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for AppJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| match e {
+            BytesRejection::FailedToBufferBody(inner) if inner.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge { limit }
+            }
+            other => ApiError::MalformedJson(other.body_text()),
+        })?;
+        parse_json(&bytes).map(AppJson)
+    }
+}
+
+impl<T: Serialize> IntoResponse for AppJson<T> {
+    fn into_response(self) -> Response {
+        Json(self.0).into_response()
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+/// Deserialises `bytes`, turning serde's message into a field error: syntax errors are 400, type and value
+/// errors 422 with the path of the offending field (`steps`, `latents`, …).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    match result {
+        Ok(value) => {
+            deserializer
+                .end()
+                .map_err(|e| ApiError::MalformedJson(format!("trailing data after the JSON value: {e}")))?;
+            Ok(value)
+        }
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            match inner.classify() {
+                serde_json::error::Category::Syntax
+                | serde_json::error::Category::Eof
+                | serde_json::error::Category::Io => Err(ApiError::MalformedJson(format!("malformed JSON: {inner}"))),
+                serde_json::error::Category::Data => {
+                    let message = strip_position(&inner.to_string());
+                    let field = field_from(&path, &message);
+                    Err(ApiError::InvalidField {
+                        message: format!("{field}: {message}"),
+                        field,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// serde_json appends " at line L column C"; the field name says more to a client.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// The field at fault: the path serde reached, or the name inside "unknown field `x`" / "missing field `x`".
+fn field_from(path: &str, message: &str) -> String {
+    for marker in ["unknown field `", "missing field `"] {
+        if let Some(start) = message.find(marker) {
+            let rest = &message[start + marker.len()..];
+            if let Some(end) = rest.find('`') {
+                let name = &rest[..end];
+                return if path == "." || path.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{path}.{name}")
+                };
+            }
+        }
+    }
+    if path == "." || path.is_empty() {
+        "body".to_string()
+    } else {
+        path.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        prompt: String,
+        steps: Option<u32>,
+    }
+
+    fn field_of(body: &str) -> (StatusCode, Option<String>) {
+        match parse_json::<Sample>(body.as_bytes()) {
+            Ok(_) => (StatusCode::OK, None),
+            Err(e) => {
+                let f = match &e {
+                    ApiError::InvalidField { field, .. } => Some(field.clone()),
+                    _ => None,
+                };
+                (e.status(), f)
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            field_of(r#"{"prompt": "x", "steps": "ten"}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("steps".into()))
+        );
+        assert_eq!(
+            field_of(r#"{"prompt": "x", "steps": -1}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("steps".into()))
+        );
+        assert_eq!(
+            field_of(r#"{"steps": 3}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("prompt".into()))
+        );
+        assert_eq!(
+            field_of(r#"{"prompt": "x", "colour": 1}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("colour".into()))
+        );
+        assert_eq!(field_of(r#"{"prompt": "x""#), (StatusCode::BAD_REQUEST, None));
+        assert_eq!(field_of(r#"{"prompt": "x"} trailing"#), (StatusCode::BAD_REQUEST, None));
+        assert_eq!(field_of(r#"{"prompt": "x"}"#), (StatusCode::OK, None));
+    }
+}

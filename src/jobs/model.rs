@@ -1,0 +1,250 @@
+//! The job store's types: what goes into the queue, what comes out, and the states in between.
+//!
+//! Timestamps are `i64` unix milliseconds (UTC); format them with [`super::time::rfc3339_from_millis`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Where a job is in its life: `queued → running → succeeded | failed | cancelled`, with `running → queued`
+/// when a lease expires or a worker releases the job at shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// Claimed by a worker that holds a lease on it.
+    Running,
+    /// Finished with images.
+    Succeeded,
+    /// Finished with an error (see the job's `error_code`).
+    Failed,
+    /// Stopped at a client's request.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in life-cycle order; for metrics that report a gauge per status.
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    /// The lowercase name used in the database, in JSON and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for the states a job never leaves (so SSE streams can end and clients can stop polling).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of parsing a [`JobStatus`] from text that is not one of its lowercase names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job status {0:?}")]
+pub struct UnknownJobStatus(pub String);
+
+impl FromStr for JobStatus {
+    type Err = UnknownJobStatus;
+
+    /// Parses the exact lowercase names produced by [`JobStatus::as_str`] (e.g. a `?status=` filter).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownJobStatus(s.to_owned()))
+    }
+}
+
+/// A job to enqueue, as the HTTP layer builds it from a validated request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// What kind of work this is, e.g. `"generate"` or `"edit"`; lets the dispatcher pick a pipeline.
+    pub kind: String,
+    /// The model that must run it.
+    pub model: String,
+    /// The validated request parameters, stored as JSON and handed back to the worker unchanged.
+    pub params: serde_json::Value,
+    /// Higher runs first; jobs of equal priority run oldest first.
+    pub priority: i32,
+    /// How many claims the job may use before an expired lease fails it (at least 1).
+    pub max_attempts: u32,
+}
+
+/// A job as stored: the queue's answer to `get`, `claim` and friends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// UUID v7, so ids sort by creation time.
+    pub id: Uuid,
+    /// See [`NewJob::kind`].
+    pub kind: String,
+    /// Where the job is in its life cycle.
+    pub status: JobStatus,
+    /// See [`NewJob::model`].
+    pub model: String,
+    /// See [`NewJob::params`].
+    pub params: serde_json::Value,
+    /// See [`NewJob::priority`].
+    pub priority: i32,
+    /// Claims charged so far, including the current one while running (a graceful release gives it back).
+    pub attempts: u32,
+    /// See [`NewJob::max_attempts`].
+    pub max_attempts: u32,
+    /// The worker holding (or that last held and finished) the job; `None` while queued.
+    pub lease_owner: Option<String>,
+    /// Machine-readable failure reason once failed, e.g. `"max_attempts_exceeded"`.
+    pub error_code: Option<String>,
+    /// Human-readable failure detail once failed.
+    pub error_message: Option<String>,
+    /// When the job was inserted (unix milliseconds, UTC).
+    pub created_at: i64,
+    /// When the current or last attempt started (unix milliseconds, UTC); `None` while queued.
+    pub started_at: Option<i64>,
+    /// When the job reached a terminal state (unix milliseconds, UTC).
+    pub finished_at: Option<i64>,
+}
+
+/// An image a worker has written to disk, recorded with the job's completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewImage {
+    /// Position of the image in the job's output (0-based, unique per job).
+    pub index: u32,
+    /// The seed that produced this image, so a client can reproduce it.
+    pub seed: u64,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// File format, e.g. `"png"`.
+    pub format: String,
+    /// Location of the file, relative to the server's `data_dir`.
+    pub path: String,
+    /// Hex SHA-256 of the file, for ETags and integrity checks.
+    pub sha256: String,
+    /// File size in bytes.
+    pub bytes: u64,
+}
+
+/// A stored image of a finished job, for the image endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The job that produced the image.
+    pub job_id: Uuid,
+    /// See [`NewImage::index`].
+    pub index: u32,
+    /// See [`NewImage::seed`].
+    pub seed: u64,
+    /// See [`NewImage::width`].
+    pub width: u32,
+    /// See [`NewImage::height`].
+    pub height: u32,
+    /// See [`NewImage::format`].
+    pub format: String,
+    /// See [`NewImage::path`].
+    pub path: String,
+    /// See [`NewImage::sha256`].
+    pub sha256: String,
+    /// See [`NewImage::bytes`].
+    pub bytes: u64,
+    /// When the image was recorded (unix milliseconds, UTC).
+    pub created_at: i64,
+}
+
+/// Number of jobs in each status, for queue-depth metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    /// Jobs waiting for a worker.
+    pub queued: u64,
+    /// Jobs held by a worker.
+    pub running: u64,
+    /// Jobs finished with images.
+    pub succeeded: u64,
+    /// Jobs finished with an error.
+    pub failed: u64,
+    /// Jobs cancelled.
+    pub cancelled: u64,
+}
+
+impl StatusCounts {
+    /// The count for one status, so metrics code can loop over [`JobStatus::ALL`].
+    pub fn get(&self, status: JobStatus) -> u64 {
+        match status {
+            JobStatus::Queued => self.queued,
+            JobStatus::Running => self.running,
+            JobStatus::Succeeded => self.succeeded,
+            JobStatus::Failed => self.failed,
+            JobStatus::Cancelled => self.cancelled,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, status: JobStatus) -> &mut u64 {
+        match status {
+            JobStatus::Queued => &mut self.queued,
+            JobStatus::Running => &mut self.running,
+            JobStatus::Succeeded => &mut self.succeeded,
+            JobStatus::Failed => &mut self.failed,
+            JobStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// All jobs in the store.
+    pub fn total(&self) -> u64 {
+        JobStatus::ALL.into_iter().map(|s| self.get(s)).sum()
+    }
+}
+
+/// What a reaper pass did, so the caller can log it and tell waiting clients about jobs that failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoverReport {
+    /// Jobs whose lease expired and that went back to `queued` (attempts stay charged).
+    pub requeued: Vec<Uuid>,
+    /// Jobs whose lease expired on their last allowed attempt and that are now `failed` with
+    /// code `max_attempts_exceeded`.
+    pub failed: Vec<Uuid>,
+}
+
+impl RecoverReport {
+    /// True when the pass found nothing to recover (the common case; skip logging).
+    pub fn is_empty(&self) -> bool {
+        self.requeued.is_empty() && self.failed.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip_through_str_and_serde() {
+        for status in JobStatus::ALL {
+            assert_eq!(status.as_str().parse::<JobStatus>(), Ok(status));
+            assert_eq!(status.to_string(), status.as_str());
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+            assert_eq!(serde_json::from_str::<JobStatus>(&json).unwrap(), status);
+        }
+        assert!("Queued".parse::<JobStatus>().is_err());
+        assert!("done".parse::<JobStatus>().is_err());
+        assert!(!JobStatus::Running.is_terminal());
+        assert!(JobStatus::Cancelled.is_terminal());
+    }
+}

@@ -1,0 +1,71 @@
+//! The parameters stored with a job: what the API validated and what a worker needs to run it again,
+//! identically, after any number of restarts.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::image::OutputFormat;
+use crate::engine::pipeline::GenerateRequest;
+use crate::engine::scheduler::SchedulerKind;
+
+/// Job kind of text-to-image jobs in the store.
+pub const KIND_GENERATE: &str = "generate";
+
+/// Stored parameters of a text-to-image job. Every default is resolved before storing (the seed too), so a
+/// retried job produces the same pictures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateParams {
+    /// What to draw.
+    pub prompt: String,
+    /// What to avoid.
+    pub negative_prompt: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f32,
+    /// Canonical scheduler name.
+    pub scheduler: String,
+    /// Seed of the first image; image `i` uses `seed + i`.
+    pub seed: u64,
+    /// Number of images.
+    pub n: u32,
+    /// Encoding of the stored images.
+    pub output_format: OutputFormat,
+    /// Base64 `.npy` float32 initial latents, when the client supplied them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents: Option<String>,
+}
+
+impl GenerateParams {
+    /// Rebuilds the engine request. Fails only if the stored JSON was tampered with or the scheduler name
+    /// is no longer known.
+    pub fn to_request(&self) -> Result<GenerateRequest, String> {
+        let scheduler = SchedulerKind::from_request_name(&self.scheduler)
+            .ok_or_else(|| format!("unknown scheduler `{}`", self.scheduler))?;
+        let latents = match &self.latents {
+            None => None,
+            Some(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| format!("latents: {e}"))?;
+                Some(crate::engine::npy::read_f32(&bytes).map_err(|e| format!("latents: {e}"))?)
+            }
+        };
+        Ok(GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            scheduler,
+            seed: self.seed,
+            images: self.n,
+            latents,
+        })
+    }
+}

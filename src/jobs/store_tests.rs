@@ -1,0 +1,535 @@
+//! Tests of every queue transition, against real SQLite files in temporary folders.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tempfile::TempDir;
+use uuid::Uuid;
+
+use super::*;
+use crate::jobs::time;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+fn url(dir: &TempDir) -> String {
+    // A nested folder that does not exist yet: connect must create it.
+    format!("sqlite://{}", dir.path().join("data/db/jobs.db").display())
+}
+
+async fn store(dir: &TempDir) -> JobStore {
+    JobStore::connect(&url(dir)).await.expect("connect")
+}
+
+fn new_job(priority: i32) -> NewJob {
+    NewJob {
+        kind: "generate".into(),
+        model: "tiny-sd".into(),
+        params: json!({"prompt": "a red fox", "steps": 4, "size": [64, 64]}),
+        priority,
+        max_attempts: 3,
+    }
+}
+
+fn image(index: u32, seed: u64) -> NewImage {
+    NewImage {
+        index,
+        seed,
+        width: 64,
+        height: 48,
+        format: "png".into(),
+        path: format!("images/{index}.png"),
+        sha256: "ab".repeat(32),
+        bytes: 1234,
+    }
+}
+
+async fn lease_expires_at(store: &JobStore, id: Uuid) -> Option<i64> {
+    sqlx::query_scalar("SELECT lease_expires_at FROM jobs WHERE id = ?1")
+        .bind(id.to_string())
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+}
+
+async fn pragma(store: &JobStore, name: &str) -> String {
+    let row: (sqlx::types::JsonValue,) = sqlx::query_as(&format!("SELECT json_quote(({name}))"))
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    row.0.to_string().trim_matches('"').to_owned()
+}
+
+#[tokio::test]
+async fn connect_creates_file_and_folder_with_durable_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    assert!(dir.path().join("data/db/jobs.db").is_file());
+    store.ping().await.unwrap();
+    assert_eq!(
+        pragma(&store, "SELECT journal_mode FROM pragma_journal_mode").await,
+        "wal"
+    );
+    // 2 = FULL.
+    assert_eq!(pragma(&store, "SELECT synchronous FROM pragma_synchronous").await, "2");
+    assert_eq!(
+        pragma(&store, "SELECT foreign_keys FROM pragma_foreign_keys").await,
+        "1"
+    );
+    assert_eq!(pragma(&store, "SELECT timeout FROM pragma_busy_timeout").await, "5000");
+    // Connecting again to a migrated database is a no-op.
+    store.close().await;
+    JobStore::connect(&url(&dir)).await.unwrap().ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn in_memory_database_works() {
+    let store = JobStore::connect("sqlite::memory:").await.unwrap();
+    let job = store.insert(new_job(0)).await.unwrap();
+    assert_eq!(store.get(job.id).await.unwrap(), Some(job));
+    assert!(store.claim("w", LEASE).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn insert_then_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let before = time::now_millis();
+    let job = store.insert(new_job(7)).await.unwrap();
+    assert_eq!(job.id.get_version_num(), 7);
+    assert_eq!(job.kind, "generate");
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.model, "tiny-sd");
+    assert_eq!(job.params, new_job(7).params);
+    assert_eq!(job.priority, 7);
+    assert_eq!((job.attempts, job.max_attempts), (0, 3));
+    assert_eq!(job.lease_owner, None);
+    assert_eq!((job.error_code.as_deref(), job.error_message.as_deref()), (None, None));
+    assert!(job.created_at >= before && job.created_at <= time::now_millis());
+    assert_eq!((job.started_at, job.finished_at), (None, None));
+    assert_eq!(store.get(job.id).await.unwrap(), Some(job));
+    assert_eq!(store.get(Uuid::now_v7()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn insert_rejects_zero_max_attempts() {
+    let store = JobStore::connect("sqlite::memory:").await.unwrap();
+    let err = store
+        .insert(NewJob {
+            max_attempts: 0,
+            ..new_job(0)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
+}
+
+#[tokio::test]
+async fn claim_takes_highest_priority_then_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let low_old = store.insert(new_job(0)).await.unwrap();
+    let high = store.insert(new_job(5)).await.unwrap();
+    let low_new = store.insert(new_job(0)).await.unwrap();
+    let negative = store.insert(new_job(-3)).await.unwrap();
+
+    let before = time::now_millis();
+    let first = store.claim("worker-a", LEASE).await.unwrap().unwrap();
+    assert_eq!(first.id, high.id);
+    assert_eq!(first.status, JobStatus::Running);
+    assert_eq!(first.lease_owner.as_deref(), Some("worker-a"));
+    assert_eq!(first.attempts, 1);
+    let started = first.started_at.unwrap();
+    assert!(started >= before);
+    let expires = lease_expires_at(&store, first.id).await.unwrap();
+    assert_eq!(expires - started, 60_000);
+    assert_eq!(store.get(high.id).await.unwrap(), Some(first));
+
+    let order: Vec<Uuid> = [
+        store.claim("worker-b", LEASE).await.unwrap().unwrap().id,
+        store.claim("worker-b", LEASE).await.unwrap().unwrap().id,
+        store.claim("worker-b", LEASE).await.unwrap().unwrap().id,
+    ]
+    .into();
+    assert_eq!(order, vec![low_old.id, low_new.id, negative.id]);
+    assert_eq!(store.claim("worker-b", LEASE).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn complete_is_fenced_and_stores_images_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(0)).await.unwrap();
+    let claimed = store.claim("owner", LEASE).await.unwrap().unwrap();
+
+    // A wrong owner changes nothing.
+    assert!(!store.complete(job.id, "intruder", &[image(0, 1)]).await.unwrap());
+    assert_eq!(store.get(job.id).await.unwrap(), Some(claimed));
+    assert!(store.images(job.id).await.unwrap().is_empty());
+
+    // A failing image insert (duplicate index) rolls the status change back too.
+    assert!(store
+        .complete(job.id, "owner", &[image(0, 1), image(0, 2)])
+        .await
+        .is_err());
+    assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
+    assert!(store.images(job.id).await.unwrap().is_empty());
+
+    assert!(store
+        .complete(job.id, "owner", &[image(0, 11), image(1, 12)])
+        .await
+        .unwrap());
+    let done = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert_eq!(done.lease_owner.as_deref(), Some("owner"));
+    assert!(done.finished_at.unwrap() >= done.started_at.unwrap());
+    assert_eq!(lease_expires_at(&store, job.id).await, None);
+    assert_eq!(store.images(job.id).await.unwrap().len(), 2);
+
+    // A finished job accepts no further transition, even from its owner.
+    assert!(!store.complete(job.id, "owner", &[]).await.unwrap());
+    assert!(!store.fail(job.id, "owner", "x", "y").await.unwrap());
+    assert!(!store.release(job.id, "owner").await.unwrap());
+    assert!(!store.renew(job.id, "owner", LEASE).await.unwrap());
+    assert_eq!(store.get(job.id).await.unwrap(), Some(done));
+}
+
+#[tokio::test]
+async fn fail_is_fenced_and_records_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(0)).await.unwrap();
+    assert!(!store.fail(job.id, "owner", "oom", "out of memory").await.unwrap()); // still queued
+    store.claim("owner", LEASE).await.unwrap().unwrap();
+    assert!(!store.fail(job.id, "intruder", "oom", "out of memory").await.unwrap());
+    assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
+
+    assert!(store.fail(job.id, "owner", "oom", "out of memory").await.unwrap());
+    let failed = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.error_code.as_deref(), Some("oom"));
+    assert_eq!(failed.error_message.as_deref(), Some("out of memory"));
+    assert!(failed.finished_at.is_some());
+    assert_eq!(lease_expires_at(&store, job.id).await, None);
+    assert_eq!(store.claim("owner", LEASE).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn release_requeues_without_charging_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(0)).await.unwrap();
+    let later = store.insert(new_job(0)).await.unwrap();
+    store.claim("owner", LEASE).await.unwrap().unwrap();
+    assert!(!store.release(job.id, "intruder").await.unwrap());
+
+    assert!(store.release(job.id, "owner").await.unwrap());
+    let released = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(released.status, JobStatus::Queued);
+    assert_eq!(released.attempts, 0);
+    assert_eq!(released.lease_owner, None);
+    assert_eq!(released.started_at, None);
+    assert_eq!(lease_expires_at(&store, job.id).await, None);
+    // It keeps its place ahead of younger jobs.
+    assert_eq!(store.queue_position(job.id).await.unwrap(), Some(0));
+    assert_eq!(store.queue_position(later.id).await.unwrap(), Some(1));
+
+    let again = store.claim("other", LEASE).await.unwrap().unwrap();
+    assert_eq!((again.id, again.attempts), (job.id, 1));
+    // The old owner's fence no longer matches.
+    assert!(!store.release(job.id, "owner").await.unwrap());
+}
+
+#[tokio::test]
+async fn renew_extends_the_lease_for_its_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(0)).await.unwrap();
+    store.claim("owner", Duration::from_millis(50)).await.unwrap().unwrap();
+    let first = lease_expires_at(&store, job.id).await.unwrap();
+
+    assert!(!store.renew(job.id, "intruder", LEASE).await.unwrap());
+    assert_eq!(lease_expires_at(&store, job.id).await, Some(first));
+
+    assert!(store.renew(job.id, "owner", LEASE).await.unwrap());
+    let renewed = lease_expires_at(&store, job.id).await.unwrap();
+    assert!(renewed >= first + 59_000, "{first} -> {renewed}");
+    // A renewed lease survives the reaper after the original lease would have ended.
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(store.recover_expired().await.unwrap().is_empty());
+    assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
+
+    assert!(!store.renew(Uuid::now_v7(), "owner", LEASE).await.unwrap());
+}
+
+#[tokio::test]
+async fn expired_leases_are_requeued_then_failed_past_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let short = Duration::from_millis(20);
+    let job = store
+        .insert(NewJob {
+            max_attempts: 2,
+            ..new_job(1)
+        })
+        .await
+        .unwrap();
+    let healthy = store.insert(new_job(0)).await.unwrap();
+
+    // Attempt 1: the worker dies; the healthy job's lease is still valid.
+    assert_eq!(store.claim("dead-1", short).await.unwrap().unwrap().id, job.id);
+    assert_eq!(store.claim("alive", LEASE).await.unwrap().unwrap().id, healthy.id);
+    assert!(
+        store.recover_expired().await.unwrap().is_empty(),
+        "lease not yet expired"
+    );
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let report = store.recover_expired().await.unwrap();
+    assert_eq!(report.requeued, vec![job.id]);
+    assert!(report.failed.is_empty());
+    let requeued = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(requeued.status, JobStatus::Queued);
+    assert_eq!(requeued.attempts, 1, "the lost attempt stays charged");
+    assert_eq!((requeued.lease_owner, requeued.started_at), (None, None));
+    assert_eq!(store.get(healthy.id).await.unwrap().unwrap().status, JobStatus::Running);
+
+    // The zombie worker can no longer touch it.
+    assert!(!store.complete(job.id, "dead-1", &[image(0, 1)]).await.unwrap());
+
+    // Attempt 2 (the last): the worker dies again.
+    let second = store.claim("dead-2", short).await.unwrap().unwrap();
+    assert_eq!((second.id, second.attempts), (job.id, 2));
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let report = store.recover_expired().await.unwrap();
+    assert_eq!(report.failed, vec![job.id]);
+    assert!(report.requeued.is_empty());
+    let failed = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.error_code.as_deref(), Some(MAX_ATTEMPTS_EXCEEDED));
+    assert_eq!(failed.error_message.as_deref(), Some("lease expired on attempt 2 of 2"));
+    assert!(failed.finished_at.is_some());
+    assert_eq!(store.claim("w", LEASE).await.unwrap(), None);
+    assert!(!store.complete(job.id, "dead-2", &[]).await.unwrap());
+}
+
+#[tokio::test]
+async fn recover_all_running_ignores_lease_deadlines() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let a = store.insert(new_job(1)).await.unwrap();
+    let b = store
+        .insert(NewJob {
+            max_attempts: 1,
+            ..new_job(0)
+        })
+        .await
+        .unwrap();
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    let report = store.recover_all_running().await.unwrap();
+    assert_eq!(report.requeued, vec![a.id]);
+    assert_eq!(report.failed, vec![b.id]);
+}
+
+#[tokio::test]
+async fn cancel_queued_and_finish_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let queued = store.insert(new_job(0)).await.unwrap();
+    assert!(store.cancel_queued(queued.id).await.unwrap());
+    assert!(!store.cancel_queued(queued.id).await.unwrap());
+    let cancelled = store.get(queued.id).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    assert!(cancelled.finished_at.is_some());
+    assert_eq!(store.claim("w", LEASE).await.unwrap(), None);
+
+    let running = store.insert(new_job(0)).await.unwrap();
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    assert!(!store.cancel_queued(running.id).await.unwrap());
+    assert!(!store.finish_cancelled(running.id, "intruder").await.unwrap());
+    assert!(store.finish_cancelled(running.id, "w").await.unwrap());
+    assert_eq!(
+        store.get(running.id).await.unwrap().unwrap().status,
+        JobStatus::Cancelled
+    );
+}
+
+/// Two stores on one file stand for two processes; 50 claims race for 20 jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_from_two_stores_hand_out_each_job_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = store(&dir).await;
+    let second = store(&dir).await;
+    let mut inserted = HashSet::new();
+    for i in 0..20 {
+        inserted.insert(first.insert(new_job(i % 3)).await.unwrap().id);
+    }
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = if i % 2 == 0 { first.clone() } else { second.clone() };
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let owner = format!("worker-{i}");
+                let job = store.claim(&owner, LEASE).await.expect("claim");
+                job.map(|job| (job.id, owner, job.lease_owner))
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for task in tasks {
+        if let Some((id, owner, lease_owner)) = task.await.unwrap() {
+            assert_eq!(lease_owner.as_deref(), Some(owner.as_str()));
+            claimed.push((id, owner));
+        }
+    }
+
+    assert_eq!(claimed.len(), 20, "every job claimed, none twice");
+    let ids: HashSet<Uuid> = claimed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, inserted);
+    for (id, owner) in &claimed {
+        let job = second.get(*id).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.lease_owner.as_ref(), Some(owner));
+    }
+    let counts = first.count_by_status().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (0, 20));
+}
+
+#[tokio::test]
+async fn inserted_job_survives_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(2)).await.unwrap();
+    drop(store);
+    let reopened = JobStore::connect(&url(&dir)).await.unwrap();
+    assert_eq!(reopened.get(job.id).await.unwrap(), Some(job));
+}
+
+#[tokio::test]
+async fn images_round_trip_including_seeds_above_i64_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(0)).await.unwrap();
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    let big = NewImage {
+        bytes: u64::from(u32::MAX) * 4,
+        ..image(1, u64::MAX)
+    };
+    // Given out of order on purpose: reads come back by index.
+    let given = [big.clone(), image(2, 0), image(0, i64::MAX as u64 + 1)];
+    assert!(store.complete(job.id, "w", &given).await.unwrap());
+
+    let records = store.images(job.id).await.unwrap();
+    assert_eq!(records.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(records[0].seed, 9_223_372_036_854_775_808);
+    assert_eq!(records[1].seed, u64::MAX);
+    assert_eq!(records[2].seed, 0);
+    let one = store.image(job.id, 1).await.unwrap().unwrap();
+    assert_eq!(one, records[1]);
+    assert_eq!(
+        NewImage {
+            index: one.index,
+            seed: one.seed,
+            width: one.width,
+            height: one.height,
+            format: one.format.clone(),
+            path: one.path.clone(),
+            sha256: one.sha256.clone(),
+            bytes: one.bytes,
+        },
+        big
+    );
+    assert_eq!(one.job_id, job.id);
+    assert!(one.created_at >= job.created_at);
+    assert_eq!(store.image(job.id, 3).await.unwrap(), None);
+    assert!(store.images(Uuid::now_v7()).await.unwrap().is_empty());
+
+    // The raw column holds the i64 bit pattern.
+    let raw: i64 = sqlx::query_scalar("SELECT seed FROM images WHERE job_id = ?1 AND idx = 1")
+        .bind(job.id.to_string())
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(raw, -1);
+
+    // Deleting a job deletes its images (foreign keys are on).
+    sqlx::query("DELETE FROM jobs WHERE id = ?1")
+        .bind(job.id.to_string())
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    assert!(store.images(job.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn oversized_image_is_rejected_before_touching_the_job() {
+    let store = JobStore::connect("sqlite::memory:").await.unwrap();
+    let job = store.insert(new_job(0)).await.unwrap();
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    let huge = NewImage {
+        bytes: u64::MAX,
+        ..image(0, 0)
+    };
+    let err = store.complete(job.id, "w", &[huge]).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
+    assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
+}
+
+#[tokio::test]
+async fn queue_position_follows_claim_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let a = store.insert(new_job(0)).await.unwrap();
+    let b = store.insert(new_job(0)).await.unwrap();
+    let urgent = store.insert(new_job(9)).await.unwrap();
+    let c = store.insert(new_job(0)).await.unwrap();
+    let position = |id| {
+        let store = store.clone();
+        async move { store.queue_position(id).await.unwrap() }
+    };
+    assert_eq!(position(urgent.id).await, Some(0));
+    assert_eq!(position(a.id).await, Some(1));
+    assert_eq!(position(b.id).await, Some(2));
+    assert_eq!(position(c.id).await, Some(3));
+
+    store.claim("w", LEASE).await.unwrap().unwrap(); // takes `urgent`
+    assert_eq!(position(urgent.id).await, None, "running jobs have no position");
+    assert_eq!(position(a.id).await, Some(0));
+    assert_eq!(position(c.id).await, Some(2));
+    assert_eq!(position(Uuid::now_v7()).await, None);
+}
+
+#[tokio::test]
+async fn count_by_status_counts_every_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    assert_eq!(store.count_by_status().await.unwrap(), StatusCounts::default());
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(store.insert(new_job(0)).await.unwrap().id);
+    }
+    for _ in 0..4 {
+        store.claim("w", LEASE).await.unwrap().unwrap();
+    }
+    assert!(store.complete(ids[0], "w", &[]).await.unwrap());
+    assert!(store.fail(ids[1], "w", "e", "m").await.unwrap());
+    assert!(store.finish_cancelled(ids[2], "w").await.unwrap());
+    let counts = store.count_by_status().await.unwrap();
+    assert_eq!(
+        counts,
+        StatusCounts {
+            queued: 2,
+            running: 1,
+            succeeded: 1,
+            failed: 1,
+            cancelled: 1
+        }
+    );
+    assert_eq!(counts.total(), 6);
+    assert_eq!(counts.get(JobStatus::Queued), 2);
+}

@@ -1,0 +1,60 @@
+//! The configured models, described once at start-up from their export folders.
+
+use crate::config::ModelConfig;
+use crate::engine::model::ModelInfo;
+use crate::engine::EngineError;
+
+/// One configured model: the id clients use and what its export folder says about it.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    /// The id clients send as `model`.
+    pub name: String,
+    /// What the export is and can do.
+    pub info: ModelInfo,
+}
+
+/// Every configured model, in config order (the first is the default).
+#[derive(Debug, Clone)]
+pub struct ModelRegistry {
+    models: Vec<ServedModel>,
+}
+
+impl ModelRegistry {
+    /// Reads every model folder; any unreadable or unsupported model fails start-up.
+    pub fn load(configs: &[ModelConfig]) -> Result<Self, EngineError> {
+        let models = configs
+            .iter()
+            .map(|c| {
+                Ok(ServedModel {
+                    name: c.name.clone(),
+                    info: ModelInfo::read(&c.path)?,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok(Self { models })
+    }
+
+    /// The model called `name`.
+    pub fn get(&self, name: &str) -> Option<&ServedModel> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The model used when a request names none.
+    pub fn default_model(&self) -> Option<&ServedModel> {
+        self.models.first()
+    }
+
+    /// All models, in config order.
+    pub fn all(&self) -> &[ServedModel] {
+        &self.models
+    }
+
+    /// Comma-separated ids, for error messages.
+    pub fn names(&self) -> String {
+        self.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

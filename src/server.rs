@@ -1,0 +1,162 @@
+//! Wiring: load the runtime and models, open the store, start workers, dispatcher and HTTP, and shut them
+//! down in order on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing::info;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::engine::runtime::{Device, Runtime};
+use crate::jobs::JobStore;
+use crate::models::ModelRegistry;
+use crate::storage::ImageFiles;
+use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
+use crate::worker::pool::{WorkerPool, WorkerSpec};
+use crate::worker::progress::ProgressBoard;
+
+/// A server that has bound its socket and loaded its models, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    dispatcher: Dispatcher,
+    pool: Arc<WorkerPool>,
+}
+
+impl Server {
+    /// Does every fallible start-up step: ONNX Runtime, models, database (with recovery of expired leases),
+    /// worker threads, and the listening socket.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let library = Runtime::library_path(&config.runtime.onnxruntime_library);
+        let runtime = Runtime::load(&library)?;
+        info!(library = %runtime.library().display(), "ONNX Runtime loaded");
+        let registry = Arc::new(ModelRegistry::load(&config.models)?);
+        std::fs::create_dir_all(&config.storage.data_dir)
+            .with_context(|| format!("creating data_dir {}", config.storage.data_dir.display()))?;
+        let store = JobStore::connect(&config.storage.database_url)
+            .await
+            .with_context(|| format!("opening database {}", config.storage.database_url))?;
+        let recovered = store.recover_expired().await?;
+        if !recovered.is_empty() {
+            info!(
+                ?recovered,
+                "recovered jobs whose lease expired while no server ran them"
+            );
+        }
+        let specs = config
+            .workers
+            .iter()
+            .map(|w| {
+                Ok(WorkerSpec {
+                    device: Device::parse(&w.device).map_err(anyhow::Error::msg)?,
+                    threads: w.threads,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let progress = ProgressBoard::default();
+        let runtime_for_pool = runtime.clone();
+        let registry_for_pool = registry.clone();
+        let progress_for_pool = progress.clone();
+        let pool = tokio::task::spawn_blocking(move || {
+            WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress_for_pool)
+        })
+        .await??;
+        let pool = Arc::new(pool);
+        let addr = config.bind_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let files = ImageFiles::new(&config.storage.data_dir);
+        let wake = Arc::new(Notify::new());
+        let state = AppState {
+            store: store.clone(),
+            models: registry,
+            progress: progress.clone(),
+            files: files.clone(),
+            wake: wake.clone(),
+            limits: config.limits.clone(),
+            queue: config.queue.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            workers_ready: pool.ready_flag(),
+        };
+        let dispatcher = Dispatcher {
+            store,
+            pool: pool.clone(),
+            progress,
+            files,
+            wake,
+            settings: DispatchSettings {
+                lease: Duration::from_secs(config.queue.lease_seconds),
+                poll: Duration::from_millis(config.queue.poll_millis.max(10)),
+                shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+            },
+            process_id: uuid::Uuid::new_v4().to_string(),
+        };
+        Ok(Self {
+            listener,
+            state,
+            dispatcher,
+            pool,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves: stops accepting, lets running jobs finish (or hands them back),
+    /// then returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let dispatcher = tokio::spawn(self.dispatcher.run(stop_rx.clone()));
+        let ready = self.state.workers_ready.clone();
+        let app = api::app(self.state);
+        info!(addr = %self.listener.local_addr()?, "listening");
+        let mut http_stop = stop_rx;
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|stop| *stop).await;
+        });
+        let signal = tokio::spawn(async move {
+            shutdown.await;
+            info!("shutting down");
+            ready.store(false, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+        });
+        server.await?;
+        dispatcher.await?;
+        signal.abort();
+        let pool = self.pool;
+        tokio::task::spawn_blocking(move || drop(pool)).await?;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

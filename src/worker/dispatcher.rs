@@ -1,0 +1,257 @@
+//! The dispatcher: claims jobs from the store when a worker is idle, hands them over, keeps their leases
+//! alive while they run, and records the outcome (fenced by the lease) once the images are safely on disk.
+//! It also runs the reaper that re-queues jobs whose worker died.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use super::pool::{EncodedImage, WorkError, WorkItem, WorkOutcome, WorkerPool};
+use super::progress::ProgressBoard;
+use crate::engine::image::OutputFormat;
+use crate::jobs::params::GenerateParams;
+use crate::jobs::{Job, JobStore, NewImage};
+use crate::storage::ImageFiles;
+
+/// Queue timing.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Lease length; renewed every third of it.
+    pub lease: Duration,
+    /// How often to look for jobs from other processes and for expired leases.
+    pub poll: Duration,
+    /// How long running jobs get to finish at shutdown before they are handed back to the queue.
+    pub shutdown_grace: Duration,
+}
+
+/// Everything the dispatcher needs.
+pub struct Dispatcher {
+    /// The job store.
+    pub store: JobStore,
+    /// The worker threads.
+    pub pool: Arc<WorkerPool>,
+    /// Live progress and cancellation.
+    pub progress: ProgressBoard,
+    /// Image files.
+    pub files: ImageFiles,
+    /// Woken when a job is submitted in this process.
+    pub wake: Arc<Notify>,
+    /// Timing.
+    pub settings: DispatchSettings,
+    /// Unique per process: lease owners are `{process}/worker-{i}`.
+    pub process_id: String,
+}
+
+impl Dispatcher {
+    /// Runs until `shutdown` turns true, then lets running jobs finish within the grace period and hands the
+    /// rest back to the queue.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let (idle_tx, mut idle_rx) = mpsc::unbounded_channel::<usize>();
+        for index in 0..this.pool.len() {
+            let _ = idle_tx.send(index);
+        }
+        let mut running: JoinSet<()> = JoinSet::new();
+        let reaper = tokio::spawn(reap(this.clone(), shutdown.clone()));
+        'outer: loop {
+            let worker = tokio::select! {
+                _ = shutdown.changed() => break 'outer,
+                w = idle_rx.recv() => match w { Some(w) => w, None => break 'outer },
+                Some(_) = running.join_next(), if !running.is_empty() => continue,
+            };
+            let owner = format!("{}/worker-{worker}", this.process_id);
+            let job = loop {
+                if *shutdown.borrow() {
+                    break 'outer;
+                }
+                match this.store.claim(&owner, this.settings.lease).await {
+                    Ok(Some(job)) => break job,
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "claiming a job failed; retrying"),
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => break 'outer,
+                    _ = this.wake.notified() => {}
+                    _ = tokio::time::sleep(this.settings.poll) => {}
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
+                }
+            };
+            let this = this.clone();
+            let idle_tx = idle_tx.clone();
+            running.spawn(async move {
+                this.execute(job, worker, owner).await;
+                let _ = idle_tx.send(worker);
+            });
+        }
+        info!(running = running.len(), "dispatcher stopping");
+        let grace = tokio::time::sleep(this.settings.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                next = running.join_next() => if next.is_none() { break },
+                _ = &mut grace => {
+                    warn!(running = running.len(), "grace period over: stopping running jobs and re-queueing them");
+                    this.progress.cancel_all();
+                    while running.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        reaper.abort();
+    }
+
+    async fn execute(&self, job: Job, worker: usize, owner: String) {
+        let id = job.id;
+        let params: GenerateParams = match serde_json::from_value(job.params.clone()) {
+            Ok(p) => p,
+            Err(e) => return self.fail(id, &owner, "invalid_params", &e.to_string()).await,
+        };
+        let request = match params.to_request() {
+            Ok(r) => r,
+            Err(e) => return self.fail(id, &owner, "invalid_params", &e).await,
+        };
+        let cancel = self.progress.start(id, request.steps);
+        let (reply, outcome) = oneshot::channel();
+        let item = WorkItem {
+            job: id,
+            model: job.model.clone(),
+            request,
+            format: params.output_format,
+            cancel: cancel.clone(),
+            reply,
+        };
+        if self.pool.submit(worker, item).is_err() {
+            self.progress.finish(id);
+            error!(%id, worker, "worker refused a job; handing it back");
+            let _ = self.store.release(id, &owner).await;
+            return;
+        }
+        info!(%id, worker, attempt = job.attempts, "job started");
+        let outcome = self.wait_renewing(id, &owner, outcome).await;
+        self.progress.finish(id);
+        match outcome {
+            Some(Ok(images)) => self.complete(id, &owner, params.output_format, images).await,
+            Some(Err(WorkError::Engine { code: "cancelled", .. })) => {
+                // Cancelled by the shutdown grace period: give it back to the queue, uncharged.
+                match self.store.release(id, &owner).await {
+                    Ok(true) => info!(%id, "job handed back to the queue"),
+                    Ok(false) => warn!(%id, "lease lost before the job could be handed back"),
+                    Err(e) => error!(%id, error = %e, "handing the job back failed; the reaper will re-queue it"),
+                }
+            }
+            Some(Err(e)) => self.fail(id, &owner, e.code(), &e.to_string()).await,
+            None => {
+                self.fail(
+                    id,
+                    &owner,
+                    "worker_lost",
+                    "the worker thread stopped while running the job",
+                )
+                .await
+            }
+        }
+    }
+
+    /// Waits for the worker's outcome, renewing the lease every third of its length.
+    async fn wait_renewing(
+        &self,
+        id: Uuid,
+        owner: &str,
+        mut outcome: oneshot::Receiver<WorkOutcome>,
+    ) -> Option<WorkOutcome> {
+        let period = (self.settings.lease / 3).max(Duration::from_millis(100));
+        let mut ticker = tokio::time::interval(period);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                result = &mut outcome => return result.ok(),
+                _ = ticker.tick() => match self.store.renew(id, owner, self.settings.lease).await {
+                    Ok(true) => {}
+                    Ok(false) => warn!(%id, "lease lost while running; the result will be discarded"),
+                    Err(e) => warn!(%id, error = %e, "lease renewal failed"),
+                },
+            }
+        }
+    }
+
+    async fn complete(&self, id: Uuid, owner: &str, format: OutputFormat, images: Vec<EncodedImage>) {
+        let files = self.files.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<NewImage>> {
+            images
+                .into_iter()
+                .map(|image| {
+                    let path = files.write(id, image.index, format.extension(), &image.bytes)?;
+                    Ok(NewImage {
+                        index: image.index,
+                        seed: image.seed,
+                        width: image.width,
+                        height: image.height,
+                        format: format.as_str().to_string(),
+                        path,
+                        sha256: sha256_hex(&image.bytes),
+                        bytes: image.bytes.len() as u64,
+                    })
+                })
+                .collect()
+        })
+        .await;
+        let records = match written {
+            Ok(Ok(records)) => records,
+            Ok(Err(e)) => {
+                return self
+                    .fail(id, owner, "storage_error", &format!("writing images: {e}"))
+                    .await
+            }
+            Err(e) => {
+                return self
+                    .fail(id, owner, "storage_error", &format!("writing images: {e}"))
+                    .await
+            }
+        };
+        match self.store.complete(id, owner, &records).await {
+            Ok(true) => {
+                info!(%id, images = records.len(), "job succeeded");
+                metrics::counter!("denoised_jobs_total", "outcome" => "succeeded").increment(1);
+            }
+            Ok(false) => warn!(%id, "lease lost before completion; another attempt owns the job"),
+            Err(e) => error!(%id, error = %e, "recording completion failed; the job will run again"),
+        }
+    }
+
+    async fn fail(&self, id: Uuid, owner: &str, code: &str, message: &str) {
+        warn!(%id, code, message, "job failed");
+        metrics::counter!("denoised_jobs_total", "outcome" => "failed").increment(1);
+        match self.store.fail(id, owner, code, message).await {
+            Ok(true) => {}
+            Ok(false) => warn!(%id, "lease lost before the failure could be recorded"),
+            Err(e) => error!(%id, error = %e, "recording the failure failed"),
+        }
+    }
+}
+
+async fn reap(this: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match this.store.recover_expired().await {
+            Ok(report) if !report.is_empty() => {
+                info!(?report, "re-queued jobs whose lease expired");
+                this.wake.notify_waiters();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "reaper failed"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(this.settings.poll) => {}
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,317 @@
+//! Worker threads: one OS thread per `[[workers]]` entry, each owning its own ONNX sessions for every
+//! configured model (a session is never shared). Work arrives on a bounded channel; results go back on a
+//! oneshot. A panicking pipeline fails that job and the thread lives on.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ndarray::ArrayD;
+use tokio::sync::oneshot;
+use tracing::{error, info, info_span, warn};
+use uuid::Uuid;
+
+use super::progress::ProgressBoard;
+use crate::engine::image::{encode, OutputFormat};
+use crate::engine::model::LoadedModel;
+use crate::engine::pipeline::{text_to_image, GenerateRequest, StepObserver};
+use crate::engine::runtime::{Device, Runtime};
+use crate::engine::EngineError;
+use crate::models::ModelRegistry;
+
+/// One job handed to a worker thread.
+#[derive(Debug)]
+pub struct WorkItem {
+    /// The job's id (for progress and logs).
+    pub job: Uuid,
+    /// Which configured model runs it.
+    pub model: String,
+    /// The validated request.
+    pub request: GenerateRequest,
+    /// Encoding of the outputs.
+    pub format: OutputFormat,
+    /// Set to stop the job at its next step boundary.
+    pub cancel: Arc<AtomicBool>,
+    /// Where the outcome goes.
+    pub reply: oneshot::Sender<WorkOutcome>,
+}
+
+/// One encoded output image.
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    /// Position in the job's output.
+    pub index: u32,
+    /// The seed that made it.
+    pub seed: u64,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// The encoded file.
+    pub bytes: Vec<u8>,
+}
+
+/// Why a job did not produce images.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkError {
+    /// The engine refused or failed.
+    #[error("{message}")]
+    Engine {
+        /// Stable error code.
+        code: &'static str,
+        /// Detail.
+        message: String,
+    },
+    /// The pipeline panicked; the worker survived.
+    #[error("worker panicked: {0}")]
+    Panicked(String),
+}
+
+impl WorkError {
+    /// Stable error code for the job record.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WorkError::Engine { code, .. } => code,
+            WorkError::Panicked(_) => "worker_panicked",
+        }
+    }
+}
+
+impl From<EngineError> for WorkError {
+    fn from(e: EngineError) -> Self {
+        WorkError::Engine {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The result of a work item.
+pub type WorkOutcome = Result<Vec<EncodedImage>, WorkError>;
+
+/// Why the pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A worker failed to load a model or its device.
+    #[error("worker {worker} ({device}): {source}")]
+    Load {
+        /// Worker index.
+        worker: usize,
+        /// Its device.
+        device: String,
+        /// What failed.
+        source: EngineError,
+    },
+    /// A worker thread could not be spawned or died during start-up.
+    #[error("worker {0} died during start-up")]
+    Died(usize),
+}
+
+struct WorkerThread {
+    sender: SyncSender<WorkItem>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The running worker threads.
+pub struct WorkerPool {
+    workers: Vec<WorkerThread>,
+    ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+/// What each worker thread is started with.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// Device of its sessions.
+    pub device: Device,
+    /// Intra-op threads.
+    pub threads: usize,
+}
+
+impl WorkerPool {
+    /// Starts one thread per spec; each loads every model of `registry`. Returns once all are loaded, or
+    /// with the first failure (a `cuda:N` worker whose provider cannot load fails here, never falls back).
+    pub fn start(
+        runtime: &Runtime,
+        registry: &ModelRegistry,
+        specs: &[WorkerSpec],
+        progress: ProgressBoard,
+    ) -> Result<Self, PoolError> {
+        let mut workers = Vec::with_capacity(specs.len());
+        let mut loaded = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            let (sender, receiver) = sync_channel::<WorkItem>(1);
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
+            let factory = runtime.session_factory(spec.device, spec.threads);
+            let registry = registry.clone();
+            let progress = progress.clone();
+            let device = spec.device;
+            let handle = std::thread::Builder::new()
+                .name(format!("denoised-worker-{index}"))
+                .spawn(move || {
+                    let span = info_span!("worker", index, %device);
+                    let _entered = span.enter();
+                    let mut models = Vec::new();
+                    for served in registry.all() {
+                        match LoadedModel::load(served.info.clone(), &factory) {
+                            Ok(m) => models.push((served.name.clone(), m)),
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    info!(models = models.len(), "worker ready");
+                    let _ = ready_tx.send(Ok(()));
+                    drop(ready_tx);
+                    serve(receiver, &mut models, &progress);
+                })
+                .map_err(|_| PoolError::Died(index))?;
+            workers.push(WorkerThread {
+                sender,
+                handle: Some(handle),
+            });
+            loaded.push((index, spec.device, ready_rx));
+        }
+        let pool = Self {
+            workers,
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        for (worker, device, ready_rx) in loaded {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    return Err(PoolError::Load {
+                        worker,
+                        device: device.to_string(),
+                        source,
+                    })
+                }
+                Err(_) => return Err(PoolError::Died(worker)),
+            }
+        }
+        pool.ready.store(true, Ordering::SeqCst);
+        Ok(pool)
+    }
+
+    /// Number of worker threads.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether the pool has no workers.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// True once every worker has its models loaded (and until shutdown).
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    /// Hands `item` to worker `index`, which must be idle. Gives the item back if the worker is busy or gone.
+    pub fn submit(&self, index: usize, item: WorkItem) -> Result<(), WorkItem> {
+        let Some(worker) = self.workers.get(index) else {
+            return Err(item);
+        };
+        match worker.sender.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(item)) | Err(TrySendError::Disconnected(item)) => Err(item),
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.ready.store(false, Ordering::SeqCst);
+        let handles: Vec<JoinHandle<()>> = self
+            .workers
+            .drain(..)
+            .filter_map(|mut w| {
+                drop(w.sender);
+                w.handle.take()
+            })
+            .collect();
+        for handle in handles {
+            if handle.join().is_err() {
+                warn!("a worker thread ended with a panic");
+            }
+        }
+    }
+}
+
+struct BoardObserver<'a> {
+    board: &'a ProgressBoard,
+    job: Uuid,
+    cancel: &'a AtomicBool,
+}
+
+impl StepObserver for BoardObserver<'_> {
+    fn on_step(&mut self, step: usize, total: usize, _predicted: Option<&ArrayD<f32>>) {
+        self.board.update(self.job, step as u32, total as u32);
+    }
+
+    fn should_stop(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+fn serve(receiver: Receiver<WorkItem>, models: &mut [(String, LoadedModel)], progress: &ProgressBoard) {
+    while let Ok(item) = receiver.recv() {
+        let span = info_span!("job", id = %item.job, model = %item.model);
+        let _entered = span.enter();
+        let outcome = catch_unwind(AssertUnwindSafe(|| run(&item, models, progress))).unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            error!(%message, "pipeline panicked; failing the job and keeping the worker");
+            Err(WorkError::Panicked(message))
+        });
+        if item.reply.send(outcome).is_err() {
+            warn!("job result dropped: the dispatcher is gone");
+        }
+    }
+}
+
+fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &ProgressBoard) -> WorkOutcome {
+    let model = models
+        .iter_mut()
+        .find(|(name, _)| *name == item.model)
+        .map(|(_, m)| m)
+        .ok_or_else(|| WorkError::Engine {
+            code: "unknown_model",
+            message: format!("model `{}` is not loaded", item.model),
+        })?;
+    let mut observer = BoardObserver {
+        board: progress,
+        job: item.job,
+        cancel: &item.cancel,
+    };
+    let images = text_to_image(model, &item.request, &mut observer)?;
+    let seeds = item.request.seeds();
+    images
+        .iter()
+        .zip(seeds)
+        .enumerate()
+        .map(|(index, (image, seed))| {
+            Ok(EncodedImage {
+                index: index as u32,
+                seed,
+                width: image.width(),
+                height: image.height(),
+                bytes: encode(image, item.format)?,
+            })
+        })
+        .collect()
+}
