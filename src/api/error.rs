@@ -235,10 +235,10 @@ fn field_from(path: &str, message: &str) -> String {
             let rest = &message[start + marker.len()..];
             if let Some(end) = rest.find('`') {
                 let name = &rest[..end];
-                return if path == "." || path.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{path}.{name}")
+                return match path {
+                    "" | "." => name.to_string(),
+                    p if p == name || p.ends_with(&format!(".{name}")) => p.to_string(),
+                    p => format!("{p}.{name}"),
                 };
             }
         }

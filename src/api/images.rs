@@ -56,11 +56,11 @@ pub struct GenerateImageRequest {
     /// Model id from `GET /v1/models`; default: the first configured model.
     #[serde(default)]
     pub model: Option<String>,
-    /// Width in pixels, a multiple of 8; default: the model's native size.
+    /// Width in pixels, a multiple of the model's `size_multiple` (64 for Stable Diffusion); default: the model's native size.
     #[serde(default)]
     #[schema(minimum = 64, maximum = 2048, multiple_of = 8)]
     pub width: Option<u32>,
-    /// Height in pixels, a multiple of 8; default: the model's native size.
+    /// Height in pixels, a multiple of the model's `size_multiple` (64 for Stable Diffusion); default: the model's native size.
     #[serde(default)]
     #[schema(minimum = 64, maximum = 2048, multiple_of = 8)]
     pub height: Option<u32>,
@@ -163,17 +163,21 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
     };
     let info = &served.info;
     let factor = info.vae_scale_factor;
+    let multiple = info.size_multiple;
     let side = |name: &str, value: Option<u32>| -> Result<u32, ApiError> {
         let v = value.unwrap_or(info.native_size);
-        let min = (8 * factor).min(64);
+        let min = multiple.max(64);
         if v < min || v > limits.max_side {
             return Err(ApiError::field(
                 name,
                 format!("{name} must be between {min} and {} pixels", limits.max_side),
             ));
         }
-        if v % factor != 0 {
-            return Err(ApiError::field(name, format!("{name} must be a multiple of {factor}")));
+        if v % multiple != 0 {
+            return Err(ApiError::field(
+                name,
+                format!("{name} must be a multiple of {multiple} for this model"),
+            ));
         }
         Ok(v)
     };

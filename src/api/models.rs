@@ -55,7 +55,7 @@ pub async fn list_models(State(state): State<AppState>) -> AppJson<ModelList> {
             capabilities: m.info.capabilities.clone(),
             width: m.info.native_size,
             height: m.info.native_size,
-            size_multiple: m.info.vae_scale_factor,
+            size_multiple: m.info.size_multiple,
             default_scheduler: m.info.default_scheduler.name().to_string(),
             schedulers: SchedulerKind::all().iter().map(|k| k.name().to_string()).collect(),
             pipeline: m.info.pipeline_class.clone(),

@@ -38,6 +38,9 @@ pub struct ModelInfo {
     pub latent_channels: u32,
     /// Channels the U-Net takes (4 plain, 9 inpainting, 8 InstructPix2Pix).
     pub unet_in_channels: u32,
+    /// Image sides must be multiples of this: the VAE factor times the U-Net's total downsampling (exported
+    /// graphs have no resize path for sizes the U-Net cannot halve evenly).
+    pub size_multiple: u32,
     /// Native image width and height in pixels (`unet.sample_size * vae_scale_factor`).
     pub native_size: u32,
     /// What requests it can serve.
@@ -122,6 +125,12 @@ impl ModelInfo {
         let latent_channels = number(&vae, "latent_channels").unwrap_or(4.0) as u32;
         let unet_in_channels = number(&unet, "in_channels").unwrap_or(4.0) as u32;
         let sample_size = number(&unet, "sample_size").unwrap_or(64.0) as u32;
+        let unet_levels = unet
+            .as_ref()
+            .and_then(|c| c.get("block_out_channels"))
+            .and_then(Value::as_array)
+            .map_or(4, |a| a.len());
+        let size_multiple = vae_scale_factor << unet_levels.saturating_sub(1).min(6);
         if unet_in_channels != latent_channels {
             return Err(model_err(format!(
                 "U-Net takes {unet_in_channels} channels; only plain text-to-image U-Nets ({latent_channels}) are supported so far"
@@ -136,6 +145,7 @@ impl ModelInfo {
             vae_scale_factor,
             latent_channels,
             unet_in_channels,
+            size_multiple,
             native_size: sample_size * vae_scale_factor,
             capabilities: vec![Capability::TextToImage],
         })

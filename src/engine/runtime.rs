@@ -76,8 +76,29 @@ impl Runtime {
     }
 
     /// Loads the shared library at `library` and creates the environment. Fails with one clear message
-    /// when the file is missing or is not a compatible ONNX Runtime.
+    /// when the file is missing or is not a compatible ONNX Runtime. ONNX Runtime allows one environment per
+    /// process: later calls return the first one (and fail if they name another library).
     pub fn load(library: &Path) -> Result<Self, EngineError> {
+        static LOADED: std::sync::Mutex<Option<Runtime>> = std::sync::Mutex::new(None);
+        let mut loaded = LOADED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(runtime) = loaded.as_ref() {
+            if runtime.library != library {
+                return Err(EngineError::Runtime {
+                    path: library.to_path_buf(),
+                    message: format!(
+                        "this process already loaded ONNX Runtime from {}",
+                        runtime.library.display()
+                    ),
+                });
+            }
+            return Ok(runtime.clone());
+        }
+        let runtime = Self::load_first(library)?;
+        *loaded = Some(runtime.clone());
+        Ok(runtime)
+    }
+
+    fn load_first(library: &Path) -> Result<Self, EngineError> {
         let err = |message: String| EngineError::Runtime {
             path: library.to_path_buf(),
             message,

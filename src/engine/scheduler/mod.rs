@@ -3,10 +3,45 @@
 //! Interface contract used by the pipelines (the implementation fills in the families):
 //! a scheduler is built from the model's `scheduler_config.json` plus a step count, exposes the timestep of
 //! every denoiser call, scales the model input, and advances the sample one denoiser call at a time.
+//!
+//! ```text
+//! let kind = SchedulerKind::from_request_name("DPM++ 2M Karras")          // or from_class_name(model default)
+//! let mut s = build(kind, &SchedulerConfig::from_json_str(text)?, steps)?;
+//! let start = 0;                                    // img2img: s.start_call_for_strength(strength)?
+//! let mut x = noise * s.init_noise_sigma();         // img2img: s.add_noise(image_latents, noise, start)
+//! for call in start..s.timesteps().len() {
+//!     let input = s.scale_model_input(x.view(), call);
+//!     let eps = unet(input, s.timesteps()[call]);
+//!     x = s.step(eps.view(), call, x.view(), &mut rng).prev_sample;
+//! }
+//! ```
+//!
+//! One file per algorithm family; the Karras and SDE variants of DPM-Solver++ are config overrides applied
+//! by [`build`], as A1111's sampler names imply.
+
+pub mod betas;
+pub mod config;
+pub mod ddim;
+pub mod ddpm;
+pub mod dpmpp_2m;
+pub mod error;
+pub mod euler;
+pub mod euler_a;
+pub mod heun;
+pub mod kind;
+pub mod lcm;
+mod ops;
+pub mod pndm;
+pub mod sigmas;
+pub mod unipc;
 
 use ndarray::{ArrayD, ArrayViewD};
 
 use super::rng::NoiseSource;
+
+pub use config::{parse_lenient_json, SchedulerConfig};
+pub use error::SchedulerError;
+pub use kind::{catalogue, SchedulerInfo, SchedulerKind};
 
 /// Result of one denoiser call.
 #[derive(Debug, Clone)]
@@ -18,6 +53,10 @@ pub struct StepOutput {
 }
 
 /// One configured scheduler run: `set_timesteps` already applied.
+///
+/// `call` is always the index into [`Scheduler::timesteps`]; a run may start past 0 (img2img) but must then
+/// visit every later call in order. Arrays are `[b, C, h, w]` for any batch size `b`; `model_output` and
+/// `sample` must have the same shape (a mismatch or a `call` out of range is a caller bug and panics).
 pub trait Scheduler: Send {
     /// Timestep passed to the U-Net for each denoiser call, in call order (Heun: 2N-1 entries).
     fn timesteps(&self) -> &[f64];
@@ -33,41 +72,110 @@ pub trait Scheduler: Send {
         sample: ArrayViewD<'_, f32>,
         noise: &mut dyn NoiseSource,
     ) -> StepOutput;
+
+    /// The number of inference steps the run was built for (diffusers' `num_inference_steps`, which can be
+    /// fewer than the calls: Heun makes 2N-1 calls, PLMS N+1).
+    fn num_inference_steps(&self) -> usize {
+        self.timesteps().len()
+    }
+
+    /// diffusers' `scheduler.order`: U-Net calls per step as the img2img start computation counts them
+    /// (2 for Heun, 1 otherwise).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// The sigma of each call plus the final one, for the sigma-parameterised families (Euler, Euler a,
+    /// Heun, DPM-Solver, UniPC); `None` for the alpha-parameterised ones (DDIM, PNDM, DDPM, LCM).
+    fn sigmas(&self) -> Option<&[f64]> {
+        None
+    }
+
+    /// img2img: the first call index to run for `strength` in (0, 1], as diffusers' `get_timesteps` computes
+    /// it (`t_start = n - min(int(n * strength), n)`, times `order`).
+    fn start_call_for_strength(&self, strength: f64) -> Result<usize, SchedulerError> {
+        start_call(
+            self.num_inference_steps(),
+            self.order(),
+            self.timesteps().len(),
+            strength,
+        )
+    }
+
+    /// Noises clean latents `original` to the noise level of call `call` (img2img's starting sample, or
+    /// inpainting's re-noised known region), as diffusers' `add_noise` does for that call's timestep.
+    fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32>;
 }
 
-// --- temporary stand-in until the scheduler family lands (replaced on merge) ---
-/// Model scheduler config.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct SchedulerConfig {
-    /// `_class_name`
-    #[serde(rename = "_class_name")]
-    pub class_name: Option<String>,
-}
-/// Scheduler families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulerKind {
-    /// DDIM
-    Ddim,
-}
-impl SchedulerKind {
-    /// From diffusers class.
-    pub fn from_class_name(_c: &str) -> Option<Self> {
-        Some(SchedulerKind::Ddim)
+/// diffusers' `get_timesteps` for img2img: the first call index for `strength`.
+pub fn start_call(
+    num_inference_steps: usize,
+    order: usize,
+    calls: usize,
+    strength: f64,
+) -> Result<usize, SchedulerError> {
+    let invalid = SchedulerError::InvalidStrength {
+        strength,
+        steps: num_inference_steps,
+    };
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(invalid);
     }
-    /// From request name.
-    pub fn from_request_name(_c: &str) -> Option<Self> {
-        Some(SchedulerKind::Ddim)
+    let n = num_inference_steps;
+    // Python's int() truncates the float product.
+    let init_timestep = ((n as f64 * strength) as usize).min(n);
+    let t_start = n.saturating_sub(init_timestep);
+    let start = t_start * order;
+    if start >= calls {
+        return Err(invalid);
     }
-    /// All.
-    pub fn all() -> &'static [SchedulerKind] {
-        &[SchedulerKind::Ddim]
-    }
-    /// Name.
-    pub fn name(self) -> &'static str {
-        "ddim"
-    }
+    Ok(start)
 }
-/// Builds.
-pub fn build(_k: SchedulerKind, _c: &SchedulerConfig, _n: usize) -> Result<Box<dyn Scheduler>, String> {
-    Err("not yet".into())
+
+/// Builds `kind` from a model's scheduler config and sets `num_inference_steps`, like diffusers'
+/// `Class.from_config(model_config)` followed by `set_timesteps(n)`.
+///
+/// The kind may differ from the config's `_class_name`; fields the class does not take are ignored. The
+/// Karras variants force `use_karras_sigmas=true` and the SDE variant `algorithm_type="sde-dpmsolver++"`.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    if num_inference_steps == 0 {
+        return Err(SchedulerError::InvalidSteps {
+            class: kind.class_name(),
+            steps: 0,
+            reason: "at least one step is needed".into(),
+        });
+    }
+    let mut cfg = config.clone();
+    match kind {
+        SchedulerKind::Dpmpp2mKarras => {
+            cfg.use_karras_sigmas = Some(true);
+            cfg.algorithm_type = Some("dpmsolver++".into());
+        }
+        SchedulerKind::Dpmpp2mSdeKarras => {
+            cfg.use_karras_sigmas = Some(true);
+            cfg.algorithm_type = Some("sde-dpmsolver++".into());
+        }
+        _ => {}
+    }
+    let n = num_inference_steps;
+    Ok(match kind {
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&cfg, n)?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&cfg, n)?),
+        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&cfg, n)?),
+        SchedulerKind::Euler => Box::new(euler::Euler::new(&cfg, n)?),
+        SchedulerKind::EulerA => Box::new(euler_a::EulerAncestral::new(&cfg, n)?),
+        SchedulerKind::Heun => Box::new(heun::Heun::new(&cfg, n)?),
+        SchedulerKind::Dpmpp2m | SchedulerKind::Dpmpp2mKarras | SchedulerKind::Dpmpp2mSdeKarras => {
+            Box::new(dpmpp_2m::DpmSolverMultistep::new(&cfg, n)?)
+        }
+        SchedulerKind::UniPc => Box::new(unipc::UniPc::new(&cfg, n)?),
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&cfg, n)?),
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+//! Shared helpers for integration tests: where the fixtures and the ONNX Runtime library are.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use denoised::engine::runtime::Runtime;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fixture folder under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// The ONNX Runtime library the tests load: `ORT_DYLIB_PATH`, else `.ort/libonnxruntime.so` as
+/// `scripts/fetch-onnxruntime.py` leaves it.
+pub fn ort_library() -> PathBuf {
+    let path = Runtime::library_path(&root().join(".ort/libonnxruntime.so"));
+    assert!(
+        path.is_file(),
+        "ONNX Runtime library {} is missing: run `python3 scripts/fetch-onnxruntime.py`",
+        path.display()
+    );
+    path
+}
+
+/// The process-wide runtime.
+pub fn runtime() -> Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| Runtime::load(&ort_library()).expect("loading ONNX Runtime"))
+        .clone()
+}
+
+/// Reads a float32 `.npy` file.
+pub fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
+    denoised::engine::npy::read_f32(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// A config for the tiny fixture model with everything under `data_dir`.
+pub fn test_config_toml(data_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+[storage]
+data_dir = "{data}"
+database_url = "sqlite://{data}/denoised.db"
+[runtime]
+onnxruntime_library = "{ort}"
+[queue]
+lease_seconds = 2
+poll_millis = 100
+{extra}
+[[models]]
+name = "tiny-sd"
+path = "{model}"
+[[workers]]
+device = "cpu"
+threads = 1
+"#,
+        data = data_dir.display(),
+        ort = ort_library().display(),
+        model = fixture("tiny-sd").display(),
+    )
+}
+
+/// A server running in this process on a real socket.
+pub struct TestServer {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    /// Keeps the data folder alive.
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with `extra` TOML sections added to the test config.
+    pub async fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = test_config_toml(dir.path(), extra);
+        let config =
+            denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
+                .expect("test config");
+        let server = denoised::server::Server::start(&config).await.expect("server start");
+        let base = format!("http://{}", server.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            dir,
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// Polls a job until it reaches a terminal status or `timeout` passes; returns its last JSON.
+pub async fn wait_for_job(client: &reqwest::Client, url: &str, timeout: std::time::Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let job: serde_json::Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        let status = job["status"].as_str().unwrap_or_default().to_string();
+        if ["succeeded", "failed", "cancelled"].contains(&status.as_str()) || std::time::Instant::now() > deadline {
+            return job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
