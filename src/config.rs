@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// Prefix of environment variables that override config keys (`DENOISED_SERVER__BIND`).
 pub const ENV_PREFIX: &str = "DENOISED_";
 
+/// Environment variable holding the config file's path (not a key override).
+pub const CONFIG_PATH_ENV: &str = "DENOISED_CONFIG";
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -259,20 +262,28 @@ impl Config {
             origin: origin.to_string(),
             message: e.to_string(),
         })?;
-        let env: BTreeMap<String, String> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-        for (key, value) in &env {
-            apply_env_override(&mut tree, &key[ENV_PREFIX.len()..], value).map_err(|message| ConfigError::Parse {
-                origin: format!("environment variable {key}"),
-                message,
-            })?;
-        }
-        let mut config: Config =
-            toml::Value::Table(tree)
+        let parse = |tree: &toml::Table, origin: &str| -> Result<Config, ConfigError> {
+            toml::Value::Table(tree.clone())
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
                     origin: origin.to_string(),
                     message: e.to_string(),
-                })?;
+                })
+        };
+        let mut config = parse(&tree, origin)?;
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_PATH_ENV)
+            .collect();
+        // Applied one at a time so that an error names the variable that caused it.
+        for (key, value) in &env {
+            let origin = format!("environment variable {key}");
+            apply_env_override(&mut tree, &key[ENV_PREFIX.len()..], value).map_err(|message| ConfigError::Parse {
+                origin: origin.clone(),
+                message,
+            })?;
+            config = parse(&tree, &origin)?;
+        }
         if let Some(bind) = &overrides.bind {
             config.server.bind = bind.clone();
         }
@@ -479,6 +490,7 @@ threads = 2
                 ("DENOISED_WORKERS__0__THREADS", "4"),
                 ("DENOISED_MODELS__0__PATH", "/abs/model"),
                 ("OTHER_VAR", "ignored"),
+                ("DENOISED_CONFIG", "/elsewhere/config.toml"),
             ],
         )
         .unwrap();

@@ -261,6 +261,7 @@ async fn bad_requests_get_json_errors_naming_the_field() {
         (json!({"prompt": "x", "height": 4096}), "height"),
         (json!({"prompt": "x", "n": 9}), "n"),
         (json!({"prompt": "x", "guidance_scale": 99}), "guidance_scale"),
+        (json!({"prompt": "x", "guidance_rescale": 1.5}), "guidance_rescale"),
         (json!({"prompt": "x", "model": "nope"}), "model"),
         (json!({"prompt": "x", "scheduler": "warp"}), "scheduler"),
         (json!({"prompt": "x", "output_format": "gif"}), "output_format"),
@@ -405,6 +406,23 @@ async fn health_models_and_openapi() {
         .await
         .unwrap();
     assert!(spec["paths"]["/v1/images"]["post"].is_object());
+    let schedulers: Value = client
+        .get(server.url("/v1/schedulers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let list = schedulers["data"].as_array().unwrap();
+    assert_eq!(list.len(), 11);
+    let karras = list.iter().find(|s| s["id"] == "dpmpp_2m_karras").unwrap();
+    assert!(karras["aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "DPM++ 2M Karras"));
+    assert!(list.iter().all(|s| !s["description"].as_str().unwrap().is_empty()));
     let docs = client.get(server.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
     server.shutdown().await;

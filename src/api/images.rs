@@ -72,7 +72,12 @@ pub struct GenerateImageRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 50)]
     pub guidance_scale: Option<f32>,
-    /// Scheduler name (see `GET /v1/models`); `default` or absent: the model's own.
+    /// Rescales guided predictions toward the conditional one's spread (0 = off, 0.7 is typical for
+    /// zero-terminal-SNR models).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
+    pub guidance_rescale: Option<f32>,
+    /// Scheduler name or alias (see `GET /v1/schedulers`); `default` or absent: the model's own.
     #[serde(default)]
     pub scheduler: Option<String>,
     /// Seed of the first image; image `i` uses `seed + i`. Random when absent (and reported in the job).
@@ -197,12 +202,19 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
             "guidance_scale must be between 0 and 50",
         ));
     }
+    let guidance_rescale = request.guidance_rescale.unwrap_or(0.0);
+    if !guidance_rescale.is_finite() || !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(ApiError::field(
+            "guidance_rescale",
+            "guidance_rescale must be between 0 and 1",
+        ));
+    }
     let scheduler = match request.scheduler.as_deref().map(str::trim) {
         None | Some("") | Some("default") => info.default_scheduler,
         Some(name) => SchedulerKind::from_request_name(name).ok_or_else(|| {
             ApiError::field(
                 "scheduler",
-                format!("unknown scheduler `{name}`; see GET /v1/models for the names"),
+                format!("unknown scheduler `{name}`; see GET /v1/schedulers for the names"),
             )
         })?,
     };
@@ -234,6 +246,7 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
         height,
         steps,
         guidance_scale,
+        guidance_rescale,
         scheduler: scheduler.name().to_string(),
         seed,
         n,

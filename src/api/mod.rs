@@ -6,6 +6,7 @@ pub mod health;
 pub mod images;
 pub mod jobs;
 pub mod models;
+pub mod schedulers;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::get_image))
         .routes(routes!(models::list_models))
+        .routes(routes!(schedulers::list_schedulers))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
 }

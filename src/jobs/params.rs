@@ -27,6 +27,9 @@ pub struct GenerateParams {
     pub steps: u32,
     /// Classifier-free guidance scale.
     pub guidance_scale: f32,
+    /// Guidance rescale in [0, 1].
+    #[serde(default)]
+    pub guidance_rescale: f32,
     /// Canonical scheduler name.
     pub scheduler: String,
     /// Seed of the first image; image `i` uses `seed + i`.
@@ -62,6 +65,7 @@ impl GenerateParams {
             height: self.height,
             steps: self.steps,
             guidance_scale: self.guidance_scale,
+            guidance_rescale: self.guidance_rescale,
             scheduler,
             seed: self.seed,
             images: self.n,

@@ -124,9 +124,9 @@ impl Dispatcher {
             cancel: cancel.clone(),
             reply,
         };
-        if self.pool.submit(worker, item).is_err() {
+        if let Err(e) = self.pool.submit(worker, item) {
             self.progress.finish(id);
-            error!(%id, worker, "worker refused a job; handing it back");
+            error!(%id, error = %e, "worker refused a job; handing it back");
             let _ = self.store.release(id, &owner).await;
             return;
         }

@@ -109,6 +109,20 @@ pub enum PoolError {
     Died(usize),
 }
 
+/// Why a work item could not be handed to a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// No worker has this index.
+    #[error("no worker {0}")]
+    NoSuchWorker(usize),
+    /// The worker already has work.
+    #[error("worker {0} is busy")]
+    Busy(usize),
+    /// The worker thread has ended.
+    #[error("worker {0} has stopped")]
+    Gone(usize),
+}
+
 struct WorkerThread {
     sender: SyncSender<WorkItem>,
     handle: Option<JoinHandle<()>>,
@@ -218,15 +232,13 @@ impl WorkerPool {
         self.ready.clone()
     }
 
-    /// Hands `item` to worker `index`, which must be idle. Gives the item back if the worker is busy or gone.
-    pub fn submit(&self, index: usize, item: WorkItem) -> Result<(), WorkItem> {
-        let Some(worker) = self.workers.get(index) else {
-            return Err(item);
-        };
-        match worker.sender.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(item)) | Err(TrySendError::Disconnected(item)) => Err(item),
-        }
+    /// Hands `item` to worker `index`, which must be idle. Fails if the worker is busy or gone.
+    pub fn submit(&self, index: usize, item: WorkItem) -> Result<(), SubmitError> {
+        let worker = self.workers.get(index).ok_or(SubmitError::NoSuchWorker(index))?;
+        worker.sender.try_send(item).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Busy(index),
+            TrySendError::Disconnected(_) => SubmitError::Gone(index),
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! Pipelines: the orchestration of tokenizer, text encoder, scheduler, U-Net and VAE for each job kind.
 
+pub mod guidance;
 mod noise;
 mod text_to_image;
 

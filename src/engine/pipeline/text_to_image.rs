@@ -5,6 +5,7 @@
 use image::RgbImage;
 use ndarray::{concatenate, s, Array, ArrayD, Axis, Ix4, IxDyn};
 
+use super::guidance::{guide, rescale};
 use super::noise::BatchNoise;
 use super::StepObserver;
 use crate::engine::error::EngineError;
@@ -29,6 +30,8 @@ pub struct GenerateRequest {
     pub steps: u32,
     /// Classifier-free guidance scale; at or below 1 guidance is off (one U-Net batch instead of two).
     pub guidance_scale: f32,
+    /// Guidance rescale in [0, 1] (0: off); counters over-exposure with zero-terminal-SNR models.
+    pub guidance_rescale: f32,
     /// Scheduler family.
     pub scheduler: SchedulerKind,
     /// Seed of image 0; image `i` uses `seed + i` (wrapping).
@@ -128,8 +131,8 @@ pub fn text_to_image(
         let guided_prediction = if guided {
             let uncond = predicted.slice_axis(Axis(0), (0..n).into());
             let cond = predicted.slice_axis(Axis(0), (n..2 * n).into());
-            let g = request.guidance_scale;
-            &uncond + &((&cond - &uncond) * g)
+            let guided = guide(uncond.view(), cond.view(), request.guidance_scale);
+            rescale(guided, cond.view(), request.guidance_rescale)
         } else {
             predicted
         };

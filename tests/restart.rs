@@ -1,0 +1,196 @@
+//! Durability with the real binary: jobs accepted before a `kill -9` run after a restart, and SIGTERM shuts
+//! down cleanly with exit code 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Binary {
+    child: Child,
+    base: String,
+}
+
+/// Starts `denoised serve` on port 0 and reads the bound address from its log.
+fn start(config: &Path) -> Binary {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_denoised"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info,ort=warn")
+        .env_remove("ORT_DYLIB_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting denoised");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(pos) = line.find("addr=") {
+                let addr: String = line[pos + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server did not report its address");
+    Binary {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, common::test_config_toml(dir, "")).unwrap();
+    path
+}
+
+async fn job(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    client
+        .get(format!("{base}/v1/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_accepted_before_kill_9_run_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let client = reqwest::Client::new();
+
+    let mut server = start(&config);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let response = client
+            .post(format!("{}/v1/images", server.base))
+            .json(&json!({"prompt": format!("job {i}"), "steps": 150, "n": 2, "seed": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    // Kill -9 while the first job is running and the others wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job(&client, &server.base, &ids[0]).await["status"] != "running" {
+        assert!(Instant::now() < deadline, "the first job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    // A second crash right after the restart, before anything can finish.
+    server = start(&config);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    server = start(&config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in &ids {
+        loop {
+            let state = job(&client, &server.base, id).await;
+            match state["status"].as_str().unwrap() {
+                "succeeded" => {
+                    let images = state["images"].as_array().unwrap();
+                    assert_eq!(images.len(), 2, "{state}");
+                    for image in images {
+                        let url = format!("{}{}", server.base, image["url"].as_str().unwrap());
+                        let bytes = client.get(url).send().await.unwrap().bytes().await.unwrap();
+                        assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 64);
+                    }
+                    break;
+                }
+                "failed" | "cancelled" => panic!("job lost to the crash: {state}"),
+                _ => {
+                    assert!(Instant::now() < deadline, "job never finished after restart: {state}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let first = job(&client, &server.base, &ids[0]).await;
+    assert!(
+        first["attempts"].as_u64().unwrap() >= 2,
+        "the killed job must have been re-run: {first}"
+    );
+    // No stray temporary files: every image was renamed into place.
+    let leftovers = walk(&dir.path().join("images"))
+        .into_iter()
+        .filter(|p| p.ends_with(".tmp"))
+        .count();
+    assert_eq!(leftovers, 0);
+    terminate(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_running_work_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let client = reqwest::Client::new();
+    let server = start(&config);
+    let response = client
+        .post(format!("{}/v1/images", server.base))
+        .json(&json!({"prompt": "finish me", "steps": 40}))
+        .send()
+        .await
+        .unwrap();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job(&client, &server.base, &id).await["status"] == "queued" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    terminate(server);
+    // The job finished within the grace period, so a new server finds it done.
+    let server = start(&config);
+    let state = job(&client, &server.base, &id).await;
+    assert_eq!(state["status"], "succeeded", "{state}");
+    terminate(server);
+}
+
+fn terminate(mut server: Binary) {
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(code) = server.child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "server did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path.display().to_string());
+            }
+        }
+    }
+    out
+}
