@@ -33,6 +33,7 @@ impl Server {
     /// Does every fallible start-up step: ONNX Runtime, models, database (with recovery of expired leases),
     /// worker threads, and the listening socket.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        crate::telemetry::metrics_handle();
         let library = Runtime::library_path(&config.runtime.onnxruntime_library);
         let runtime = Runtime::load(&library)?;
         info!(library = %runtime.library().display(), "ONNX Runtime loaded");

@@ -20,3 +20,23 @@ pub fn init(config: &TelemetryConfig) {
         builder.try_init()
     };
 }
+
+/// The process-wide Prometheus recorder, installed on first use. Every metric is named `denoised_…`.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets(&[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ])
+                .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first; the handle then renders an empty page.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

@@ -423,6 +423,15 @@ async fn health_models_and_openapi() {
         .iter()
         .any(|a| a == "DPM++ 2M Karras"));
     assert!(list.iter().all(|s| !s["description"].as_str().unwrap().is_empty()));
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("denoised_jobs{status=\"queued\"}"), "{metrics}");
     let docs = client.get(server.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
     server.shutdown().await;

@@ -218,6 +218,15 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
             )
         })?,
     };
+    // Building the schedule now turns a step count or config value the scheduler cannot take into a 422
+    // instead of a job that fails later.
+    crate::engine::scheduler::build(scheduler, &info.scheduler_config, steps as usize).map_err(|e| match e {
+        crate::engine::scheduler::SchedulerError::InvalidSteps { .. } => ApiError::field("steps", e.to_string()),
+        other => ApiError::field(
+            "scheduler",
+            format!("{} cannot run this model: {other}", scheduler.name()),
+        ),
+    })?;
     let n = request.n.unwrap_or(1);
     if n == 0 || n > limits.max_images {
         return Err(ApiError::field(

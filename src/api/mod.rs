@@ -5,6 +5,7 @@ pub mod error;
 pub mod health;
 pub mod images;
 pub mod jobs;
+pub mod metrics;
 pub mod models;
 pub mod schedulers;
 
@@ -76,6 +77,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(schedulers::list_schedulers))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
 }
 
 /// The OpenAPI document, generated from the handlers (what `denoised openapi` prints).

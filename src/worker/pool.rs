@@ -265,11 +265,15 @@ struct BoardObserver<'a> {
     board: &'a ProgressBoard,
     job: Uuid,
     cancel: &'a AtomicBool,
+    last_step: std::time::Instant,
 }
 
 impl StepObserver for BoardObserver<'_> {
     fn on_step(&mut self, step: usize, total: usize, _predicted: Option<&ArrayD<f32>>) {
         self.board.update(self.job, step as u32, total as u32);
+        let now = std::time::Instant::now();
+        metrics::histogram!("denoised_step_seconds").record(now.duration_since(self.last_step).as_secs_f64());
+        self.last_step = now;
     }
 
     fn should_stop(&self) -> bool {
@@ -281,19 +285,24 @@ fn serve(receiver: Receiver<WorkItem>, models: &mut [(String, LoadedModel)], pro
     while let Ok(item) = receiver.recv() {
         let span = info_span!("job", id = %item.job, model = %item.model);
         let _entered = span.enter();
-        let outcome = catch_unwind(AssertUnwindSafe(|| run(&item, models, progress))).unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            error!(%message, "pipeline panicked; failing the job and keeping the worker");
-            Err(WorkError::Panicked(message))
-        });
+        let outcome = guarded(|| run(&item, models, progress));
         if item.reply.send(outcome).is_err() {
             warn!("job result dropped: the dispatcher is gone");
         }
     }
+}
+
+/// Runs `job`, turning a panic into a failed outcome so that the worker thread survives it.
+fn guarded(job: impl FnOnce() -> WorkOutcome) -> WorkOutcome {
+    catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        error!(%message, "pipeline panicked; failing the job and keeping the worker");
+        Err(WorkError::Panicked(message))
+    })
 }
 
 fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &ProgressBoard) -> WorkOutcome {
@@ -305,12 +314,15 @@ fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &Progres
             code: "unknown_model",
             message: format!("model `{}` is not loaded", item.model),
         })?;
+    let started = std::time::Instant::now();
     let mut observer = BoardObserver {
         board: progress,
         job: item.job,
         cancel: &item.cancel,
+        last_step: started,
     };
     let images = text_to_image(model, &item.request, &mut observer)?;
+    metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
     let seeds = item.request.seeds();
     images
         .iter()
@@ -326,4 +338,32 @@ fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &Progres
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_job_fails_with_a_code_and_the_thread_goes_on() {
+        let outcome = guarded(|| panic!("index out of bounds in a pipeline"));
+        let err = outcome.unwrap_err();
+        assert_eq!(err.code(), "worker_panicked");
+        assert!(err.to_string().contains("index out of bounds"));
+        let formatted = guarded(|| panic!("{} {}", "formatted", 1));
+        assert!(formatted.unwrap_err().to_string().contains("formatted 1"));
+        // The same thread keeps working after catching.
+        assert!(guarded(|| Ok(Vec::new())).is_ok());
+    }
+
+    #[test]
+    fn engine_errors_keep_their_code() {
+        let err = WorkError::from(EngineError::Cancelled);
+        assert_eq!(err.code(), "cancelled");
+        let err = WorkError::from(EngineError::Inference {
+            graph: "unet",
+            message: "boom".into(),
+        });
+        assert_eq!(err.code(), "inference_error");
+    }
 }
