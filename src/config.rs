@@ -84,11 +84,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            bind: "127.0.0.1:8080".into(),
-            max_body_bytes: 32 * 1024 * 1024,
-            shutdown_grace_seconds: 30,
-        }
+        Self { bind: "127.0.0.1:8080".into(), max_body_bytes: 32 * 1024 * 1024, shutdown_grace_seconds: 30 }
     }
 }
 
@@ -104,10 +100,7 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self {
-            data_dir: "data".into(),
-            database_url: "sqlite://data/denoised.db".into(),
-        }
+        Self { data_dir: "data".into(), database_url: "sqlite://data/denoised.db".into() }
     }
 }
 
@@ -121,9 +114,7 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self {
-            onnxruntime_library: ".ort/libonnxruntime.so".into(),
-        }
+        Self { onnxruntime_library: ".ort/libonnxruntime.so".into() }
     }
 }
 
@@ -141,11 +132,7 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self {
-            lease_seconds: 30,
-            max_attempts: 3,
-            poll_millis: 1000,
-        }
+        Self { lease_seconds: 30, max_attempts: 3, poll_millis: 1000 }
     }
 }
 
@@ -165,12 +152,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self {
-            max_steps: 150,
-            max_images: 8,
-            max_side: 2048,
-            max_prompt_chars: 4000,
-        }
+        Self { max_steps: 150, max_images: 8, max_side: 2048, max_prompt_chars: 4000 }
     }
 }
 
@@ -186,10 +168,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self {
-            log: "info,ort=warn".into(),
-            json: false,
-        }
+        Self { log: "info,ort=warn".into(), json: false }
     }
 }
 
@@ -242,10 +221,8 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::from_toml_str(&text, &path.display().to_string(), &base, env, overrides)
     }
@@ -258,30 +235,21 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let mut tree: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string(),
-        })?;
+        let mut tree: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })?;
         let parse = |tree: &toml::Table, origin: &str| -> Result<Config, ConfigError> {
             toml::Value::Table(tree.clone())
                 .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    origin: origin.to_string(),
-                    message: e.to_string(),
-                })
+                .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })
         };
         let mut config = parse(&tree, origin)?;
-        let env: BTreeMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_PATH_ENV)
-            .collect();
+        let env: BTreeMap<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_PATH_ENV).collect();
         // Applied one at a time so that an error names the variable that caused it.
         for (key, value) in &env {
             let origin = format!("environment variable {key}");
-            apply_env_override(&mut tree, &key[ENV_PREFIX.len()..], value).map_err(|message| ConfigError::Parse {
-                origin: origin.clone(),
-                message,
-            })?;
+            apply_env_override(&mut tree, &key[ENV_PREFIX.len()..], value)
+                .map_err(|message| ConfigError::Parse { origin: origin.clone(), message })?;
             config = parse(&tree, &origin)?;
         }
         if let Some(bind) = &overrides.bind {
@@ -328,10 +296,7 @@ impl Config {
                 return Err(ConfigError::Invalid("models.name must not be empty".into()));
             }
             if !names.insert(model.name.as_str()) {
-                return Err(ConfigError::Invalid(format!(
-                    "models.name `{}` is configured twice",
-                    model.name
-                )));
+                return Err(ConfigError::Invalid(format!("models.name `{}` is configured twice", model.name)));
             }
         }
         if self.workers.is_empty() {
@@ -351,19 +316,14 @@ impl Config {
             return Err(ConfigError::Invalid("queue.max_attempts must be at least 1".into()));
         }
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
-            return Err(ConfigError::Invalid(
-                "limits must allow at least one image, one step and 8 px".into(),
-            ));
+            return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }
         Ok(())
     }
 
     /// The parsed listen address.
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server
-            .bind
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("server.bind `{}`: {e}", self.server.bind)))
+        self.server.bind.parse().map_err(|e| ConfigError::Invalid(format!("server.bind `{}`: {e}", self.server.bind)))
     }
 }
 
@@ -372,9 +332,7 @@ impl Config {
 fn apply_env_override(tree: &mut toml::Table, key: &str, value: &str) -> Result<(), String> {
     let parts: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
     if parts.iter().any(String::is_empty) {
-        return Err(format!(
-            "malformed key `{key}`: use SECTION__KEY, e.g. DENOISED_SERVER__BIND"
-        ));
+        return Err(format!("malformed key `{key}`: use SECTION__KEY, e.g. DENOISED_SERVER__BIND"));
     }
     let parsed = parse_scalar(value);
     let mut node = tree;
@@ -389,27 +347,19 @@ fn apply_env_override(tree: &mut toml::Table, key: &str, value: &str) -> Result<
         let next_is_index = parts[i + 1].parse::<usize>().ok();
         match next_is_index {
             Some(index) => {
-                let entry = node
-                    .entry(part.clone())
-                    .or_insert_with(|| toml::Value::Array(Vec::new()));
-                let array = entry
-                    .as_array_mut()
-                    .ok_or_else(|| format!("`{part}` is not an array"))?;
+                let entry = node.entry(part.clone()).or_insert_with(|| toml::Value::Array(Vec::new()));
+                let array = entry.as_array_mut().ok_or_else(|| format!("`{part}` is not an array"))?;
                 while array.len() <= index {
                     array.push(toml::Value::Table(toml::Table::new()));
                 }
                 if i + 2 == parts.len() {
                     return Err(format!("`{key}` names an array element, not a key inside it"));
                 }
-                node = array[index]
-                    .as_table_mut()
-                    .ok_or_else(|| format!("`{part}[{index}]` is not a table"))?;
+                node = array[index].as_table_mut().ok_or_else(|| format!("`{part}[{index}]` is not a table"))?;
                 i += 2;
             }
             None => {
-                let entry = node
-                    .entry(part.clone())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let entry = node.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 node = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
                 i += 1;
             }
@@ -462,21 +412,14 @@ threads = 2
         assert_eq!(c.storage.data_dir, PathBuf::from("/srv/app/data"));
         assert_eq!(c.models[0].path, PathBuf::from("/srv/app/models/m"));
         assert_eq!(c.storage.database_url, "sqlite:///srv/app/data/denoised.db");
-        assert_eq!(
-            c.runtime.onnxruntime_library,
-            PathBuf::from("/srv/app/.ort/libonnxruntime.so")
-        );
+        assert_eq!(c.runtime.onnxruntime_library, PathBuf::from("/srv/app/.ort/libonnxruntime.so"));
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = load(&format!("{MINIMAL}\n[queue]\nlease_secs = 3\n"), &[])
-            .unwrap_err()
-            .to_string();
+        let err = load(&format!("{MINIMAL}\n[queue]\nlease_secs = 3\n"), &[]).unwrap_err().to_string();
         assert!(err.contains("lease_secs"), "{err}");
-        let err = load(&MINIMAL.replace("threads = 2", "threads = 2\ngpu = 1"), &[])
-            .unwrap_err()
-            .to_string();
+        let err = load(&MINIMAL.replace("threads = 2", "threads = 2\ngpu = 1"), &[]).unwrap_err().to_string();
         assert!(err.contains("gpu"), "{err}");
     }
 
@@ -502,18 +445,13 @@ threads = 2
 
     #[test]
     fn unknown_environment_keys_are_errors() {
-        let err = load(MINIMAL, &[("DENOISED_SERVER__BINDD", "x")])
-            .unwrap_err()
-            .to_string();
+        let err = load(MINIMAL, &[("DENOISED_SERVER__BINDD", "x")]).unwrap_err().to_string();
         assert!(err.contains("bindd") && err.contains("DENOISED_SERVER__BINDD"), "{err}");
     }
 
     #[test]
     fn flags_win_over_file_and_environment() {
-        let overrides = Overrides {
-            bind: Some("127.0.0.1:1".into()),
-            ..Default::default()
-        };
+        let overrides = Overrides { bind: Some("127.0.0.1:1".into()), ..Default::default() };
         let env = vec![("DENOISED_SERVER__BIND".to_string(), "127.0.0.1:2".to_string())];
         let c = Config::from_toml_str(MINIMAL, "t", Path::new("/x"), env, &overrides).unwrap();
         assert_eq!(c.server.bind, "127.0.0.1:1");
@@ -521,10 +459,7 @@ threads = 2
 
     #[test]
     fn invalid_values_are_rejected() {
-        assert!(load(&MINIMAL.replace("\"cpu\"", "\"tpu\""), &[])
-            .unwrap_err()
-            .to_string()
-            .contains("workers[0]"));
+        assert!(load(&MINIMAL.replace("\"cpu\"", "\"tpu\""), &[]).unwrap_err().to_string().contains("workers[0]"));
         assert!(load(&MINIMAL.replace("127.0.0.1:8080", "nope"), &[]).is_err());
         assert!(load(&MINIMAL.replace("threads = 2", "threads = 0"), &[]).is_err());
     }

@@ -73,17 +73,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Serve {
-            config,
-            bind,
-            data_dir,
-            database_url,
-        } => {
-            let overrides = Overrides {
-                bind,
-                data_dir,
-                database_url,
-            };
+        Command::Serve { config, bind, data_dir, database_url } => {
+            let overrides = Overrides { bind, data_dir, database_url };
             let config = Config::load(&config, std::env::vars(), &overrides)?;
             denoised::telemetry::init(&config.telemetry);
             let runtime = tokio::runtime::Runtime::new()?;

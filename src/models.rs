@@ -24,12 +24,7 @@ impl ModelRegistry {
     pub fn load(configs: &[ModelConfig]) -> Result<Self, EngineError> {
         let models = configs
             .iter()
-            .map(|c| {
-                Ok(ServedModel {
-                    name: c.name.clone(),
-                    info: ModelInfo::read(&c.path)?,
-                })
-            })
+            .map(|c| Ok(ServedModel { name: c.name.clone(), info: ModelInfo::read(&c.path)? }))
             .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Self { models })
     }
@@ -51,10 +46,6 @@ impl ModelRegistry {
 
     /// Comma-separated ids, for error messages.
     pub fn names(&self) -> String {
-        self.models
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 }

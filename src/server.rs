@@ -18,6 +18,7 @@ use crate::jobs::JobStore;
 use crate::models::ModelRegistry;
 use crate::storage::ImageFiles;
 use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
+use crate::worker::events::EventBus;
 use crate::worker::pool::{WorkerPool, WorkerSpec};
 use crate::worker::progress::ProgressBoard;
 
@@ -27,6 +28,8 @@ pub struct Server {
     state: AppState,
     dispatcher: Dispatcher,
     pool: Arc<WorkerPool>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
 }
 
 impl Server {
@@ -45,40 +48,38 @@ impl Server {
             .with_context(|| format!("opening database {}", config.storage.database_url))?;
         let recovered = store.recover_expired().await?;
         if !recovered.is_empty() {
-            info!(
-                ?recovered,
-                "recovered jobs whose lease expired while no server ran them"
-            );
+            info!(?recovered, "recovered jobs whose lease expired while no server ran them");
         }
         let specs = config
             .workers
             .iter()
             .map(|w| {
-                Ok(WorkerSpec {
-                    device: Device::parse(&w.device).map_err(anyhow::Error::msg)?,
-                    threads: w.threads,
-                })
+                Ok(WorkerSpec { device: Device::parse(&w.device).map_err(anyhow::Error::msg)?, threads: w.threads })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let progress = ProgressBoard::default();
+        let bus = EventBus::new();
         let runtime_for_pool = runtime.clone();
         let registry_for_pool = registry.clone();
         let progress_for_pool = progress.clone();
+        let bus_for_pool = bus.clone();
         let pool = tokio::task::spawn_blocking(move || {
-            WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress_for_pool)
+            WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress_for_pool, bus_for_pool)
         })
         .await??;
         let pool = Arc::new(pool);
         let addr = config.bind_addr()?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         let files = ImageFiles::new(&config.storage.data_dir);
         let wake = Arc::new(Notify::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
         let state = AppState {
             store: store.clone(),
             models: registry,
             progress: progress.clone(),
+            bus: bus.clone(),
+            workers: pool.len(),
+            shutdown: stop_rx.clone(),
             files: files.clone(),
             wake: wake.clone(),
             limits: config.limits.clone(),
@@ -90,6 +91,7 @@ impl Server {
             store,
             pool: pool.clone(),
             progress,
+            bus,
             files,
             wake,
             settings: DispatchSettings {
@@ -99,12 +101,7 @@ impl Server {
             },
             process_id: uuid::Uuid::new_v4().to_string(),
         };
-        Ok(Self {
-            listener,
-            state,
-            dispatcher,
-            pool,
-        })
+        Ok(Self { listener, state, dispatcher, pool, stop_tx, stop_rx })
     }
 
     /// The bound address (useful with port 0).
@@ -115,7 +112,7 @@ impl Server {
     /// Serves until `shutdown` resolves: stops accepting, lets running jobs finish (or hands them back),
     /// then returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = (self.stop_tx, self.stop_rx);
         let dispatcher = tokio::spawn(self.dispatcher.run(stop_rx.clone()));
         let ready = self.state.workers_ready.clone();
         let app = api::app(self.state);

@@ -16,9 +16,7 @@ pub struct ImageFiles {
 impl ImageFiles {
     /// Images live in `data_dir/images/`.
     pub fn new(data_dir: &Path) -> Self {
-        Self {
-            root: data_dir.to_path_buf(),
-        }
+        Self { root: data_dir.to_path_buf() }
     }
 
     /// The path, relative to `data_dir`, where image `index` of `job` is stored.
@@ -31,10 +29,7 @@ impl ImageFiles {
     pub fn write(&self, job: Uuid, index: u32, extension: &str, bytes: &[u8]) -> std::io::Result<String> {
         let relative = Self::relative_path(job, index, extension);
         let target = self.root.join(&relative);
-        let folder = target
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| self.root.clone());
+        let folder = target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
         fs::create_dir_all(&folder)?;
         let temporary = folder.join(format!(".{index}.{extension}.{}.tmp", Uuid::new_v4()));
         {

@@ -14,11 +14,7 @@ pub fn init(config: &TelemetryConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = if config.json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = if config.json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Every metric is named `denoised_…`.
@@ -28,9 +24,7 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         .get_or_init(|| {
             let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
             let builder = builder
-                .set_buckets(&[
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-                ])
+                .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0])
                 .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

@@ -18,10 +18,7 @@ async fn submit(
 ) -> (reqwest::StatusCode, Value, Option<String>) {
     let response = client.post(server.url("/v1/images")).json(&body).send().await.unwrap();
     let status = response.status();
-    let location = response
-        .headers()
-        .get("location")
-        .map(|v| v.to_str().unwrap().to_string());
+    let location = response.headers().get("location").map(|v| v.to_str().unwrap().to_string());
     (status, response.json().await.unwrap(), location)
 }
 
@@ -45,22 +42,15 @@ async fn a_prompt_comes_back_as_an_image_in_the_requested_size_and_format() {
     let server = TestServer::start("").await;
     let client = reqwest::Client::new();
 
-    let (status, accepted, location) = submit(
-        &client,
-        &server,
-        json!({"prompt": "a red circle", "steps": 4, "seed": 7}),
-    )
-    .await;
+    let (status, accepted, location) =
+        submit(&client, &server, json!({"prompt": "a red circle", "steps": 4, "seed": 7})).await;
     assert_eq!(status, 202);
     assert_eq!(accepted["status"], "queued");
     let id = accepted["id"].as_str().unwrap().to_string();
     assert_eq!(location.as_deref(), Some(format!("/v1/jobs/{id}").as_str()));
     assert_eq!(accepted["params"]["seed"], 7);
     assert_eq!(accepted["params"]["width"], 64, "default is the model's native size");
-    assert_eq!(
-        accepted["params"]["scheduler"], "pndm",
-        "default is the model's own scheduler"
-    );
+    assert_eq!(accepted["params"]["scheduler"], "pndm", "default is the model's own scheduler");
 
     let job = wait_for_job(&client, &server.url(&location.unwrap()), JOB_TIMEOUT).await;
     assert_eq!(job["status"], "succeeded", "{job}");
@@ -74,10 +64,9 @@ async fn a_prompt_comes_back_as_an_image_in_the_requested_size_and_format() {
     let picture = image::load_from_memory(&bytes).unwrap();
     assert_eq!((picture.width(), picture.height()), (64, 64));
 
-    for (format, mime, expected) in [
-        ("jpeg", "image/jpeg", image::ImageFormat::Jpeg),
-        ("webp", "image/webp", image::ImageFormat::WebP),
-    ] {
+    for (format, mime, expected) in
+        [("jpeg", "image/jpeg", image::ImageFormat::Jpeg), ("webp", "image/webp", image::ImageFormat::WebP)]
+    {
         let job = run_job(
             &client,
             &server,
@@ -97,35 +86,20 @@ async fn a_prompt_comes_back_as_an_image_in_the_requested_size_and_format() {
 async fn seeds_reproduce_images_alone_or_in_a_batch() {
     let server = TestServer::start("").await;
     let client = reqwest::Client::new();
-    let batch = run_job(
-        &client,
-        &server,
-        json!({"prompt": "a cat", "steps": 4, "seed": 100, "n": 2, "scheduler": "euler_a"}),
-    )
-    .await;
+    let batch =
+        run_job(&client, &server, json!({"prompt": "a cat", "steps": 4, "seed": 100, "n": 2, "scheduler": "euler_a"}))
+            .await;
     let images = batch["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     assert_eq!(images[1]["seed"], 101);
-    let second_alone = run_job(
-        &client,
-        &server,
-        json!({"prompt": "a cat", "steps": 4, "seed": 101, "scheduler": "euler_a"}),
-    )
-    .await;
+    let second_alone =
+        run_job(&client, &server, json!({"prompt": "a cat", "steps": 4, "seed": 101, "scheduler": "euler_a"})).await;
     let (_, a) = fetch_image(&client, &server, images[1]["url"].as_str().unwrap()).await;
     let (_, b) = fetch_image(&client, &server, second_alone["images"][0]["url"].as_str().unwrap()).await;
     let (_, first) = fetch_image(&client, &server, images[0]["url"].as_str().unwrap()).await;
     let decode = |bytes: &[u8]| image::load_from_memory(bytes).unwrap().to_rgb8().into_raw();
-    let max_diff = decode(&a)
-        .iter()
-        .zip(decode(&b))
-        .map(|(x, y)| x.abs_diff(y))
-        .max()
-        .unwrap();
-    assert!(
-        max_diff <= 2,
-        "image 1 of seed 100 differs from seed 101 alone by {max_diff}"
-    );
+    let max_diff = decode(&a).iter().zip(decode(&b)).map(|(x, y)| x.abs_diff(y)).max().unwrap();
+    assert!(max_diff <= 2, "image 1 of seed 100 differs from seed 101 alone by {max_diff}");
     assert_ne!(decode(&first), decode(&a), "two images of one job must differ");
     server.shutdown().await;
 }
@@ -167,20 +141,9 @@ async fn given_latents_reproduce_the_optimum_reference_through_http() {
 async fn every_scheduler_generates_through_the_api() {
     let server = TestServer::start("").await;
     let client = reqwest::Client::new();
-    let models: Value = client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let names: Vec<String> = models["data"][0]["schedulers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let models: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let names: Vec<String> =
+        models["data"][0]["schedulers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     for expected in [
         "ddim",
         "pndm",
@@ -198,22 +161,14 @@ async fn every_scheduler_generates_through_the_api() {
     }
     let mut submitted = Vec::new();
     for name in &names {
-        let (status, body, location) = submit(
-            &client,
-            &server,
-            json!({"prompt": "a green triangle", "steps": 4, "seed": 3, "scheduler": name}),
-        )
-        .await;
+        let (status, body, location) =
+            submit(&client, &server, json!({"prompt": "a green triangle", "steps": 4, "seed": 3, "scheduler": name}))
+                .await;
         assert_eq!(status, 202, "{name}: {body}");
         assert_eq!(body["params"]["scheduler"], name.as_str());
         submitted.push((name.clone(), location.unwrap()));
     }
-    let alias = run_job(
-        &client,
-        &server,
-        json!({"prompt": "x", "steps": 2, "scheduler": "DPM++ 2M Karras"}),
-    )
-    .await;
+    let alias = run_job(&client, &server, json!({"prompt": "x", "steps": 2, "scheduler": "DPM++ 2M Karras"})).await;
     assert_eq!(alias["params"]["scheduler"], "dpmpp_2m_karras");
     for (name, location) in submitted {
         let job = wait_for_job(&client, &server.url(&location), JOB_TIMEOUT).await;
@@ -228,16 +183,10 @@ async fn every_scheduler_generates_through_the_api() {
 
 async fn expect_error(response: reqwest::Response, status: u16, code: &str, field: Option<&str>) -> Value {
     assert_eq!(response.status().as_u16(), status);
-    assert!(response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/json"));
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     if let Some(field) = field {
         assert_eq!(body["error"]["field"], field, "{body}");
     }
@@ -268,10 +217,7 @@ async fn bad_requests_get_json_errors_naming_the_field() {
         (json!({"prompt": "x", "seed": -1}), "seed"),
         (json!({"prompt": "x", "colour": "red"}), "colour"),
         (json!({"prompt": "x", "latents": "%%%"}), "latents"),
-        (
-            json!({"prompt": "x", "latents": base64::engine::general_purpose::STANDARD.encode(b"not npy")}),
-            "latents",
-        ),
+        (json!({"prompt": "x", "latents": base64::engine::general_purpose::STANDARD.encode(b"not npy")}), "latents"),
         (
             json!({"prompt": "x", "latents": base64::engine::general_purpose::STANDARD.encode(&wrong_latents)}),
             "latents",
@@ -290,53 +236,17 @@ async fn bad_requests_get_json_errors_naming_the_field() {
         .await
         .unwrap();
     expect_error(malformed, 400, "malformed_json", None).await;
-    let not_json = client
-        .post(server.url("/v1/images"))
-        .header("content-type", "text/plain")
-        .body("hi")
-        .send()
-        .await
-        .unwrap();
+    let not_json =
+        client.post(server.url("/v1/images")).header("content-type", "text/plain").body("hi").send().await.unwrap();
     expect_error(not_json, 415, "unsupported_media_type", None).await;
-    expect_error(
-        client.get(server.url("/v1/nothing")).send().await.unwrap(),
-        404,
-        "not_found",
-        None,
-    )
-    .await;
-    expect_error(
-        client.delete(server.url("/v1/images")).send().await.unwrap(),
-        405,
-        "method_not_allowed",
-        None,
-    )
-    .await;
-    expect_error(
-        client.get(server.url("/v1/jobs/not-a-uuid")).send().await.unwrap(),
-        404,
-        "not_found",
-        None,
-    )
-    .await;
+    expect_error(client.get(server.url("/v1/nothing")).send().await.unwrap(), 404, "not_found", None).await;
+    expect_error(client.delete(server.url("/v1/images")).send().await.unwrap(), 405, "method_not_allowed", None).await;
+    expect_error(client.get(server.url("/v1/jobs/not-a-uuid")).send().await.unwrap(), 404, "not_found", None).await;
     let unknown = uuid::Uuid::now_v7();
+    expect_error(client.get(server.url(&format!("/v1/jobs/{unknown}"))).send().await.unwrap(), 404, "not_found", None)
+        .await;
     expect_error(
-        client
-            .get(server.url(&format!("/v1/jobs/{unknown}")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-        None,
-    )
-    .await;
-    expect_error(
-        client
-            .get(server.url(&format!("/v1/jobs/{unknown}/images/0")))
-            .send()
-            .await
-            .unwrap(),
+        client.get(server.url(&format!("/v1/jobs/{unknown}/images/0"))).send().await.unwrap(),
         404,
         "not_found",
         None,
@@ -353,17 +263,9 @@ async fn oversized_bodies_get_a_json_413() {
     let server = TestServer::start("").await;
     let client = reqwest::Client::new();
     let huge = "x".repeat(33 * 1024 * 1024);
-    let response = client
-        .post(server.url("/v1/images"))
-        .json(&json!({"prompt": huge}))
-        .send()
-        .await
-        .unwrap();
+    let response = client.post(server.url("/v1/images")).json(&json!({"prompt": huge})).send().await.unwrap();
     let body = expect_error(response, 413, "payload_too_large", None).await;
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("33554432"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("33554432"), "{body}");
     server.shutdown().await;
 }
 
@@ -371,25 +273,11 @@ async fn oversized_bodies_get_a_json_413() {
 async fn health_models_and_openapi() {
     let server = TestServer::start("").await;
     let client = reqwest::Client::new();
-    let health: Value = client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = client.get(server.url("/healthz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["status"], "ok");
     let ready = client.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    let models: Value = client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
     assert_eq!(models["object"], "list");
     let card = &models["data"][0];
     assert_eq!(card["id"], "tiny-sd");
@@ -397,40 +285,15 @@ async fn health_models_and_openapi() {
     assert_eq!(card["height"], 64);
     assert_eq!(card["default_scheduler"], "pndm");
     assert_eq!(card["capabilities"], json!(["text_to_image"]));
-    let spec: Value = client
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = client.get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert!(spec["paths"]["/v1/images"]["post"].is_object());
-    let schedulers: Value = client
-        .get(server.url("/v1/schedulers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let schedulers: Value = client.get(server.url("/v1/schedulers")).send().await.unwrap().json().await.unwrap();
     let list = schedulers["data"].as_array().unwrap();
     assert_eq!(list.len(), 11);
     let karras = list.iter().find(|s| s["id"] == "dpmpp_2m_karras").unwrap();
-    assert!(karras["aliases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|a| a == "DPM++ 2M Karras"));
+    assert!(karras["aliases"].as_array().unwrap().iter().any(|a| a == "DPM++ 2M Karras"));
     assert!(list.iter().all(|s| !s["description"].as_str().unwrap().is_empty()));
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("denoised_jobs{status=\"queued\"}"), "{metrics}");
     let docs = client.get(server.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);

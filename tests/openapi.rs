@@ -8,10 +8,7 @@ fn committed_spec_matches_the_code() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json");
     let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let generated = serde_json::to_value(denoised::api::openapi()).unwrap();
-    assert!(
-        committed == generated,
-        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`"
-    );
+    assert!(committed == generated, "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`");
 }
 
 #[test]
@@ -19,14 +16,7 @@ fn every_route_and_error_status_is_documented() {
     let spec = serde_json::to_value(denoised::api::openapi()).unwrap();
     assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
     let paths = spec["paths"].as_object().unwrap();
-    for route in [
-        "/v1/images",
-        "/v1/jobs/{id}",
-        "/v1/jobs/{id}/images/{index}",
-        "/v1/models",
-        "/healthz",
-        "/readyz",
-    ] {
+    for route in ["/v1/images", "/v1/jobs/{id}", "/v1/jobs/{id}/images/{index}", "/v1/models", "/healthz", "/readyz"] {
         assert!(paths.contains_key(route), "{route} missing from the spec");
     }
     let post = &spec["paths"]["/v1/images"]["post"]["responses"];

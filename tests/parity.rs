@@ -62,10 +62,7 @@ fn check_fixture(fixture: &str) {
         let reference = common::read_npy(&reference_dir.join(case["output_npy"].as_str().unwrap()));
         assert_eq!(images.len(), reference.shape()[0], "{fixture}/{name}: image count");
         let worst = max_difference(&images, &reference);
-        assert!(
-            worst <= TOLERANCE,
-            "{fixture}/{name}: max pixel difference {worst} > {TOLERANCE}"
-        );
+        assert!(worst <= TOLERANCE, "{fixture}/{name}: max pixel difference {worst} > {TOLERANCE}");
     }
 }
 
@@ -101,12 +98,8 @@ fn fp16_export_runs_and_tracks_fp32() {
     let full = text_to_image(&mut load("tiny-sd"), &request, &mut NoObserver).unwrap();
     let half = text_to_image(&mut load("tiny-sd-fp16"), &request, &mut NoObserver).unwrap();
     assert_eq!(half[0].dimensions(), (64, 64));
-    let diffs: Vec<f32> = full[0]
-        .as_raw()
-        .iter()
-        .zip(half[0].as_raw())
-        .map(|(a, b)| (*a as f32 - *b as f32).abs() / 255.0)
-        .collect();
+    let diffs: Vec<f32> =
+        full[0].as_raw().iter().zip(half[0].as_raw()).map(|(a, b)| (*a as f32 - *b as f32).abs() / 255.0).collect();
     let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
     let max = diffs.iter().cloned().fold(0.0, f32::max);
     eprintln!("fp16 vs fp32: mean {mean}, max {max}");

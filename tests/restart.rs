@@ -37,13 +37,8 @@ fn start(config: &Path) -> Binary {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server did not report its address");
-    Binary {
-        child,
-        base: format!("http://{addr}"),
-    }
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+    Binary { child, base: format!("http://{addr}") }
 }
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
@@ -53,14 +48,7 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
 }
 
 async fn job(client: &reqwest::Client, base: &str, id: &str) -> Value {
-    client
-        .get(format!("{base}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    client.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,15 +109,9 @@ async fn jobs_accepted_before_kill_9_run_after_restart() {
         }
     }
     let first = job(&client, &server.base, &ids[0]).await;
-    assert!(
-        first["attempts"].as_u64().unwrap() >= 2,
-        "the killed job must have been re-run: {first}"
-    );
+    assert!(first["attempts"].as_u64().unwrap() >= 2, "the killed job must have been re-run: {first}");
     // No stray temporary files: every image was renamed into place.
-    let leftovers = walk(&dir.path().join("images"))
-        .into_iter()
-        .filter(|p| p.ends_with(".tmp"))
-        .count();
+    let leftovers = walk(&dir.path().join("images")).into_iter().filter(|p| p.ends_with(".tmp")).count();
     assert_eq!(leftovers, 0);
     terminate(server);
 }
@@ -146,10 +128,7 @@ async fn sigterm_finishes_running_work_and_exits_zero() {
         .send()
         .await
         .unwrap();
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     while job(&client, &server.base, &id).await["status"] == "queued" {
         assert!(Instant::now() < deadline);
@@ -164,10 +143,7 @@ async fn sigterm_finishes_running_work_and_exits_zero() {
 }
 
 fn terminate(mut server: Binary) {
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -51,11 +51,7 @@ fn tensor(v: &Value) -> ArrayD<f32> {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("list")
-        .iter()
-        .map(|x| x.as_f64().expect("number"))
-        .collect()
+    v.as_array().expect("list").iter().map(|x| x.as_f64().expect("number")).collect()
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -71,40 +67,29 @@ struct Report {
 impl Report {
     fn scalars(&mut self, what: &str, ours: &[f64], theirs: &[f64]) {
         if ours.len() != theirs.len() {
-            self.failures
-                .push(format!("{what}: length {} vs recorded {}", ours.len(), theirs.len()));
+            self.failures.push(format!("{what}: length {} vs recorded {}", ours.len(), theirs.len()));
             return;
         }
         if let Some(i) = (0..ours.len()).find(|&i| !close(ours[i], theirs[i])) {
-            self.failures
-                .push(format!("{what}[{i}]: ours {} vs recorded {}", ours[i], theirs[i]));
+            self.failures.push(format!("{what}[{i}]: ours {} vs recorded {}", ours[i], theirs[i]));
         }
     }
 
     fn array(&mut self, what: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>) {
         if ours.shape() != theirs.shape() {
-            self.failures.push(format!(
-                "{what}: shape {:?} vs recorded {:?}",
-                ours.shape(),
-                theirs.shape()
-            ));
+            self.failures.push(format!("{what}: shape {:?} vs recorded {:?}", ours.shape(), theirs.shape()));
             return;
         }
-        let worst = ours
-            .iter()
-            .zip(theirs.iter())
-            .enumerate()
-            .filter(|(_, (&a, &b))| !close(a as f64, b as f64))
-            .max_by(|x, y| {
-                let dx = (x.1 .0 - x.1 .1).abs();
-                let dy = (y.1 .0 - y.1 .1).abs();
-                dx.total_cmp(&dy)
-            });
+        let worst =
+            ours.iter().zip(theirs.iter()).enumerate().filter(|(_, (&a, &b))| !close(a as f64, b as f64)).max_by(
+                |x, y| {
+                    let dx = (x.1 .0 - x.1 .1).abs();
+                    let dy = (y.1 .0 - y.1 .1).abs();
+                    dx.total_cmp(&dy)
+                },
+            );
         if let Some((i, (a, b))) = worst {
-            self.failures.push(format!(
-                "{what}: element {i}: ours {a} vs recorded {b} (|diff| {})",
-                (a - b).abs()
-            ));
+            self.failures.push(format!("{what}: element {i}: ours {a} vs recorded {b} (|diff| {})", (a - b).abs()));
         }
     }
 }
@@ -172,20 +157,12 @@ fn check_file(file: &str, report: &mut Report) {
     }
     let init = g["init_noise_sigma"].as_f64().expect("init_noise_sigma");
     report.scalars(&format!("{file}: init_noise_sigma"), &[s.init_noise_sigma()], &[init]);
-    report.scalars(
-        &format!("{file}: order"),
-        &[s.order() as f64],
-        &[g["order"].as_f64().expect("order")],
-    );
+    report.scalars(&format!("{file}: order"), &[s.order() as f64], &[g["order"].as_f64().expect("order")]);
 
     let mut sample = tensor(&g["initial_noise"]).mapv(|v| v * s.init_noise_sigma() as f32);
     let steps = g["steps"].as_array().expect("steps");
     if steps.len() != s.timesteps().len() {
-        report.failures.push(format!(
-            "{file}: {} recorded calls vs {} timesteps",
-            steps.len(),
-            s.timesteps().len()
-        ));
+        report.failures.push(format!("{file}: {} recorded calls vs {} timesteps", steps.len(), s.timesteps().len()));
         return;
     }
     for (call, rec) in steps.iter().enumerate() {
@@ -196,23 +173,14 @@ fn check_file(file: &str, report: &mut Report) {
         report.array(&at("model_input"), &input, &tensor(&rec["model_input"]));
         let output = unet_stand_in(&input, t);
         report.array(&at("model_output"), &output, &tensor(&rec["model_output"]));
-        let draws = rec
-            .get("noise")
-            .and_then(Value::as_array)
-            .map(|d| d.iter().map(tensor).collect());
-        let mut replay = Replay {
-            draws: draws.unwrap_or_default(),
-            error: None,
-        };
+        let draws = rec.get("noise").and_then(Value::as_array).map(|d| d.iter().map(tensor).collect());
+        let mut replay = Replay { draws: draws.unwrap_or_default(), error: None };
         let out = s.step(output.view(), call, sample.view(), &mut replay);
         if let Some(e) = replay.error {
             report.failures.push(at(&format!("noise: {e}")));
         }
         if !replay.draws.is_empty() {
-            report.failures.push(at(&format!(
-                "noise: {} recorded draws not consumed",
-                replay.draws.len()
-            )));
+            report.failures.push(at(&format!("noise: {} recorded draws not consumed", replay.draws.len())));
         }
         report.array(&at("prev_sample"), &out.prev_sample, &tensor(&rec["prev_sample"]));
         for key in ["pred_original_sample", "denoised"] {
@@ -237,11 +205,7 @@ fn check_file(file: &str, report: &mut Report) {
                 continue;
             }
         };
-        report.scalars(
-            &at("timesteps"),
-            &fresh.timesteps()[start..],
-            &floats(&entry["timesteps"]),
-        );
+        report.scalars(&at("timesteps"), &fresh.timesteps()[start..], &floats(&entry["timesteps"]));
         let noised = fresh.add_noise(tensor(&entry["original"]).view(), tensor(&entry["noise"]).view(), start);
         report.array(&at("noised"), &noised, &tensor(&entry["noised"]));
     }

@@ -9,12 +9,7 @@ use denoised::engine::tokenizer::ClipTokenizer;
 use serde_json::Value;
 
 fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -36,11 +31,5 @@ fn matches_python_clip_tokenizer_on_every_case() {
             failures.push(format!("{prompt:?}\n  expected {expected:?}\n  actual   {actual:?}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }

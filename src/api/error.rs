@@ -72,10 +72,7 @@ pub enum ApiError {
 impl ApiError {
     /// A field error.
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::InvalidField {
-            field: field.into(),
-            message: message.into(),
-        }
+        ApiError::InvalidField { field: field.into(), message: message.into() }
     }
 
     /// An internal error with a detail for the log.
@@ -123,13 +120,7 @@ impl IntoResponse for ApiError {
             ApiError::InvalidField { field, .. } => Some(field.clone()),
             _ => None,
         };
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code().into(),
-                message: self.to_string(),
-                field,
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string(), field } };
         (self.status(), Json(body)).into_response()
     }
 }
@@ -210,10 +201,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 serde_json::error::Category::Data => {
                     let message = strip_position(&inner.to_string());
                     let field = field_from(&path, &message);
-                    Err(ApiError::InvalidField {
-                        message: format!("{field}: {message}"),
-                        field,
-                    })
+                    Err(ApiError::InvalidField { message: format!("{field}: {message}"), field })
                 }
             }
         }
@@ -285,10 +273,7 @@ mod tests {
             field_of(r#"{"prompt": "x", "steps": -1}"#),
             (StatusCode::UNPROCESSABLE_ENTITY, Some("steps".into()))
         );
-        assert_eq!(
-            field_of(r#"{"steps": 3}"#),
-            (StatusCode::UNPROCESSABLE_ENTITY, Some("prompt".into()))
-        );
+        assert_eq!(field_of(r#"{"steps": 3}"#), (StatusCode::UNPROCESSABLE_ENTITY, Some("prompt".into())));
         assert_eq!(
             field_of(r#"{"prompt": "x", "colour": 1}"#),
             (StatusCode::UNPROCESSABLE_ENTITY, Some("colour".into()))

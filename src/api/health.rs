@@ -35,14 +35,8 @@ pub async fn healthz() -> AppJson<Health> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<AppJson<Health>, ApiError> {
     if !state.workers_ready.load(Ordering::SeqCst) {
-        return Err(ApiError::Unavailable(
-            "workers are not ready (models loading or shutting down)".into(),
-        ));
+        return Err(ApiError::Unavailable("workers are not ready (models loading or shutting down)".into()));
     }
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
+    state.store.ping().await.map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
     Ok(AppJson(Health { status: "ready" }))
 }

@@ -12,9 +12,11 @@ use super::error::{ApiError, AppJson, ErrorBody};
 use super::jobs::{job_response, JobResponse};
 use super::AppState;
 use crate::engine::image::OutputFormat;
+use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::SchedulerKind;
 use crate::jobs::params::{GenerateParams, KIND_GENERATE};
 use crate::jobs::NewJob;
+use crate::worker::events::EventKind;
 
 /// Default denoising steps when a request names none.
 pub const DEFAULT_STEPS: u32 = 20;
@@ -39,6 +41,25 @@ impl From<ImageFormat> for OutputFormat {
             ImageFormat::Png => OutputFormat::Png,
             ImageFormat::Jpeg => OutputFormat::Jpeg,
             ImageFormat::Webp => OutputFormat::Webp,
+        }
+    }
+}
+
+/// How step previews are rendered (the API's name for the engine's [`PreviewMode`]).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewKind {
+    /// The model's cheap approximate decoder.
+    Approx,
+    /// The full VAE decoder.
+    Vae,
+}
+
+impl From<PreviewKind> for PreviewMode {
+    fn from(k: PreviewKind) -> Self {
+        match k {
+            PreviewKind::Approx => PreviewMode::Approx,
+            PreviewKind::Vae => PreviewMode::Vae,
         }
     }
 }
@@ -90,6 +111,14 @@ pub struct GenerateImageRequest {
     /// `png` (default), `jpeg` or `webp`.
     #[serde(default)]
     pub output_format: Option<ImageFormat>,
+    /// Denoiser calls between step previews sent to event followers; 0 = none. Default: a tenth of the
+    /// steps, rounded up. Previews are only rendered while someone follows the job.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 150)]
+    pub preview_every: Option<u32>,
+    /// `approx` (default: the model's cheap preview decoder) or `vae` (full VAE decode, slower, exact).
+    #[serde(default)]
+    pub preview: Option<PreviewKind>,
     /// Base64 `.npy` float32 array `[n, 4, height/8, width/8]` of unit-Gaussian noise to start from instead
     /// of seeded noise; the server scales it by the scheduler's initial sigma, as diffusers' `latents=` does.
     #[serde(default)]
@@ -129,10 +158,17 @@ pub async fn create_image_job(
         })
         .await?;
     state.wake.notify_one();
+    let position = state.store.queue_position(job.id).await?.unwrap_or(0);
+    let eta_ms = state.progress.queued_eta_ms(steps_of(&job), position, state.workers);
+    state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
     metrics::counter!("denoised_jobs_submitted_total").increment(1);
     let location = format!("/v1/jobs/{}", job.id);
     let body = job_response(&state, job, Vec::new()).await?;
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], AppJson(body)).into_response())
+}
+
+fn steps_of(job: &crate::jobs::Job) -> u32 {
+    job.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32
 }
 
 /// Checks every field against the model and the configured limits, resolving every default.
@@ -142,10 +178,7 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
         return Err(ApiError::field("prompt", "prompt must not be empty"));
     }
     if request.prompt.chars().count() > limits.max_prompt_chars {
-        return Err(ApiError::field(
-            "prompt",
-            format!("prompt is longer than {} characters", limits.max_prompt_chars),
-        ));
+        return Err(ApiError::field("prompt", format!("prompt is longer than {} characters", limits.max_prompt_chars)));
     }
     let negative_prompt = request.negative_prompt.unwrap_or_default();
     if negative_prompt.chars().count() > limits.max_prompt_chars {
@@ -156,15 +189,9 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
     }
     let served = match &request.model {
         Some(name) => state.models.get(name).ok_or_else(|| {
-            ApiError::field(
-                "model",
-                format!("unknown model `{name}`; available: {}", state.models.names()),
-            )
+            ApiError::field("model", format!("unknown model `{name}`; available: {}", state.models.names()))
         })?,
-        None => state
-            .models
-            .default_model()
-            .ok_or_else(|| ApiError::internal("no model configured"))?,
+        None => state.models.default_model().ok_or_else(|| ApiError::internal("no model configured"))?,
     };
     let info = &served.info;
     let factor = info.vae_scale_factor;
@@ -173,16 +200,10 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
         let v = value.unwrap_or(info.native_size);
         let min = multiple.max(64);
         if v < min || v > limits.max_side {
-            return Err(ApiError::field(
-                name,
-                format!("{name} must be between {min} and {} pixels", limits.max_side),
-            ));
+            return Err(ApiError::field(name, format!("{name} must be between {min} and {} pixels", limits.max_side)));
         }
         if v % multiple != 0 {
-            return Err(ApiError::field(
-                name,
-                format!("{name} must be a multiple of {multiple} for this model"),
-            ));
+            return Err(ApiError::field(name, format!("{name} must be a multiple of {multiple} for this model")));
         }
         Ok(v)
     };
@@ -190,63 +211,45 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
     let height = side("height", request.height)?;
     let steps = request.steps.unwrap_or(DEFAULT_STEPS);
     if steps == 0 || steps > limits.max_steps {
-        return Err(ApiError::field(
-            "steps",
-            format!("steps must be between 1 and {}", limits.max_steps),
-        ));
+        return Err(ApiError::field("steps", format!("steps must be between 1 and {}", limits.max_steps)));
     }
     let guidance_scale = request.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
     if !guidance_scale.is_finite() || !(0.0..=50.0).contains(&guidance_scale) {
-        return Err(ApiError::field(
-            "guidance_scale",
-            "guidance_scale must be between 0 and 50",
-        ));
+        return Err(ApiError::field("guidance_scale", "guidance_scale must be between 0 and 50"));
     }
     let guidance_rescale = request.guidance_rescale.unwrap_or(0.0);
     if !guidance_rescale.is_finite() || !(0.0..=1.0).contains(&guidance_rescale) {
-        return Err(ApiError::field(
-            "guidance_rescale",
-            "guidance_rescale must be between 0 and 1",
-        ));
+        return Err(ApiError::field("guidance_rescale", "guidance_rescale must be between 0 and 1"));
     }
     let scheduler = match request.scheduler.as_deref().map(str::trim) {
         None | Some("") | Some("default") => info.default_scheduler,
         Some(name) => SchedulerKind::from_request_name(name).ok_or_else(|| {
-            ApiError::field(
-                "scheduler",
-                format!("unknown scheduler `{name}`; see GET /v1/schedulers for the names"),
-            )
+            ApiError::field("scheduler", format!("unknown scheduler `{name}`; see GET /v1/schedulers for the names"))
         })?,
     };
     // Building the schedule now turns a step count or config value the scheduler cannot take into a 422
     // instead of a job that fails later.
     crate::engine::scheduler::build(scheduler, &info.scheduler_config, steps as usize).map_err(|e| match e {
         crate::engine::scheduler::SchedulerError::InvalidSteps { .. } => ApiError::field("steps", e.to_string()),
-        other => ApiError::field(
-            "scheduler",
-            format!("{} cannot run this model: {other}", scheduler.name()),
-        ),
+        other => ApiError::field("scheduler", format!("{} cannot run this model: {other}", scheduler.name())),
     })?;
     let n = request.n.unwrap_or(1);
     if n == 0 || n > limits.max_images {
-        return Err(ApiError::field(
-            "n",
-            format!("n must be between 1 and {}", limits.max_images),
-        ));
+        return Err(ApiError::field("n", format!("n must be between 1 and {}", limits.max_images)));
     }
     let latents = match request.latents {
         None => None,
         Some(encoded) => {
-            let expected = [
-                n as usize,
-                info.latent_channels as usize,
-                (height / factor) as usize,
-                (width / factor) as usize,
-            ];
+            let expected =
+                [n as usize, info.latent_channels as usize, (height / factor) as usize, (width / factor) as usize];
             check_latents(&encoded, &expected)?;
             Some(encoded)
         }
     };
+    let preview_every = request.preview_every.unwrap_or_else(|| steps.div_ceil(10));
+    if preview_every > steps {
+        return Err(ApiError::field("preview_every", format!("preview_every must be between 0 and steps ({steps})")));
+    }
     let seed = request.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let params = GenerateParams {
         prompt: request.prompt,
@@ -260,6 +263,8 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
         seed,
         n,
         output_format: request.output_format.map(OutputFormat::from).unwrap_or_default(),
+        preview_every,
+        preview: request.preview.map(PreviewMode::from).unwrap_or_default(),
         latents,
     };
     Ok((served.name.clone(), params))

@@ -12,7 +12,8 @@ use super::AppState;
 use crate::engine::image::OutputFormat;
 use crate::jobs::time::rfc3339_from_millis;
 use crate::jobs::{ImageRecord, Job, JobStatus};
-use crate::worker::progress::Progress;
+use crate::worker::events::EventKind;
+use crate::worker::progress::{Progress, StopReason};
 
 /// A job as clients see it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -85,23 +86,21 @@ fn parse_id(text: &str) -> Result<Uuid, ApiError> {
 /// Builds the client view of `job`.
 pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) -> Result<JobResponse, ApiError> {
     let total_steps = job.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32;
-    let progress = match job.status {
-        JobStatus::Running => state.progress.get(job.id).unwrap_or(Progress {
-            step: 0,
-            total: total_steps,
-        }),
-        JobStatus::Succeeded => Progress {
-            step: total_steps,
-            total: total_steps,
-        },
-        _ => Progress {
-            step: 0,
-            total: total_steps,
-        },
-    };
     let queue_position = match job.status {
         JobStatus::Queued => state.store.queue_position(job.id).await?,
         _ => None,
+    };
+    let progress = match job.status {
+        JobStatus::Running => {
+            state.progress.get(job.id).unwrap_or(Progress { step: 0, total: total_steps, eta_ms: None })
+        }
+        JobStatus::Succeeded => Progress { step: total_steps, total: total_steps, eta_ms: Some(0) },
+        JobStatus::Queued => Progress {
+            step: 0,
+            total: total_steps,
+            eta_ms: state.progress.queued_eta_ms(total_steps, queue_position.unwrap_or(0), state.workers),
+        },
+        _ => Progress { step: 0, total: total_steps, eta_ms: None },
     };
     let mut params = job.params.clone();
     if let Some(map) = params.as_object_mut() {
@@ -109,10 +108,7 @@ pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) 
         map.insert("has_latents".into(), serde_json::Value::Bool(had));
     }
     let error = match (&job.error_code, &job.error_message) {
-        (Some(code), message) => Some(JobError {
-            code: code.clone(),
-            message: message.clone().unwrap_or_default(),
-        }),
+        (Some(code), message) => Some(JobError { code: code.clone(), message: message.clone().unwrap_or_default() }),
         _ => None,
     };
     Ok(JobResponse {
@@ -156,16 +152,8 @@ pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) 
 )]
 pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<AppJson<JobResponse>, ApiError> {
     let id = parse_id(&id)?;
-    let job = state
-        .store
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
-    let images = if job.status == JobStatus::Succeeded {
-        state.store.images(id).await?
-    } else {
-        Vec::new()
-    };
+    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let images = if job.status == JobStatus::Succeeded { state.store.images(id).await? } else { Vec::new() };
     Ok(AppJson(job_response(&state, job, images).await?))
 }
 
@@ -191,14 +179,8 @@ pub async fn get_image(
     Path((id, index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let index: u32 = index
-        .parse()
-        .map_err(|_| ApiError::NotFound(format!("no image `{index}`")))?;
-    let job = state
-        .store
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let index: u32 = index.parse().map_err(|_| ApiError::NotFound(format!("no image `{index}`")))?;
+    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
     if job.status != JobStatus::Succeeded {
         return Err(ApiError::Conflict(format!(
             "job `{id}` is {}; images exist once it has succeeded",
@@ -210,24 +192,161 @@ pub async fn get_image(
         .image(id, index)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job `{id}` has no image {index}")))?;
-    let path = state
-        .files
-        .resolve(&record.path)
-        .ok_or_else(|| ApiError::internal("stored image path is unsafe"))?;
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let path = state.files.resolve(&record.path).ok_or_else(|| ApiError::internal("stored image path is unsafe"))?;
+    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
     let mime = OutputFormat::parse(&record.format).map_or("application/octet-stream", OutputFormat::mime);
     Ok((
         [
             (header::CONTENT_TYPE, mime.to_string()),
             (header::ETAG, format!("\"{}\"", record.sha256)),
-            (
-                header::CACHE_CONTROL,
-                "private, max-age=31536000, immutable".to_string(),
-            ),
+            (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
         ],
         bytes,
     )
         .into_response())
+}
+
+/// Query of `GET /v1/jobs`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only jobs in this status (`queued`, `running`, `succeeded`, `failed`, `cancelled`).
+    pub status: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1–100 (default 20).
+    pub limit: Option<u32>,
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// The jobs.
+    pub data: Vec<JobResponse>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// List jobs, newest first, optionally by status, with cursor pagination.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 422, description = "Bad status, cursor or limit", body = ErrorBody),
+    )
+)]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<AppJson<JobList>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::field("query", e.body_text()))?;
+    let status = match query.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<JobStatus>().map_err(|_| {
+            ApiError::field(
+                "status",
+                format!("unknown status `{s}`; one of queued, running, succeeded, failed, cancelled"),
+            )
+        })?),
+    };
+    let cursor = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => {
+            Some(Uuid::parse_str(c).map_err(|_| ApiError::field("cursor", "cursor is not one this server issued"))?)
+        }
+    };
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::field("limit", "limit must be between 1 and 100"));
+    }
+    let jobs = state.store.list(status, cursor, limit + 1).await?;
+    let more = jobs.len() > limit as usize;
+    let mut data = Vec::with_capacity(limit as usize);
+    for job in jobs.into_iter().take(limit as usize) {
+        let images = if job.status == JobStatus::Succeeded { state.store.images(job.id).await? } else { Vec::new() };
+        data.push(job_response(&state, job, images).await?);
+    }
+    let next_cursor = if more { data.last().map(|j| j.id.to_string()) } else { None };
+    Ok(AppJson(JobList { object: "list", data, next_cursor }))
+}
+
+/// Cancel a job: a queued job at once, a running one at its next step boundary.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled (it was queued)", body = JobResponse),
+        (status = 202, description = "Cancellation requested; the running job stops at its next step", body = JobResponse),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has already ended, or runs in another server process", body = ErrorBody),
+    )
+)]
+pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let status = match job.status {
+        JobStatus::Queued if state.store.cancel_queued(id).await? => {
+            state.bus.publish(id, EventKind::Cancelled);
+            axum::http::StatusCode::OK
+        }
+        JobStatus::Queued | JobStatus::Running => {
+            if state.progress.stop(id, StopReason::Client) {
+                axum::http::StatusCode::ACCEPTED
+            } else {
+                // Claimed between our read and the cancel, or running in another process.
+                let now = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+                if now.status == JobStatus::Running && state.progress.stop(id, StopReason::Client) {
+                    axum::http::StatusCode::ACCEPTED
+                } else if now.status.is_terminal() {
+                    return Err(ApiError::Conflict(format!("job `{id}` has already ended ({})", now.status.as_str())));
+                } else {
+                    return Err(ApiError::Conflict(format!("job `{id}` runs in another server process")));
+                }
+            }
+        }
+        other => return Err(ApiError::Conflict(format!("job `{id}` has already ended ({})", other.as_str()))),
+    };
+    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let body = job_response(&state, job, Vec::new()).await?;
+    Ok((status, AppJson(body)).into_response())
+}
+
+/// Delete a job and its images, cancelling it first if it is queued or running.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
+pub async fn delete_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    if job.status == JobStatus::Running {
+        state.progress.stop(id, StopReason::Client);
+    }
+    if !state.store.delete(id).await? {
+        return Err(ApiError::NotFound(format!("no job `{id}`")));
+    }
+    if !job.status.is_terminal() {
+        state.bus.publish(id, EventKind::Cancelled);
+    }
+    state.bus.forget(id);
+    let files = state.files.clone();
+    tokio::task::spawn_blocking(move || files.remove_job(id))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::internal(format!("removing images of {id}: {e}")))?;
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }

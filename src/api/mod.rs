@@ -2,6 +2,7 @@
 //! it never runs a model.
 
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod images;
 pub mod jobs;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
 use axum::{Extension, Router};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -26,6 +27,7 @@ use crate::config::{LimitsConfig, QueueConfig};
 use crate::jobs::JobStore;
 use crate::models::ModelRegistry;
 use crate::storage::ImageFiles;
+use crate::worker::events::EventBus;
 use crate::worker::progress::ProgressBoard;
 use error::{ApiError, BodyLimit};
 
@@ -38,6 +40,12 @@ pub struct AppState {
     pub models: Arc<ModelRegistry>,
     /// Live progress of running jobs.
     pub progress: ProgressBoard,
+    /// Events for followers of jobs.
+    pub bus: EventBus,
+    /// Number of worker threads (for wait estimates).
+    pub workers: usize,
+    /// Turns true when the server shuts down; open event streams end then.
+    pub shutdown: watch::Receiver<bool>,
     /// Stored image files.
     pub files: ImageFiles,
     /// Wakes the dispatcher when a job is submitted.
@@ -71,7 +79,11 @@ struct ApiDoc;
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(images::create_image_job))
-        .routes(routes!(jobs::get_job))
+        .routes(routes!(jobs::list_jobs))
+        .routes(routes!(jobs::get_job, jobs::delete_job))
+        .routes(routes!(jobs::cancel_job))
+        .routes(routes!(events::job_events))
+        .routes(routes!(events::all_events))
         .routes(routes!(jobs::get_image))
         .routes(routes!(models::list_models))
         .routes(routes!(schedulers::list_schedulers))

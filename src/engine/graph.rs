@@ -99,11 +99,7 @@ fn specs(outlets: &[ort::value::Outlet]) -> Vec<IoSpec> {
         .map(|o| IoSpec {
             name: o.name().to_string(),
             element: o.dtype().tensor_type().map_or(Element::Unsupported, Element::from_ort),
-            shape: o
-                .dtype()
-                .tensor_shape()
-                .map(|s| s.iter().copied().collect())
-                .unwrap_or_default(),
+            shape: o.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default(),
         })
         .collect()
 }
@@ -112,20 +108,12 @@ impl Graph {
     /// Opens `path` with `factory` and records its I/O; `name` labels errors (`unet`, `text_encoder`, …).
     pub fn open(factory: &SessionFactory, path: &Path, name: &'static str) -> Result<Self, EngineError> {
         if !path.is_file() {
-            return Err(EngineError::Model {
-                path: path.to_path_buf(),
-                message: "file not found".into(),
-            });
+            return Err(EngineError::Model { path: path.to_path_buf(), message: "file not found".into() });
         }
         let session = factory.open(path)?;
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
-        Ok(Self {
-            name,
-            session,
-            inputs,
-            outputs,
-        })
+        Ok(Self { name, session, inputs, outputs })
     }
 
     /// The graph's label.
@@ -160,9 +148,7 @@ impl Graph {
         let fail = |message: String| EngineError::Inference { graph, message };
         let mut values: Vec<(Cow<'static, str>, SessionInputValue<'static>)> = Vec::with_capacity(feeds.len());
         for (name, feed) in feeds {
-            let spec = self
-                .input(name)
-                .ok_or_else(|| fail(format!("the graph has no input `{name}`")))?;
+            let spec = self.input(name).ok_or_else(|| fail(format!("the graph has no input `{name}`")))?;
             let value = to_value(spec, feed).map_err(|e| fail(format!("input `{name}`: {e}")))?;
             values.push((Cow::Owned(name.to_string()), value));
         }
@@ -180,26 +166,24 @@ impl Graph {
 fn to_value(spec: &IoSpec, feed: Feed) -> Result<SessionInputValue<'static>, String> {
     let value: DynValue = match (spec.element, feed) {
         (Element::F32, Feed::Float(a)) => Tensor::from_array(a).map_err(|e| e.to_string())?.into_dyn(),
-        (Element::F16, Feed::Float(a)) => Tensor::from_array(a.mapv(f16::from_f32))
-            .map_err(|e| e.to_string())?
-            .into_dyn(),
-        (Element::I64, Feed::Float(a)) => Tensor::from_array(a.mapv(|v| v.round() as i64))
-            .map_err(|e| e.to_string())?
-            .into_dyn(),
-        (Element::I32, Feed::Float(a)) => Tensor::from_array(a.mapv(|v| v.round() as i32))
-            .map_err(|e| e.to_string())?
-            .into_dyn(),
+        (Element::F16, Feed::Float(a)) => {
+            Tensor::from_array(a.mapv(f16::from_f32)).map_err(|e| e.to_string())?.into_dyn()
+        }
+        (Element::I64, Feed::Float(a)) => {
+            Tensor::from_array(a.mapv(|v| v.round() as i64)).map_err(|e| e.to_string())?.into_dyn()
+        }
+        (Element::I32, Feed::Float(a)) => {
+            Tensor::from_array(a.mapv(|v| v.round() as i32)).map_err(|e| e.to_string())?.into_dyn()
+        }
         (Element::I64, Feed::Int(a)) => Tensor::from_array(a).map_err(|e| e.to_string())?.into_dyn(),
         (Element::I32, Feed::Int(a)) => {
             let narrowed = a.mapv(|v| i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX }));
             Tensor::from_array(narrowed).map_err(|e| e.to_string())?.into_dyn()
         }
-        (Element::F32, Feed::Int(a)) => Tensor::from_array(a.mapv(|v| v as f32))
-            .map_err(|e| e.to_string())?
-            .into_dyn(),
-        (Element::F16, Feed::Int(a)) => Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32)))
-            .map_err(|e| e.to_string())?
-            .into_dyn(),
+        (Element::F32, Feed::Int(a)) => Tensor::from_array(a.mapv(|v| v as f32)).map_err(|e| e.to_string())?.into_dyn(),
+        (Element::F16, Feed::Int(a)) => {
+            Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32))).map_err(|e| e.to_string())?.into_dyn()
+        }
         (Element::Unsupported, _) => return Err("unsupported element type".into()),
     };
     Ok(SessionInputValue::Owned(value))
@@ -208,15 +192,12 @@ fn to_value(spec: &IoSpec, feed: Feed) -> Result<SessionInputValue<'static>, Str
 fn to_f32(value: &ort::value::DynValueRef<'_>) -> Result<Option<ArrayD<f32>>, String> {
     let ty = value.dtype().tensor_type();
     match ty {
-        Some(TensorElementType::Float32) => Ok(Some(
-            value.try_extract_array::<f32>().map_err(|e| e.to_string())?.to_owned(),
-        )),
-        Some(TensorElementType::Float16) => Ok(Some(
-            value
-                .try_extract_array::<f16>()
-                .map_err(|e| e.to_string())?
-                .mapv(f16::to_f32),
-        )),
+        Some(TensorElementType::Float32) => {
+            Ok(Some(value.try_extract_array::<f32>().map_err(|e| e.to_string())?.to_owned()))
+        }
+        Some(TensorElementType::Float16) => {
+            Ok(Some(value.try_extract_array::<f16>().map_err(|e| e.to_string())?.mapv(f16::to_f32)))
+        }
         _ => Ok(None),
     }
 }

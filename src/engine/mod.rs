@@ -7,6 +7,7 @@ pub mod image;
 pub mod model;
 pub mod npy;
 pub mod pipeline;
+pub mod preview;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;

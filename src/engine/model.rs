@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::error::EngineError;
 use super::graph::{Element, Graph};
+use super::preview::ApproxDecoder;
 use super::runtime::SessionFactory;
 use super::scheduler::{SchedulerConfig, SchedulerKind};
 use super::tokenizer::ClipTokenizer;
@@ -51,14 +52,9 @@ pub struct ModelInfo {
 const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "ORTStableDiffusionPipeline"];
 
 fn read_json(path: &Path) -> Result<Value, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| EngineError::Model {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Model {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Model { path: path.to_path_buf(), message: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Model { path: path.to_path_buf(), message: e.to_string() })
 }
 
 fn read_optional_json(path: &Path) -> Result<Option<Value>, EngineError> {
@@ -76,19 +72,12 @@ fn number(config: &Option<Value>, key: &str) -> Option<f64> {
 impl ModelInfo {
     /// Reads `model_index.json`, the scheduler config and the component configs of an export folder.
     pub fn read(path: &Path) -> Result<Self, EngineError> {
-        let model_err = |message: String| EngineError::Model {
-            path: path.to_path_buf(),
-            message,
-        };
+        let model_err = |message: String| EngineError::Model { path: path.to_path_buf(), message };
         if !path.is_dir() {
             return Err(model_err("folder not found".into()));
         }
         let index = read_json(&path.join("model_index.json"))?;
-        let pipeline_class = index
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let pipeline_class = index.get("_class_name").and_then(Value::as_str).unwrap_or_default().to_string();
         if !SUPPORTED_PIPELINES.contains(&pipeline_class.as_str()) {
             return Err(model_err(format!(
                 "pipeline `{pipeline_class}` is not supported (supported: {})",
@@ -97,39 +86,28 @@ impl ModelInfo {
         }
         let scheduler_path = path.join("scheduler").join("scheduler_config.json");
         let scheduler_json = read_json(&scheduler_path)?;
-        let scheduler_config: SchedulerConfig =
-            serde_json::from_value(scheduler_json).map_err(|e| EngineError::Model {
-                path: scheduler_path.clone(),
-                message: e.to_string(),
-            })?;
+        let scheduler_config: SchedulerConfig = serde_json::from_value(scheduler_json)
+            .map_err(|e| EngineError::Model { path: scheduler_path.clone(), message: e.to_string() })?;
         let class = scheduler_config.class_name.clone().unwrap_or_default();
         let default_scheduler = SchedulerKind::from_class_name(&class).ok_or_else(|| EngineError::Model {
             path: scheduler_path.clone(),
             message: format!("scheduler class `{class}` is not supported"),
         })?;
         // Building once checks every config value now rather than at the first request.
-        super::scheduler::build(default_scheduler, &scheduler_config, 10).map_err(|e| EngineError::Model {
-            path: scheduler_path,
-            message: e.to_string(),
-        })?;
+        super::scheduler::build(default_scheduler, &scheduler_config, 10)
+            .map_err(|e| EngineError::Model { path: scheduler_path, message: e.to_string() })?;
 
         let vae = read_optional_json(&path.join("vae_decoder").join("config.json"))?;
         let unet = read_optional_json(&path.join("unet").join("config.json"))?;
         let vae_scaling_factor = number(&vae, "scaling_factor").unwrap_or(0.18215) as f32;
-        let vae_blocks = vae
-            .as_ref()
-            .and_then(|c| c.get("block_out_channels"))
-            .and_then(Value::as_array)
-            .map_or(4, |a| a.len());
+        let vae_blocks =
+            vae.as_ref().and_then(|c| c.get("block_out_channels")).and_then(Value::as_array).map_or(4, |a| a.len());
         let vae_scale_factor = 1u32 << vae_blocks.saturating_sub(1).min(6);
         let latent_channels = number(&vae, "latent_channels").unwrap_or(4.0) as u32;
         let unet_in_channels = number(&unet, "in_channels").unwrap_or(4.0) as u32;
         let sample_size = number(&unet, "sample_size").unwrap_or(64.0) as u32;
-        let unet_levels = unet
-            .as_ref()
-            .and_then(|c| c.get("block_out_channels"))
-            .and_then(Value::as_array)
-            .map_or(4, |a| a.len());
+        let unet_levels =
+            unet.as_ref().and_then(|c| c.get("block_out_channels")).and_then(Value::as_array).map_or(4, |a| a.len());
         let size_multiple = vae_scale_factor << unet_levels.saturating_sub(1).min(6);
         if unet_in_channels != latent_channels {
             return Err(model_err(format!(
@@ -164,6 +142,8 @@ pub struct LoadedModel {
     pub unet: Graph,
     /// VAE decoder graph.
     pub vae_decoder: Graph,
+    /// Cheap decoder for step previews.
+    pub preview: ApproxDecoder,
     /// Name of the U-Net's output.
     pub unet_output: String,
     /// Name of the text encoder's hidden-state output.
@@ -174,9 +154,7 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
+        f.debug_struct("LoadedModel").field("info", &self.info).finish_non_exhaustive()
     }
 }
 
@@ -197,41 +175,25 @@ impl LoadedModel {
         for (name, float) in [("sample", true), ("timestep", false), ("encoder_hidden_states", true)] {
             require_input(&unet, name, float).map_err(|m| bad(&unet, m))?;
         }
-        if let Some(extra) = unet
-            .inputs()
-            .iter()
-            .find(|s| !["sample", "timestep", "encoder_hidden_states"].contains(&s.name.as_str()))
+        if let Some(extra) =
+            unet.inputs().iter().find(|s| !["sample", "timestep", "encoder_hidden_states"].contains(&s.name.as_str()))
         {
-            return Err(bad(
-                &unet,
-                format!("U-Net input `{}` is not supported yet (SDXL/LCM graphs)", extra.name),
-            ));
+            return Err(bad(&unet, format!("U-Net input `{}` is not supported yet (SDXL/LCM graphs)", extra.name)));
         }
         require_input(&vae_decoder, "latent_sample", true).map_err(|m| bad(&vae_decoder, m))?;
 
         let text_output = pick_output(&text_encoder, &["last_hidden_state"]).map_err(|m| bad(&text_encoder, m))?;
         let unet_output = pick_output(&unet, &["out_sample", "sample"]).map_err(|m| bad(&unet, m))?;
         let vae_output = pick_output(&vae_decoder, &["sample"]).map_err(|m| bad(&vae_decoder, m))?;
-        Ok(Self {
-            info,
-            tokenizer,
-            text_encoder,
-            unet,
-            vae_decoder,
-            unet_output,
-            text_output,
-            vae_output,
-        })
+        let preview = ApproxDecoder::load(&dir, factory, info.latent_channels as usize)?;
+        Ok(Self { info, tokenizer, text_encoder, unet, vae_decoder, preview, unet_output, text_output, vae_output })
     }
 }
 
 fn require_input(graph: &Graph, name: &str, float: bool) -> Result<(), String> {
     let spec = graph.input(name).ok_or_else(|| format!("missing input `{name}`"))?;
     if spec.element == Element::Unsupported || (float && !spec.element.is_float()) {
-        return Err(format!(
-            "input `{name}` has an unsupported element type {:?}",
-            spec.element
-        ));
+        return Err(format!("input `{name}` has an unsupported element type {:?}", spec.element));
     }
     Ok(())
 }
@@ -242,9 +204,5 @@ fn pick_output(graph: &Graph, names: &[&str]) -> Result<String, String> {
             return Ok((*name).to_string());
         }
     }
-    graph
-        .outputs()
-        .first()
-        .map(|o| o.name.clone())
-        .ok_or_else(|| format!("no output named {}", names.join(" or ")))
+    graph.outputs().first().map(|o| o.name.clone()).ok_or_else(|| format!("no output named {}", names.join(" or ")))
 }

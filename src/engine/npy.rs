@@ -38,10 +38,7 @@ pub fn read_f32(bytes: &[u8]) -> Result<ArrayD<f32>, NpyError> {
             if bytes.len() < 12 {
                 return Err(NpyError::BadHeader("truncated".into()));
             }
-            (
-                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-                12,
-            )
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
         v => return Err(NpyError::BadHeader(format!("version {v}"))),
     };
@@ -67,37 +64,24 @@ pub fn read_f32(bytes: &[u8]) -> Result<ArrayD<f32>, NpyError> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| NpyError::BadHeader(format!("shape {shape_text}")))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| NpyError::BadHeader(format!("shape {shape_text}"))))
         .collect::<Result<_, _>>()?;
     let count = shape
         .iter()
         .try_fold(1usize, |acc, d| acc.checked_mul(*d))
         .ok_or_else(|| NpyError::BadHeader("shape overflows".into()))?;
     let data = &bytes[end..];
-    let expected = count
-        .checked_mul(4)
-        .ok_or_else(|| NpyError::BadHeader("shape overflows".into()))?;
+    let expected = count.checked_mul(4).ok_or_else(|| NpyError::BadHeader("shape overflows".into()))?;
     if data.len() != expected {
-        return Err(NpyError::Length {
-            expected,
-            actual: data.len(),
-        });
+        return Err(NpyError::Length { expected, actual: data.len() });
     }
-    let values: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| NpyError::BadHeader(e.to_string()))
 }
 
 /// Finds `'key': value` in the header dict; the value runs to the next top-level comma.
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let pos = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
+    let pos = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
     let rest = &header[pos + key.len() + 2..];
     let rest = rest.trim_start().strip_prefix(':')?;
     let mut depth = 0i32;
@@ -115,11 +99,7 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 /// Serialises a float32 array as `.npy` version 1.0.
 pub fn write_f32(array: &ArrayD<f32>) -> Vec<u8> {
     let dims: Vec<String> = array.shape().iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -142,9 +122,8 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let a = ArrayD::from_shape_fn(IxDyn(&[2, 4, 3, 5]), |i| {
-            (i[0] * 100 + i[1] * 10 + i[2]) as f32 + 0.5 * i[3] as f32
-        });
+        let a =
+            ArrayD::from_shape_fn(IxDyn(&[2, 4, 3, 5]), |i| (i[0] * 100 + i[1] * 10 + i[2]) as f32 + 0.5 * i[3] as f32);
         let back = read_f32(&write_f32(&a)).unwrap();
         assert_eq!(a, back);
     }

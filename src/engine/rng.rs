@@ -21,10 +21,7 @@ pub struct SeededNoise {
 impl SeededNoise {
     /// A generator whose whole stream is determined by `seed`.
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed,
-            spare: None,
-        }
+        Self { state: seed, spare: None }
     }
 
     fn next_u64(&mut self) -> u64 {

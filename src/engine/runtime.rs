@@ -35,10 +35,7 @@ impl Device {
             return Ok(Device::Cuda(0));
         }
         if let Some(n) = text.strip_prefix("cuda:") {
-            return n
-                .parse()
-                .map(Device::Cuda)
-                .map_err(|_| format!("`{text}`: expected cuda:N with N a number"));
+            return n.parse().map(Device::Cuda).map_err(|_| format!("`{text}`: expected cuda:N with N a number"));
         }
         Err(format!("`{text}`: expected `cpu` or `cuda:N`"))
     }
@@ -85,10 +82,7 @@ impl Runtime {
             if runtime.library != library {
                 return Err(EngineError::Runtime {
                     path: library.to_path_buf(),
-                    message: format!(
-                        "this process already loaded ONNX Runtime from {}",
-                        runtime.library.display()
-                    ),
+                    message: format!("this process already loaded ONNX Runtime from {}", runtime.library.display()),
                 });
             }
             return Ok(runtime.clone());
@@ -99,24 +93,15 @@ impl Runtime {
     }
 
     fn load_first(library: &Path) -> Result<Self, EngineError> {
-        let err = |message: String| EngineError::Runtime {
-            path: library.to_path_buf(),
-            message,
-        };
-        let meta = std::fs::metadata(library).map_err(|e| {
-            err(format!(
-                "{e}; run `python3 scripts/fetch-onnxruntime.py` or set {ORT_DYLIB_ENV}"
-            ))
-        })?;
+        let err = |message: String| EngineError::Runtime { path: library.to_path_buf(), message };
+        let meta = std::fs::metadata(library)
+            .map_err(|e| err(format!("{e}; run `python3 scripts/fetch-onnxruntime.py` or set {ORT_DYLIB_ENV}")))?;
         if !meta.is_file() {
             return Err(err("is not a file".into()));
         }
         let builder = ort::init_from(library).map_err(|e| err(e.to_string()))?;
         let env = builder.with_name("denoised").build().map_err(|e| err(e.to_string()))?;
-        Ok(Self {
-            env,
-            library: library.to_path_buf(),
-        })
+        Ok(Self { env, library: library.to_path_buf() })
     }
 
     /// The library this runtime was loaded from.
@@ -126,11 +111,7 @@ impl Runtime {
 
     /// A factory for sessions on `device` with `threads` intra-op threads.
     pub fn session_factory(&self, device: Device, threads: usize) -> SessionFactory {
-        SessionFactory {
-            env: self.env.clone(),
-            device,
-            threads,
-        }
+        SessionFactory { env: self.env.clone(), device, threads }
     }
 }
 
@@ -144,10 +125,7 @@ pub struct SessionFactory {
 
 impl fmt::Debug for SessionFactory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionFactory")
-            .field("device", &self.device)
-            .field("threads", &self.threads)
-            .finish()
+        f.debug_struct("SessionFactory").field("device", &self.device).field("threads", &self.threads).finish()
     }
 }
 
@@ -161,14 +139,10 @@ impl SessionFactory {
     /// a config that asks for a GPU never silently runs on the CPU.
     pub fn open(&self, model_path: &Path) -> Result<Session, EngineError> {
         build_session(&self.env, self.device, self.threads, model_path).map_err(|e| match self.device {
-            Device::Cuda(_) if e.to_string().to_ascii_lowercase().contains("cuda") => EngineError::Device {
-                device: self.device.to_string(),
-                message: e.to_string(),
-            },
-            _ => EngineError::Model {
-                path: model_path.to_path_buf(),
-                message: e.to_string(),
-            },
+            Device::Cuda(_) if e.to_string().to_ascii_lowercase().contains("cuda") => {
+                EngineError::Device { device: self.device.to_string(), message: e.to_string() }
+            }
+            _ => EngineError::Model { path: model_path.to_path_buf(), message: e.to_string() },
         })
     }
 }
@@ -229,9 +203,7 @@ mod tests {
 
     #[test]
     fn missing_library_is_one_clear_error() {
-        let err = Runtime::load(Path::new("/nonexistent/libonnxruntime.so"))
-            .unwrap_err()
-            .to_string();
+        let err = Runtime::load(Path::new("/nonexistent/libonnxruntime.so")).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
         assert!(err.contains("fetch-onnxruntime"), "{err}");
     }

@@ -80,47 +80,25 @@ impl ClipTokenizer {
         let normalizer = NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
             NormalizerWrapper::Replace(
-                Replace::new(
-                    tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
-                    " ",
-                )
-                .map_err(|e| err(e.to_string()))?,
+                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+                    .map_err(|e| err(e.to_string()))?,
             ),
             NormalizerWrapper::Lowercase(Lowercase),
         ]);
-        inner
-            .with_normalizer(Some(normalizer))
+        inner.with_normalizer(Some(normalizer)).map_err(|e| err(e.to_string()))?;
+        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
             .map_err(|e| err(e.to_string()))?;
-        let split = Split::new(
-            SplitPattern::Regex(CLIP_PATTERN.into()),
-            SplitDelimiterBehavior::Removed,
-            true,
-        )
-        .map_err(|e| err(e.to_string()))?;
         inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
         ])));
         inner
-            .add_special_tokens([
-                AddedToken::from(bos_token.clone(), true),
-                AddedToken::from(eos_token.clone(), true),
-            ])
+            .add_special_tokens([AddedToken::from(bos_token.clone(), true), AddedToken::from(eos_token.clone(), true)])
             .map_err(|e| err(e.to_string()))?;
 
-        let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| err(format!("token `{t}` is not in vocab.json")))
-        };
+        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| err(format!("token `{t}` is not in vocab.json")));
         let (bos, eos, pad) = (id(&bos_token)?, id(&eos_token)?, id(&pad_token)?);
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            pad,
-            max_length,
-        })
+        Ok(Self { inner, bos, eos, pad, max_length })
     }
 
     /// Sequence length the text encoder expects (`model_max_length`, 77 for CLIP).
@@ -130,10 +108,7 @@ impl ClipTokenizer {
 
     /// Ids without start/end tokens or padding, untruncated (for prompt-length checks).
     pub fn content_ids(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let encoding = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -151,10 +126,7 @@ impl ClipTokenizer {
 }
 
 fn read_json(path: &Path) -> Value {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null)
+    std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
 }
 
 /// Special tokens appear either as plain strings or as `{"content": "…", …}` objects.

@@ -44,9 +44,7 @@ impl StoreError {
         match self {
             StoreError::Database(sqlx::Error::Database(db)) => {
                 // SQLITE_BUSY = 5, SQLITE_LOCKED = 6; extended codes keep the primary code in the low byte.
-                db.code()
-                    .and_then(|code| code.parse::<i32>().ok())
-                    .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+                db.code().and_then(|code| code.parse::<i32>().ok()).is_some_and(|code| matches!(code & 0xff, 5 | 6))
             }
             StoreError::Database(sqlx::Error::PoolTimedOut) => true,
             _ => false,
@@ -54,9 +52,6 @@ impl StoreError {
     }
 
     pub(crate) fn corrupt(table: &'static str, detail: impl Into<String>) -> Self {
-        StoreError::Corrupt {
-            table,
-            detail: detail.into(),
-        }
+        StoreError::Corrupt { table, detail: detail.into() }
     }
 }

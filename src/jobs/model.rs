@@ -27,13 +27,8 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in life-cycle order; for metrics that report a gauge per status.
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Queued,
-        JobStatus::Running,
-        JobStatus::Succeeded,
-        JobStatus::Failed,
-        JobStatus::Cancelled,
-    ];
+    pub const ALL: [JobStatus; 5] =
+        [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled];
 
     /// The lowercase name used in the database, in JSON and in metric labels.
     pub fn as_str(self) -> &'static str {
@@ -68,10 +63,7 @@ impl FromStr for JobStatus {
 
     /// Parses the exact lowercase names produced by [`JobStatus::as_str`] (e.g. a `?status=` filter).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownJobStatus(s.to_owned()))
+        JobStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| UnknownJobStatus(s.to_owned()))
     }
 }
 

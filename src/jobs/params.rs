@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::image::OutputFormat;
 use crate::engine::pipeline::GenerateRequest;
+use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::SchedulerKind;
 
 /// Job kind of text-to-image jobs in the store.
@@ -38,6 +39,12 @@ pub struct GenerateParams {
     pub n: u32,
     /// Encoding of the stored images.
     pub output_format: OutputFormat,
+    /// Denoiser calls between step previews (0: none).
+    #[serde(default)]
+    pub preview_every: u32,
+    /// How previews are rendered.
+    #[serde(default)]
+    pub preview: PreviewMode,
     /// Base64 `.npy` float32 initial latents, when the client supplied them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latents: Option<String>,
@@ -52,9 +59,8 @@ impl GenerateParams {
         let latents = match &self.latents {
             None => None,
             Some(b64) => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| format!("latents: {e}"))?;
+                let bytes =
+                    base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("latents: {e}"))?;
                 Some(crate::engine::npy::read_f32(&bytes).map_err(|e| format!("latents: {e}"))?)
             }
         };

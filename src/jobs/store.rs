@@ -74,11 +74,7 @@ impl JobStore {
             .busy_timeout(BUSY_TIMEOUT)
             .synchronous(SqliteSynchronous::Full);
         let pool_options = if in_memory {
-            SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
+            SqlitePoolOptions::new().max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
         } else {
             options = options.journal_mode(SqliteJournalMode::Wal);
             create_parent_dir(options.get_filename()).await?;
@@ -305,10 +301,7 @@ impl JobStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(RecoverReport {
-            requeued: parse_ids(requeued)?,
-            failed: parse_ids(failed)?,
-        })
+        Ok(RecoverReport { requeued: parse_ids(requeued)?, failed: parse_ids(failed)? })
     }
 
     /// Cancels a job that no worker has claimed yet, for `DELETE /jobs/{id}` or a cancel endpoint.
@@ -340,30 +333,52 @@ impl JobStore {
         Ok(result.rows_affected() == 1)
     }
 
-    /// A job's images in index order, for the job status body and image listings (empty if none).
-    pub async fn images(&self, job_id: Uuid) -> Result<Vec<ImageRecord>, StoreError> {
-        let rows: Vec<ImageRow> = sqlx::query_as(concat!(
+    /// Jobs newest first, optionally only those in `status`, starting after the job `before` (the cursor of
+    /// the previous page: ids are UUID v7, so they sort by creation time). At most `limit` rows.
+    pub async fn list(
+        &self,
+        status: Option<JobStatus>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "SELECT ",
-            image_columns!(),
-            " FROM images WHERE job_id = ?1 ORDER BY idx"
+            job_columns!(),
+            " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
         ))
-        .bind(job_id.to_string())
+        .bind(status.map(JobStatus::as_str))
+        .bind(before.map(|id| id.to_string()))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    /// Deletes a job and (by cascade) its image records. Returns whether it existed. The caller removes the
+    /// image files and stops the job first if it was running; a worker that finishes later is fenced out.
+    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        let result = sqlx::query("DELETE FROM jobs WHERE id = ?1").bind(id.to_string()).execute(&self.pool).await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// A job's images in index order, for the job status body and image listings (empty if none).
+    pub async fn images(&self, job_id: Uuid) -> Result<Vec<ImageRecord>, StoreError> {
+        let rows: Vec<ImageRow> =
+            sqlx::query_as(concat!("SELECT ", image_columns!(), " FROM images WHERE job_id = ?1 ORDER BY idx"))
+                .bind(job_id.to_string())
+                .fetch_all(&self.pool)
+                .await?;
         rows.into_iter().map(ImageRecord::try_from).collect()
     }
 
     /// One image of a job, for `GET /jobs/{id}/images/{idx}`; `None` if there is no such image.
     pub async fn image(&self, job_id: Uuid, idx: u32) -> Result<Option<ImageRecord>, StoreError> {
-        let row: Option<ImageRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            image_columns!(),
-            " FROM images WHERE job_id = ?1 AND idx = ?2"
-        ))
-        .bind(job_id.to_string())
-        .bind(i64::from(idx))
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<ImageRow> =
+            sqlx::query_as(concat!("SELECT ", image_columns!(), " FROM images WHERE job_id = ?1 AND idx = ?2"))
+                .bind(job_id.to_string())
+                .bind(i64::from(idx))
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(ImageRecord::try_from).transpose()
     }
 
@@ -385,9 +400,8 @@ impl JobStore {
 
     /// The number of jobs in each status, for the queue-depth gauges.
     pub async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
         let mut counts = StatusCounts::default();
         for (status, n) in rows {
             let status = parse_status(&status)?;
@@ -400,14 +414,9 @@ impl JobStore {
 /// Creates the folder that will hold the SQLite file, since SQLite creates the file but not its folder.
 async fn create_parent_dir(file: &Path) -> Result<(), StoreError> {
     match file.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|source| StoreError::CreateDir {
-                    path: parent.to_owned(),
-                    source,
-                })
-        }
+        Some(parent) if !parent.as_os_str().is_empty() => tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|source| StoreError::CreateDir { path: parent.to_owned(), source }),
         _ => Ok(()),
     }
 }
@@ -430,10 +439,7 @@ fn seed_from_db(stored: i64) -> u64 {
 
 fn one_job(rows: Vec<JobRow>) -> Result<Option<Job>, StoreError> {
     if rows.len() > 1 {
-        return Err(StoreError::corrupt(
-            "jobs",
-            format!("a single-row statement returned {} rows", rows.len()),
-        ));
+        return Err(StoreError::corrupt("jobs", format!("a single-row statement returned {} rows", rows.len())));
     }
     rows.into_iter().next().map(Job::try_from).transpose()
 }

@@ -54,10 +54,8 @@ async fn lease_expires_at(store: &JobStore, id: Uuid) -> Option<i64> {
 }
 
 async fn pragma(store: &JobStore, name: &str) -> String {
-    let row: (sqlx::types::JsonValue,) = sqlx::query_as(&format!("SELECT json_quote(({name}))"))
-        .fetch_one(&store.pool)
-        .await
-        .unwrap();
+    let row: (sqlx::types::JsonValue,) =
+        sqlx::query_as(&format!("SELECT json_quote(({name}))")).fetch_one(&store.pool).await.unwrap();
     row.0.to_string().trim_matches('"').to_owned()
 }
 
@@ -67,16 +65,10 @@ async fn connect_creates_file_and_folder_with_durable_settings() {
     let store = store(&dir).await;
     assert!(dir.path().join("data/db/jobs.db").is_file());
     store.ping().await.unwrap();
-    assert_eq!(
-        pragma(&store, "SELECT journal_mode FROM pragma_journal_mode").await,
-        "wal"
-    );
+    assert_eq!(pragma(&store, "SELECT journal_mode FROM pragma_journal_mode").await, "wal");
     // 2 = FULL.
     assert_eq!(pragma(&store, "SELECT synchronous FROM pragma_synchronous").await, "2");
-    assert_eq!(
-        pragma(&store, "SELECT foreign_keys FROM pragma_foreign_keys").await,
-        "1"
-    );
+    assert_eq!(pragma(&store, "SELECT foreign_keys FROM pragma_foreign_keys").await, "1");
     assert_eq!(pragma(&store, "SELECT timeout FROM pragma_busy_timeout").await, "5000");
     // Connecting again to a migrated database is a no-op.
     store.close().await;
@@ -115,13 +107,7 @@ async fn insert_then_get() {
 #[tokio::test]
 async fn insert_rejects_zero_max_attempts() {
     let store = JobStore::connect("sqlite::memory:").await.unwrap();
-    let err = store
-        .insert(NewJob {
-            max_attempts: 0,
-            ..new_job(0)
-        })
-        .await
-        .unwrap_err();
+    let err = store.insert(NewJob { max_attempts: 0, ..new_job(0) }).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
 }
 
@@ -169,17 +155,11 @@ async fn complete_is_fenced_and_stores_images_atomically() {
     assert!(store.images(job.id).await.unwrap().is_empty());
 
     // A failing image insert (duplicate index) rolls the status change back too.
-    assert!(store
-        .complete(job.id, "owner", &[image(0, 1), image(0, 2)])
-        .await
-        .is_err());
+    assert!(store.complete(job.id, "owner", &[image(0, 1), image(0, 2)]).await.is_err());
     assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
     assert!(store.images(job.id).await.unwrap().is_empty());
 
-    assert!(store
-        .complete(job.id, "owner", &[image(0, 11), image(1, 12)])
-        .await
-        .unwrap());
+    assert!(store.complete(job.id, "owner", &[image(0, 11), image(1, 12)]).await.unwrap());
     let done = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(done.status, JobStatus::Succeeded);
     assert_eq!(done.lease_owner.as_deref(), Some("owner"));
@@ -268,22 +248,13 @@ async fn expired_leases_are_requeued_then_failed_past_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let short = Duration::from_millis(20);
-    let job = store
-        .insert(NewJob {
-            max_attempts: 2,
-            ..new_job(1)
-        })
-        .await
-        .unwrap();
+    let job = store.insert(NewJob { max_attempts: 2, ..new_job(1) }).await.unwrap();
     let healthy = store.insert(new_job(0)).await.unwrap();
 
     // Attempt 1: the worker dies; the healthy job's lease is still valid.
     assert_eq!(store.claim("dead-1", short).await.unwrap().unwrap().id, job.id);
     assert_eq!(store.claim("alive", LEASE).await.unwrap().unwrap().id, healthy.id);
-    assert!(
-        store.recover_expired().await.unwrap().is_empty(),
-        "lease not yet expired"
-    );
+    assert!(store.recover_expired().await.unwrap().is_empty(), "lease not yet expired");
     tokio::time::sleep(Duration::from_millis(40)).await;
     let report = store.recover_expired().await.unwrap();
     assert_eq!(report.requeued, vec![job.id]);
@@ -318,13 +289,7 @@ async fn recover_all_running_ignores_lease_deadlines() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let a = store.insert(new_job(1)).await.unwrap();
-    let b = store
-        .insert(NewJob {
-            max_attempts: 1,
-            ..new_job(0)
-        })
-        .await
-        .unwrap();
+    let b = store.insert(NewJob { max_attempts: 1, ..new_job(0) }).await.unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
     let report = store.recover_all_running().await.unwrap();
@@ -349,10 +314,7 @@ async fn cancel_queued_and_finish_cancelled() {
     assert!(!store.cancel_queued(running.id).await.unwrap());
     assert!(!store.finish_cancelled(running.id, "intruder").await.unwrap());
     assert!(store.finish_cancelled(running.id, "w").await.unwrap());
-    assert_eq!(
-        store.get(running.id).await.unwrap().unwrap().status,
-        JobStatus::Cancelled
-    );
+    assert_eq!(store.get(running.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
 }
 
 /// Two stores on one file stand for two processes; 50 claims race for 20 jobs.
@@ -416,10 +378,7 @@ async fn images_round_trip_including_seeds_above_i64_max() {
     let store = store(&dir).await;
     let job = store.insert(new_job(0)).await.unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
-    let big = NewImage {
-        bytes: u64::from(u32::MAX) * 4,
-        ..image(1, u64::MAX)
-    };
+    let big = NewImage { bytes: u64::from(u32::MAX) * 4, ..image(1, u64::MAX) };
     // Given out of order on purpose: reads come back by index.
     let given = [big.clone(), image(2, 0), image(0, i64::MAX as u64 + 1)];
     assert!(store.complete(job.id, "w", &given).await.unwrap());
@@ -458,11 +417,7 @@ async fn images_round_trip_including_seeds_above_i64_max() {
     assert_eq!(raw, -1);
 
     // Deleting a job deletes its images (foreign keys are on).
-    sqlx::query("DELETE FROM jobs WHERE id = ?1")
-        .bind(job.id.to_string())
-        .execute(&store.pool)
-        .await
-        .unwrap();
+    sqlx::query("DELETE FROM jobs WHERE id = ?1").bind(job.id.to_string()).execute(&store.pool).await.unwrap();
     assert!(store.images(job.id).await.unwrap().is_empty());
 }
 
@@ -471,10 +426,7 @@ async fn oversized_image_is_rejected_before_touching_the_job() {
     let store = JobStore::connect("sqlite::memory:").await.unwrap();
     let job = store.insert(new_job(0)).await.unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
-    let huge = NewImage {
-        bytes: u64::MAX,
-        ..image(0, 0)
-    };
+    let huge = NewImage { bytes: u64::MAX, ..image(0, 0) };
     let err = store.complete(job.id, "w", &[huge]).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
     assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
@@ -520,16 +472,41 @@ async fn count_by_status_counts_every_state() {
     assert!(store.fail(ids[1], "w", "e", "m").await.unwrap());
     assert!(store.finish_cancelled(ids[2], "w").await.unwrap());
     let counts = store.count_by_status().await.unwrap();
-    assert_eq!(
-        counts,
-        StatusCounts {
-            queued: 2,
-            running: 1,
-            succeeded: 1,
-            failed: 1,
-            cancelled: 1
-        }
-    );
+    assert_eq!(counts, StatusCounts { queued: 2, running: 1, succeeded: 1, failed: 1, cancelled: 1 });
     assert_eq!(counts.total(), 6);
     assert_eq!(counts.get(JobStatus::Queued), 2);
+}
+
+#[tokio::test]
+async fn list_is_newest_first_filterable_and_paginated() {
+    let dir = TempDir::new().unwrap();
+    let store = store(&dir).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(store.insert(new_job(0)).await.unwrap().id);
+    }
+    let owner = "worker-a";
+    let claimed = store.claim(owner, LEASE).await.unwrap().unwrap();
+    let all = store.list(None, None, 10).await.unwrap();
+    assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), ids.iter().rev().copied().collect::<Vec<_>>());
+    let page1 = store.list(None, None, 2).await.unwrap();
+    let page2 = store.list(None, Some(page1[1].id), 2).await.unwrap();
+    assert_eq!(page1.len(), 2);
+    assert_eq!(page2[0].id, ids[2]);
+    let running = store.list(Some(JobStatus::Running), None, 10).await.unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].id, claimed.id);
+}
+
+#[tokio::test]
+async fn delete_removes_the_job_and_fences_out_its_worker() {
+    let dir = TempDir::new().unwrap();
+    let store = store(&dir).await;
+    let job = store.insert(new_job(0)).await.unwrap();
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(claimed.id, job.id);
+    assert!(store.delete(job.id).await.unwrap());
+    assert!(store.get(job.id).await.unwrap().is_none());
+    assert!(!store.complete(job.id, "w", &[]).await.unwrap());
+    assert!(!store.delete(job.id).await.unwrap());
 }

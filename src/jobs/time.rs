@@ -29,17 +29,8 @@ pub fn rfc3339_from_millis(millis: i64) -> String {
     let ms_of_day = millis.rem_euclid(MILLIS_PER_DAY);
     let (year, month, day) = civil_from_days(days);
     let secs_of_day = ms_of_day / 1000;
-    let (hour, minute, second, milli) = (
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60,
-        ms_of_day % 1000,
-    );
-    let year = if year < 0 {
-        format!("-{:04}", -year)
-    } else {
-        format!("{year:04}")
-    };
+    let (hour, minute, second, milli) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60, ms_of_day % 1000);
+    let year = if year < 0 { format!("-{:04}", -year) } else { format!("{year:04}") };
     format!("{year}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z")
 }
 
@@ -56,11 +47,7 @@ fn civil_from_days(days_since_epoch: i64) -> (i64, u32, u32) {
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100); // [0, 365]
     let shifted_month = (5 * day_of_year + 2) / 153; // [0, 11], March = 0
     let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32; // [1, 31]
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    } as u32;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }

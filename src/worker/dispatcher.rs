@@ -10,8 +10,9 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
+use super::events::{EventBus, EventImage, EventKind};
 use super::pool::{EncodedImage, WorkError, WorkItem, WorkOutcome, WorkerPool};
-use super::progress::ProgressBoard;
+use super::progress::{ProgressBoard, StopReason};
 use crate::engine::image::OutputFormat;
 use crate::jobs::params::GenerateParams;
 use crate::jobs::{Job, JobStore, NewImage};
@@ -36,6 +37,8 @@ pub struct Dispatcher {
     pub pool: Arc<WorkerPool>,
     /// Live progress and cancellation.
     pub progress: ProgressBoard,
+    /// What followers of a job are told.
+    pub bus: EventBus,
     /// Image files.
     pub files: ImageFiles,
     /// Woken when a job is submitted in this process.
@@ -95,7 +98,7 @@ impl Dispatcher {
                 next = running.join_next() => if next.is_none() { break },
                 _ = &mut grace => {
                     warn!(running = running.len(), "grace period over: stopping running jobs and re-queueing them");
-                    this.progress.cancel_all();
+                    this.progress.stop_all(StopReason::Shutdown);
                     while running.join_next().await.is_some() {}
                     break;
                 }
@@ -114,14 +117,16 @@ impl Dispatcher {
             Ok(r) => r,
             Err(e) => return self.fail(id, &owner, "invalid_params", &e).await,
         };
-        let cancel = self.progress.start(id, request.steps);
+        let stop = self.progress.start(id, request.steps);
         let (reply, outcome) = oneshot::channel();
         let item = WorkItem {
             job: id,
             model: job.model.clone(),
             request,
             format: params.output_format,
-            cancel: cancel.clone(),
+            stop: stop.clone(),
+            preview_every: params.preview_every,
+            preview_mode: params.preview,
             reply,
         };
         if let Err(e) = self.pool.submit(worker, item) {
@@ -131,28 +136,37 @@ impl Dispatcher {
             return;
         }
         info!(%id, worker, attempt = job.attempts, "job started");
+        self.bus.publish(id, EventKind::Started { attempt: job.attempts });
         let outcome = self.wait_renewing(id, &owner, outcome).await;
         self.progress.finish(id);
         match outcome {
             Some(Ok(images)) => self.complete(id, &owner, params.output_format, images).await,
-            Some(Err(WorkError::Engine { code: "cancelled", .. })) => {
-                // Cancelled by the shutdown grace period: give it back to the queue, uncharged.
-                match self.store.release(id, &owner).await {
-                    Ok(true) => info!(%id, "job handed back to the queue"),
-                    Ok(false) => warn!(%id, "lease lost before the job could be handed back"),
-                    Err(e) => error!(%id, error = %e, "handing the job back failed; the reaper will re-queue it"),
-                }
-            }
+            Some(Err(WorkError::Engine { code: "cancelled", .. })) => match stop.reason() {
+                Some(StopReason::Shutdown) | None => self.hand_back(id, &owner).await,
+                Some(StopReason::Client) => match self.store.finish_cancelled(id, &owner).await {
+                    Ok(true) => {
+                        info!(%id, "job cancelled while running");
+                        self.bus.publish(id, EventKind::Cancelled);
+                    }
+                    Ok(false) => info!(%id, "cancelled job was deleted or its lease lost"),
+                    Err(e) => error!(%id, error = %e, "recording the cancellation failed"),
+                },
+            },
             Some(Err(e)) => self.fail(id, &owner, e.code(), &e.to_string()).await,
-            None => {
-                self.fail(
-                    id,
-                    &owner,
-                    "worker_lost",
-                    "the worker thread stopped while running the job",
-                )
-                .await
+            None => self.fail(id, &owner, "worker_lost", "the worker thread stopped while running the job").await,
+        }
+    }
+
+    /// Shutdown stopped the job: it goes back to the queue, uncharged.
+    async fn hand_back(&self, id: Uuid, owner: &str) {
+        match self.store.release(id, owner).await {
+            Ok(true) => {
+                info!(%id, "job handed back to the queue");
+                let position = self.store.queue_position(id).await.ok().flatten().unwrap_or(0);
+                self.bus.publish(id, EventKind::Queued { position, eta_ms: None });
             }
+            Ok(false) => warn!(%id, "lease lost before the job could be handed back"),
+            Err(e) => error!(%id, error = %e, "handing the job back failed; the reaper will re-queue it"),
         }
     }
 
@@ -201,23 +215,34 @@ impl Dispatcher {
         .await;
         let records = match written {
             Ok(Ok(records)) => records,
-            Ok(Err(e)) => {
-                return self
-                    .fail(id, owner, "storage_error", &format!("writing images: {e}"))
-                    .await
-            }
-            Err(e) => {
-                return self
-                    .fail(id, owner, "storage_error", &format!("writing images: {e}"))
-                    .await
-            }
+            Ok(Err(e)) => return self.fail(id, owner, "storage_error", &format!("writing images: {e}")).await,
+            Err(e) => return self.fail(id, owner, "storage_error", &format!("writing images: {e}")).await,
         };
         match self.store.complete(id, owner, &records).await {
             Ok(true) => {
                 info!(%id, images = records.len(), "job succeeded");
                 metrics::counter!("denoised_jobs_total", "outcome" => "succeeded").increment(1);
+                let images = records
+                    .iter()
+                    .map(|r| EventImage {
+                        index: r.index,
+                        url: format!("/v1/jobs/{id}/images/{}", r.index),
+                        seed: r.seed,
+                        width: r.width,
+                        height: r.height,
+                        format: r.format.clone(),
+                    })
+                    .collect();
+                self.bus.publish(id, EventKind::Completed { images });
             }
-            Ok(false) => warn!(%id, "lease lost before completion; another attempt owns the job"),
+            Ok(false) => {
+                if matches!(self.store.get(id).await, Ok(None)) {
+                    info!(%id, "job was deleted while running; removing its images");
+                    let _ = self.files.remove_job(id);
+                } else {
+                    warn!(%id, "lease lost before completion; another attempt owns the job");
+                }
+            }
             Err(e) => error!(%id, error = %e, "recording completion failed; the job will run again"),
         }
     }
@@ -226,7 +251,9 @@ impl Dispatcher {
         warn!(%id, code, message, "job failed");
         metrics::counter!("denoised_jobs_total", "outcome" => "failed").increment(1);
         match self.store.fail(id, owner, code, message).await {
-            Ok(true) => {}
+            Ok(true) => {
+                self.bus.publish(id, EventKind::Failed { code: code.to_string(), message: message.to_string() });
+            }
             Ok(false) => warn!(%id, "lease lost before the failure could be recorded"),
             Err(e) => error!(%id, error = %e, "recording the failure failed"),
         }

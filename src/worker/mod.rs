@@ -2,5 +2,6 @@
 //! feeds them from the job store, and the live progress board.
 
 pub mod dispatcher;
+pub mod events;
 pub mod pool;
 pub mod progress;

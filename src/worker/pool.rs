@@ -8,15 +8,16 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ndarray::ArrayD;
 use tokio::sync::oneshot;
 use tracing::{error, info, info_span, warn};
 use uuid::Uuid;
 
-use super::progress::ProgressBoard;
+use super::events::{EventBus, EventKind};
+use super::progress::{ProgressBoard, StopFlag};
 use crate::engine::image::{encode, OutputFormat};
 use crate::engine::model::LoadedModel;
 use crate::engine::pipeline::{text_to_image, GenerateRequest, StepObserver};
+use crate::engine::preview::PreviewMode;
 use crate::engine::runtime::{Device, Runtime};
 use crate::engine::EngineError;
 use crate::models::ModelRegistry;
@@ -33,7 +34,11 @@ pub struct WorkItem {
     /// Encoding of the outputs.
     pub format: OutputFormat,
     /// Set to stop the job at its next step boundary.
-    pub cancel: Arc<AtomicBool>,
+    pub stop: StopFlag,
+    /// Denoiser calls between previews (0: none).
+    pub preview_every: u32,
+    /// How previews are rendered.
+    pub preview_mode: PreviewMode,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<WorkOutcome>,
 }
@@ -81,10 +86,7 @@ impl WorkError {
 
 impl From<EngineError> for WorkError {
     fn from(e: EngineError) -> Self {
-        WorkError::Engine {
-            code: e.code(),
-            message: e.to_string(),
-        }
+        WorkError::Engine { code: e.code(), message: e.to_string() }
     }
 }
 
@@ -136,9 +138,7 @@ pub struct WorkerPool {
 
 impl std::fmt::Debug for WorkerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerPool")
-            .field("workers", &self.workers.len())
-            .finish()
+        f.debug_struct("WorkerPool").field("workers", &self.workers.len()).finish()
     }
 }
 
@@ -159,6 +159,7 @@ impl WorkerPool {
         registry: &ModelRegistry,
         specs: &[WorkerSpec],
         progress: ProgressBoard,
+        bus: EventBus,
     ) -> Result<Self, PoolError> {
         let mut workers = Vec::with_capacity(specs.len());
         let mut loaded = Vec::with_capacity(specs.len());
@@ -168,6 +169,7 @@ impl WorkerPool {
             let factory = runtime.session_factory(spec.device, spec.threads);
             let registry = registry.clone();
             let progress = progress.clone();
+            let bus = bus.clone();
             let device = spec.device;
             let handle = std::thread::Builder::new()
                 .name(format!("denoised-worker-{index}"))
@@ -187,29 +189,17 @@ impl WorkerPool {
                     info!(models = models.len(), "worker ready");
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    serve(receiver, &mut models, &progress);
+                    serve(receiver, &mut models, &progress, &bus);
                 })
                 .map_err(|_| PoolError::Died(index))?;
-            workers.push(WorkerThread {
-                sender,
-                handle: Some(handle),
-            });
+            workers.push(WorkerThread { sender, handle: Some(handle) });
             loaded.push((index, spec.device, ready_rx));
         }
-        let pool = Self {
-            workers,
-            ready: Arc::new(AtomicBool::new(false)),
-        };
+        let pool = Self { workers, ready: Arc::new(AtomicBool::new(false)) };
         for (worker, device, ready_rx) in loaded {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
-                Ok(Err(source)) => {
-                    return Err(PoolError::Load {
-                        worker,
-                        device: device.to_string(),
-                        source,
-                    })
-                }
+                Ok(Err(source)) => return Err(PoolError::Load { worker, device: device.to_string(), source }),
                 Err(_) => return Err(PoolError::Died(worker)),
             }
         }
@@ -261,31 +251,65 @@ impl Drop for WorkerPool {
     }
 }
 
-struct BoardObserver<'a> {
+struct JobObserver<'a> {
     board: &'a ProgressBoard,
-    job: Uuid,
-    cancel: &'a AtomicBool,
+    bus: &'a EventBus,
+    item: &'a WorkItem,
     last_step: std::time::Instant,
+    reported: u32,
 }
 
-impl StepObserver for BoardObserver<'_> {
-    fn on_step(&mut self, step: usize, total: usize, _predicted: Option<&ArrayD<f32>>) {
-        self.board.update(self.job, step as u32, total as u32);
+impl JobObserver<'_> {
+    /// Progress is reported in the steps the client asked for, not in denoiser calls (PLMS makes N+1 calls,
+    /// Heun 2N-1): call `call` of `calls` maps to step ⌈call · steps / calls⌉, so the last call is the last step.
+    fn user_step(&self, call: usize, calls: usize) -> u32 {
+        let steps = u64::from(self.item.request.steps);
+        (call as u64 * steps).div_ceil(calls.max(1) as u64) as u32
+    }
+}
+
+impl StepObserver for JobObserver<'_> {
+    fn on_step(&mut self, call: usize, calls: usize, preview: Option<image::RgbImage>) {
         let now = std::time::Instant::now();
         metrics::histogram!("denoised_step_seconds").record(now.duration_since(self.last_step).as_secs_f64());
         self.last_step = now;
+        let step = self.user_step(call, calls);
+        if step == self.reported && preview.is_none() {
+            return;
+        }
+        self.reported = step;
+        let total = self.item.request.steps;
+        let progress = self.board.update(self.item.job, step, total);
+        let preview = preview.and_then(|picture| preview_data_url(&picture));
+        self.bus
+            .publish(self.item.job, EventKind::Progress { step, total, eta_ms: progress.eta_ms.unwrap_or(0), preview });
+    }
+
+    fn preview_wanted(&self, call: usize, calls: usize) -> Option<PreviewMode> {
+        let every = self.item.preview_every;
+        let step = self.user_step(call, calls);
+        let due = every > 0 && step != self.reported && step % every == 0;
+        (due && self.bus.has_followers(self.item.job)).then_some(self.item.preview_mode)
     }
 
     fn should_stop(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.item.stop.is_set()
     }
 }
 
-fn serve(receiver: Receiver<WorkItem>, models: &mut [(String, LoadedModel)], progress: &ProgressBoard) {
+/// A small JPEG data URL of a preview picture.
+fn preview_data_url(picture: &image::RgbImage) -> Option<String> {
+    use base64::Engine as _;
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    picture.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 75)).ok()?;
+    Some(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg.into_inner())))
+}
+
+fn serve(receiver: Receiver<WorkItem>, models: &mut [(String, LoadedModel)], progress: &ProgressBoard, bus: &EventBus) {
     while let Ok(item) = receiver.recv() {
         let span = info_span!("job", id = %item.job, model = %item.model);
         let _entered = span.enter();
-        let outcome = guarded(|| run(&item, models, progress));
+        let outcome = guarded(|| run(&item, models, progress, bus));
         if item.reply.send(outcome).is_err() {
             warn!("job result dropped: the dispatcher is gone");
         }
@@ -305,22 +329,12 @@ fn guarded(job: impl FnOnce() -> WorkOutcome) -> WorkOutcome {
     })
 }
 
-fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &ProgressBoard) -> WorkOutcome {
-    let model = models
-        .iter_mut()
-        .find(|(name, _)| *name == item.model)
-        .map(|(_, m)| m)
-        .ok_or_else(|| WorkError::Engine {
-            code: "unknown_model",
-            message: format!("model `{}` is not loaded", item.model),
-        })?;
+fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &ProgressBoard, bus: &EventBus) -> WorkOutcome {
+    let model = models.iter_mut().find(|(name, _)| *name == item.model).map(|(_, m)| m).ok_or_else(|| {
+        WorkError::Engine { code: "unknown_model", message: format!("model `{}` is not loaded", item.model) }
+    })?;
     let started = std::time::Instant::now();
-    let mut observer = BoardObserver {
-        board: progress,
-        job: item.job,
-        cancel: &item.cancel,
-        last_step: started,
-    };
+    let mut observer = JobObserver { board: progress, bus, item, last_step: started, reported: 0 };
     let images = text_to_image(model, &item.request, &mut observer)?;
     metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
     let seeds = item.request.seeds();
@@ -360,10 +374,7 @@ mod tests {
     fn engine_errors_keep_their_code() {
         let err = WorkError::from(EngineError::Cancelled);
         assert_eq!(err.code(), "cancelled");
-        let err = WorkError::from(EngineError::Inference {
-            graph: "unet",
-            message: "boom".into(),
-        });
+        let err = WorkError::from(EngineError::Inference { graph: "unet", message: "boom".into() });
         assert_eq!(err.code(), "inference_error");
     }
 }

@@ -1,79 +1,169 @@
-//! Live state of running jobs that is not worth a database write per step: the latest progress and the
-//! cancellation flag. Workers write, HTTP handlers read; nobody waits on anybody.
+//! Live state of running jobs that is not worth a database write per step: the latest progress, step-time
+//! estimates, and the cancellation flag. Workers write, HTTP handlers read; nobody waits on anybody.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use uuid::Uuid;
 
-/// Progress of one running job.
+/// Progress of one job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct Progress {
     /// Denoiser calls done.
     pub step: u32,
     /// Denoiser calls in the job.
     pub total: u32,
+    /// Estimated milliseconds until the job's last call (from measured step times); absent until measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+}
+
+/// Why a running job was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A client cancelled or deleted it: it ends `cancelled`.
+    Client,
+    /// The server is shutting down: it goes back to the queue.
+    Shutdown,
+}
+
+/// A running job's stop request, shared between the HTTP side and the worker thread.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicU8>);
+
+impl StopFlag {
+    /// Asks the job to stop; the first reason wins.
+    pub fn stop(&self, reason: StopReason) {
+        let code = match reason {
+            StopReason::Client => 1,
+            StopReason::Shutdown => 2,
+        };
+        let _ = self.0.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != 0
+    }
+
+    /// The reason, once set.
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Some(StopReason::Client),
+            2 => Some(StopReason::Shutdown),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Entry {
     progress: Progress,
-    cancel: Arc<AtomicBool>,
+    started: Instant,
+    stop: StopFlag,
 }
 
-/// Latest progress and cancellation flags of the jobs running in this process.
+#[derive(Debug, Default)]
+struct State {
+    running: HashMap<Uuid, Entry>,
+    /// Exponential moving average of milliseconds per denoiser call, over all jobs.
+    step_ms: Option<f64>,
+}
+
+/// Latest progress and stop flags of the jobs running in this process.
 #[derive(Debug, Default, Clone)]
 pub struct ProgressBoard {
-    entries: Arc<Mutex<HashMap<Uuid, Entry>>>,
+    state: Arc<Mutex<State>>,
 }
 
 impl ProgressBoard {
-    /// Registers a job that is about to run and returns its cancellation flag.
-    pub fn start(&self, job: Uuid, total: u32) -> Arc<AtomicBool> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        map.insert(
-            job,
-            Entry {
-                progress: Progress { step: 0, total },
-                cancel: cancel.clone(),
-            },
-        );
-        cancel
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records that `step` of `total` calls are done.
-    pub fn update(&self, job: Uuid, step: u32, total: u32) {
-        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = map.get_mut(&job) {
-            entry.progress = Progress { step, total };
-        }
+    /// Registers a job that is about to run and returns its stop flag.
+    pub fn start(&self, job: Uuid, total: u32) -> StopFlag {
+        let stop = StopFlag::default();
+        let entry =
+            Entry { progress: Progress { step: 0, total, eta_ms: None }, started: Instant::now(), stop: stop.clone() };
+        self.lock().running.insert(job, entry);
+        stop
+    }
+
+    /// Records that `step` of `total` calls are done and returns the updated progress with its estimate.
+    pub fn update(&self, job: Uuid, step: u32, total: u32) -> Progress {
+        let mut state = self.lock();
+        let Some(entry) = state.running.get_mut(&job) else {
+            return Progress { step, total, eta_ms: None };
+        };
+        let per_step = entry.started.elapsed().as_secs_f64() * 1000.0 / f64::from(step.max(1));
+        let eta = (per_step * f64::from(total.saturating_sub(step))).round() as u64;
+        entry.progress = Progress { step, total, eta_ms: Some(eta) };
+        let progress = entry.progress;
+        state.step_ms = Some(match state.step_ms {
+            Some(avg) => 0.9 * avg + 0.1 * per_step,
+            None => per_step,
+        });
+        progress
     }
 
     /// The latest progress of `job`, if it is running here.
     pub fn get(&self, job: Uuid) -> Option<Progress> {
-        let map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&job).map(|e| e.progress)
+        self.lock().running.get(&job).map(|e| e.progress)
+    }
+
+    /// A rough wait for a queued job: `steps` calls of its own plus `ahead` jobs of the same size before it,
+    /// spread over `workers`, at the measured average step time.
+    pub fn queued_eta_ms(&self, steps: u32, ahead: u64, workers: usize) -> Option<u64> {
+        let per_step = self.lock().step_ms?;
+        let jobs = (ahead as f64 / workers.max(1) as f64).ceil() + 1.0;
+        Some((per_step * f64::from(steps) * jobs).round() as u64)
     }
 
     /// Asks a running job to stop at its next step boundary. Returns whether it was running here.
-    pub fn cancel(&self, job: Uuid) -> bool {
-        let map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&job).map(|e| e.cancel.store(true, Ordering::SeqCst)).is_some()
+    pub fn stop(&self, job: Uuid, reason: StopReason) -> bool {
+        self.lock().running.get(&job).map(|e| e.stop.stop(reason)).is_some()
     }
 
-    /// Asks every running job to stop (shutdown after the grace period).
-    pub fn cancel_all(&self) {
-        let map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        for entry in map.values() {
-            entry.cancel.store(true, Ordering::SeqCst);
+    /// Asks every running job to stop.
+    pub fn stop_all(&self, reason: StopReason) {
+        for entry in self.lock().running.values() {
+            entry.stop.stop(reason);
         }
     }
 
     /// Forgets a job that has finished.
     pub fn finish(&self, job: Uuid) {
-        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        map.remove(&job);
+        self.lock().running.remove(&job);
+    }
+
+    /// Whether `job` is running in this process.
+    pub fn is_running(&self, job: Uuid) -> bool {
+        self.lock().running.contains_key(&job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_comes_from_measured_steps_and_stop_keeps_the_first_reason() {
+        let board = ProgressBoard::default();
+        let job = Uuid::now_v7();
+        let stop = board.start(job, 10);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let p = board.update(job, 2, 10);
+        let eta = p.eta_ms.unwrap();
+        assert!(eta >= 60, "8 steps at >= 10 ms each: {eta}");
+        assert!(board.queued_eta_ms(10, 1, 1).unwrap() >= 2 * 10 * 10);
+        assert!(board.stop(job, StopReason::Client));
+        board.stop_all(StopReason::Shutdown);
+        assert_eq!(stop.reason(), Some(StopReason::Client));
+        board.finish(job);
+        assert!(!board.stop(job, StopReason::Client));
+        assert!(board.get(job).is_none());
     }
 }

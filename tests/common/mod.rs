@@ -31,9 +31,7 @@ pub fn ort_library() -> PathBuf {
 /// The process-wide runtime.
 pub fn runtime() -> Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| Runtime::load(&ort_library()).expect("loading ONNX Runtime"))
-        .clone()
+    RUNTIME.get_or_init(|| Runtime::load(&ort_library()).expect("loading ONNX Runtime")).clone()
 }
 
 /// Reads a float32 `.npy` file.
@@ -94,17 +92,19 @@ impl TestServer {
         let handle = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        Self {
-            base,
-            dir,
-            stop: Some(stop),
-            handle: Some(handle),
-        }
+        Self { base, dir, stop: Some(stop), handle: Some(handle) }
     }
 
     /// `base` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// Signals shutdown without waiting for it to finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// Stops the server and waits for it.

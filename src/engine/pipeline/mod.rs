@@ -7,13 +7,19 @@ mod text_to_image;
 pub use noise::BatchNoise;
 pub use text_to_image::{text_to_image, GenerateRequest};
 
-use ndarray::ArrayD;
+use image::RgbImage;
+
+use super::preview::PreviewMode;
 
 /// What a pipeline reports after each denoiser call, and how it learns that it should stop.
 pub trait StepObserver {
-    /// Called after denoiser call `step` (1-based) of `total`. `predicted` is the scheduler's current estimate
-    /// of the clean latents, when it has one (for previews).
-    fn on_step(&mut self, step: usize, total: usize, predicted: Option<&ArrayD<f32>>);
+    /// Called after denoiser call `step` (1-based) of `total`, with a preview when [`Self::preview_wanted`]
+    /// asked for one.
+    fn on_step(&mut self, step: usize, total: usize, preview: Option<RgbImage>);
+    /// Whether to render a preview after call `step`, and how. Previews cost time, so the default is never.
+    fn preview_wanted(&self, _step: usize, _total: usize) -> Option<PreviewMode> {
+        None
+    }
     /// Checked before every denoiser call; `true` stops the run with [`super::EngineError::Cancelled`].
     fn should_stop(&self) -> bool {
         false
@@ -25,5 +31,5 @@ pub trait StepObserver {
 pub struct NoObserver;
 
 impl StepObserver for NoObserver {
-    fn on_step(&mut self, _step: usize, _total: usize, _predicted: Option<&ArrayD<f32>>) {}
+    fn on_step(&mut self, _step: usize, _total: usize, _preview: Option<RgbImage>) {}
 }

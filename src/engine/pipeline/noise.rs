@@ -12,9 +12,7 @@ pub struct BatchNoise {
 impl BatchNoise {
     /// Generators for `seeds`, one per image, in batch order.
     pub fn new(seeds: &[u64]) -> Self {
-        Self {
-            generators: seeds.iter().map(|s| SeededNoise::new(*s)).collect(),
-        }
+        Self { generators: seeds.iter().map(|s| SeededNoise::new(*s)).collect() }
     }
 
     /// Number of images.

@@ -12,6 +12,7 @@ use crate::engine::error::EngineError;
 use crate::engine::graph::Feed;
 use crate::engine::image::tensor_to_images;
 use crate::engine::model::LoadedModel;
+use crate::engine::preview::{self, PreviewMode};
 use crate::engine::rng::NoiseSource;
 use crate::engine::scheduler::{self, SchedulerKind};
 
@@ -58,20 +59,14 @@ pub fn text_to_image(
     let info = &model.info;
     let factor = info.vae_scale_factor;
     if request.width % factor != 0 || request.height % factor != 0 || request.width == 0 || request.height == 0 {
-        return Err(EngineError::InvalidRequest(format!(
-            "width and height must be positive multiples of {factor}"
-        )));
+        return Err(EngineError::InvalidRequest(format!("width and height must be positive multiples of {factor}")));
     }
     let n = request.images as usize;
     if n == 0 {
         return Err(EngineError::InvalidRequest("at least one image".into()));
     }
-    let shape = [
-        n,
-        info.latent_channels as usize,
-        (request.height / factor) as usize,
-        (request.width / factor) as usize,
-    ];
+    let shape =
+        [n, info.latent_channels as usize, (request.height / factor) as usize, (request.width / factor) as usize];
     let mut noise = BatchNoise::new(&request.seeds());
     let initial = match &request.latents {
         Some(given) => {
@@ -124,10 +119,7 @@ pub fn text_to_image(
         ])?;
         let predicted = outputs
             .remove(&model.unet_output)
-            .ok_or_else(|| EngineError::Inference {
-                graph: "unet",
-                message: "no output".into(),
-            })?;
+            .ok_or_else(|| EngineError::Inference { graph: "unet", message: "no output".into() })?;
         let guided_prediction = if guided {
             let uncond = predicted.slice_axis(Axis(0), (0..n).into());
             let cond = predicted.slice_axis(Axis(0), (n..2 * n).into());
@@ -137,8 +129,12 @@ pub fn text_to_image(
             predicted
         };
         let out = sched.step(guided_prediction.view(), call, latents.view(), &mut noise);
+        let preview = observer.preview_wanted(call + 1, total).and_then(|mode| {
+            let estimate = out.pred_original_sample.as_ref().unwrap_or(&out.prev_sample);
+            render_preview(model, estimate, mode, request.width, request.height)
+        });
         latents = out.prev_sample;
-        observer.on_step(call + 1, total, out.pred_original_sample.as_ref());
+        observer.on_step(call + 1, total, preview);
     }
     decode(model, latents)
 }
@@ -169,10 +165,7 @@ fn encode_prompts(
         let mut outputs = model.text_encoder.run(vec![("input_ids", Feed::Int(one))])?;
         let h = outputs
             .remove(&model.text_output)
-            .ok_or_else(|| EngineError::Inference {
-                graph: "text_encoder",
-                message: "no hidden states".into(),
-            })?;
+            .ok_or_else(|| EngineError::Inference { graph: "text_encoder", message: "no hidden states".into() })?;
         hidden.push(h);
     }
     let mut parts = Vec::with_capacity(texts.len() * n);
@@ -181,10 +174,28 @@ fn encode_prompts(
             parts.push(h.view());
         }
     }
-    concatenate(Axis(0), &parts).map_err(|e| EngineError::Inference {
-        graph: "text_encoder",
-        message: e.to_string(),
-    })
+    concatenate(Axis(0), &parts).map_err(|e| EngineError::Inference { graph: "text_encoder", message: e.to_string() })
+}
+
+/// A preview of the first image of `latents` (diffusion latents). A preview that fails is skipped: it must
+/// never fail the job.
+fn render_preview(
+    model: &mut LoadedModel,
+    latents: &ArrayD<f32>,
+    mode: PreviewMode,
+    width: u32,
+    height: u32,
+) -> Option<RgbImage> {
+    let first = latents.slice_axis(Axis(0), (0..1).into()).to_owned();
+    let decoded = match mode {
+        PreviewMode::Approx => model.preview.decode(&first).ok()?,
+        PreviewMode::Vae => {
+            let scaled = first / model.info.vae_scaling_factor;
+            let mut outputs = model.vae_decoder.run(vec![("latent_sample", Feed::Float(scaled))]).ok()?;
+            outputs.remove(&model.vae_output)?.into_dimensionality::<Ix4>().ok()?
+        }
+    };
+    preview::to_picture(&decoded, width, height)
 }
 
 /// Decodes latents one image at a time (bounded memory for large batches) into pictures.
@@ -196,14 +207,10 @@ fn decode(model: &mut LoadedModel, latents: ArrayD<f32>) -> Result<Vec<RgbImage>
         let mut outputs = model.vae_decoder.run(vec![("latent_sample", Feed::Float(one))])?;
         let sample = outputs
             .remove(&model.vae_output)
-            .ok_or_else(|| EngineError::Inference {
-                graph: "vae_decoder",
-                message: "no sample".into(),
-            })?;
-        let sample: Array<f32, Ix4> = sample.into_dimensionality().map_err(|e| EngineError::Inference {
-            graph: "vae_decoder",
-            message: e.to_string(),
-        })?;
+            .ok_or_else(|| EngineError::Inference { graph: "vae_decoder", message: "no sample".into() })?;
+        let sample: Array<f32, Ix4> = sample
+            .into_dimensionality()
+            .map_err(|e| EngineError::Inference { graph: "vae_decoder", message: e.to_string() })?;
         images.extend(tensor_to_images(sample.view()));
     }
     Ok(images)

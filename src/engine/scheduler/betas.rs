@@ -38,15 +38,7 @@ pub(crate) fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - 1 - i) as f32
-            }
-        })
-        .collect()
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
 }
 
 /// `betas_for_alpha_bar`: betas that discretise a continuous alpha-bar function.
@@ -102,21 +94,16 @@ pub(crate) fn alphas_cumprod(cfg: &SchedulerConfig, spec: &BetaSpec) -> Result<V
     let end = cfg.beta_end.unwrap_or(spec.end);
     let betas: Vec<f32> = if let Some(trained) = &cfg.trained_betas {
         if trained.len() != n {
-            return Err(unsupported(
-                "trained_betas",
-                format!("{} values", trained.len()),
-                spec.class,
-            ));
+            return Err(unsupported("trained_betas", format!("{} values", trained.len()), spec.class));
         }
         trained.iter().map(|&b| b as f32).collect()
     } else {
         let schedule = cfg.beta_schedule.as_deref().unwrap_or(spec.schedule);
         match schedule {
             "linear" => linspace_f32(start as f32, end as f32, n),
-            "scaled_linear" => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            "scaled_linear" => {
+                linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n).into_iter().map(|b| b * b).collect()
+            }
             "squaredcos_cap_v2" => {
                 betas_for_alpha_bar(n, |t| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2))
             }
@@ -132,11 +119,7 @@ pub(crate) fn alphas_cumprod(cfg: &SchedulerConfig, spec: &BetaSpec) -> Result<V
         }
     };
     let rescale = cfg.rescale_betas_zero_snr.unwrap_or(false) && spec.rescale != Rescale::Ignored;
-    let betas = if rescale {
-        rescale_zero_terminal_snr(&betas)
-    } else {
-        betas
-    };
+    let betas = if rescale { rescale_zero_terminal_snr(&betas) } else { betas };
     let mut acp = cumprod(&betas.iter().map(|b| 1.0 - b).collect::<Vec<f32>>());
     if rescale && spec.rescale == Rescale::TerminalEpsilon {
         if let Some(last) = acp.last_mut() {
@@ -168,10 +151,7 @@ mod tests {
 
     #[test]
     fn unknown_beta_schedule_names_field_and_value() {
-        let cfg = SchedulerConfig {
-            beta_schedule: Some("foo".into()),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { beta_schedule: Some("foo".into()), ..Default::default() };
         let err = alphas_cumprod(&cfg, &spec()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("beta_schedule") && text.contains("foo"), "{text}");

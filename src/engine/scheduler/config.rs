@@ -143,9 +143,7 @@ pub fn parse_lenient_json(text: &str) -> Result<serde_json::Value, SchedulerErro
             rest = &rest[1..];
             continue;
         }
-        let literal = ["-Infinity", "Infinity", "NaN"]
-            .into_iter()
-            .find(|lit| rest.starts_with(lit));
+        let literal = ["-Infinity", "Infinity", "NaN"].into_iter().find(|lit| rest.starts_with(lit));
         if let Some(lit) = literal {
             out.push('"');
             out.push_str(lit);
@@ -263,11 +261,7 @@ impl SchedulerConfig {
 
 /// An error for a field whose value is not supported by `class`.
 pub(crate) fn unsupported(field: &'static str, value: impl ToString, class: &'static str) -> SchedulerError {
-    SchedulerError::UnsupportedValue {
-        field,
-        value: value.to_string(),
-        class,
-    }
+    SchedulerError::UnsupportedValue { field, value: value.to_string(), class }
 }
 
 /// Rejects a boolean feature flag that this implementation does not provide when it is set.

@@ -67,18 +67,11 @@ pub(crate) fn x0_and_eps(
 ) -> (ArrayD<f32>, ArrayD<f32>) {
     let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
     match prediction {
-        PredictionType::Epsilon => (
-            map2(sample, model_output, |x, e| (x - sb * e) / sa),
-            model_output.to_owned(),
-        ),
-        PredictionType::Sample => (
-            model_output.to_owned(),
-            map2(sample, model_output, |x, x0| (x - sa * x0) / sb),
-        ),
-        PredictionType::VPrediction => (
-            map2(sample, model_output, |x, v| sa * x - sb * v),
-            map2(sample, model_output, |x, v| sa * v + sb * x),
-        ),
+        PredictionType::Epsilon => (map2(sample, model_output, |x, e| (x - sb * e) / sa), model_output.to_owned()),
+        PredictionType::Sample => (model_output.to_owned(), map2(sample, model_output, |x, x0| (x - sa * x0) / sb)),
+        PredictionType::VPrediction => {
+            (map2(sample, model_output, |x, v| sa * x - sb * v), map2(sample, model_output, |x, v| sa * v + sb * x))
+        }
     }
 }
 
@@ -96,21 +89,11 @@ impl Ddim {
         let acp = alphas_cumprod(cfg, &spec)?;
         let train = cfg.train_steps();
         let spacing = cfg.spacing(TimestepSpacing::Leading, CLASS)?;
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let ts = integer_timesteps(spacing, n, train, cfg.offset());
         check_timesteps(&ts, train, n, CLASS)?;
-        let final_acp = if cfg.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            acp[0]
-        };
+        let final_acp = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { acp[0] };
         Ok(Self {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
             ts,
@@ -147,19 +130,12 @@ impl Scheduler for Ddim {
         let t = self.ts[call];
         let prev = t - self.stride;
         let a_t = self.acp[t as usize] as f64;
-        let a_prev = if prev >= 0 {
-            self.acp[prev as usize]
-        } else {
-            self.final_acp
-        } as f64;
+        let a_prev = if prev >= 0 { self.acp[prev as usize] } else { self.final_acp } as f64;
         let (x0, eps) = x0_and_eps(self.prediction, a_t, &model_output, &sample);
         let x0 = self.bound.apply(x0);
         let (c0, c1) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
         let prev_sample = map2(&x0.view(), &eps.view(), |x, e| c0 * x + c1 * e);
-        StepOutput {
-            prev_sample,
-            pred_original_sample: Some(x0),
-        }
+        StepOutput { prev_sample, pred_original_sample: Some(x0) }
     }
 
     fn num_inference_steps(&self) -> usize {

@@ -48,14 +48,8 @@ impl Ddpm {
         let acp = alphas_cumprod(cfg, &spec)?;
         let train = cfg.train_steps();
         let spacing = cfg.spacing(TimestepSpacing::Leading, CLASS)?;
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let variance = match cfg.variance_type.as_deref() {
             None | Some("fixed_small") => Variance::Small,
             Some("fixed_small_log") => Variance::SmallLog,
@@ -119,10 +113,7 @@ impl Scheduler for Ddpm {
         } else {
             map2(&x0.view(), &sample, |x0, x| c_x0 * x0 + c_x * x)
         };
-        StepOutput {
-            prev_sample,
-            pred_original_sample: Some(x0),
-        }
+        StepOutput { prev_sample, pred_original_sample: Some(x0) }
     }
 
     fn num_inference_steps(&self) -> usize {

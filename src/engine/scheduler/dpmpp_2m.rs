@@ -96,14 +96,8 @@ impl DpmSolverMultistep {
         if let Some(v @ ("learned" | "learned_range")) = cfg.variance_type.as_deref() {
             return Err(unsupported("variance_type", v, CLASS));
         }
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let spec = BetaSpec {
             class: CLASS,
             start: 0.0001,
@@ -133,10 +127,8 @@ impl DpmSolverMultistep {
             .count();
         let last_timestep = train - clipped_idx;
         let full = train_sigmas(&acp);
-        let mut ts: Vec<f64> = multistep_timesteps(spacing, n, train, last_timestep, cfg.offset())
-            .into_iter()
-            .map(|t| t as f64)
-            .collect();
+        let mut ts: Vec<f64> =
+            multistep_timesteps(spacing, n, train, last_timestep, cfg.offset()).into_iter().map(|t| t as f64).collect();
         let mut sigmas: Vec<f64>;
         if cfg.use_karras_sigmas.unwrap_or(false) {
             let logs = log_sigmas(&full);
@@ -222,26 +214,16 @@ impl DpmSolverMultistep {
                 let cx = (s_t / s_s0) as f64;
                 let e = (-h).exp() - 1.0;
                 let c0 = (a_t * e) as f64;
-                let c1 = if self.heun {
-                    -((a_t * (e / h + 1.0)) as f64)
-                } else {
-                    (0.5 * (a_t * e)) as f64
-                };
+                let c1 = if self.heun { -((a_t * (e / h + 1.0)) as f64) } else { (0.5 * (a_t * e)) as f64 };
                 map3(x, &m0, &d1.view(), |x, d0, d1| cx * x - c0 * d0 - c1 * d1)
             }
             Some(z) => {
                 let cx = (s_t / s_s0 * (-h).exp()) as f64;
                 let e = 1.0 - (-2.0 * h).exp();
                 let c0 = (a_t * e) as f64;
-                let c1 = if self.heun {
-                    (a_t * (e / (-2.0 * h) + 1.0)) as f64
-                } else {
-                    (0.5 * (a_t * e)) as f64
-                };
+                let c1 = if self.heun { (a_t * (e / (-2.0 * h) + 1.0)) as f64 } else { (0.5 * (a_t * e)) as f64 };
                 let cz = (s_t * e.sqrt()) as f64;
-                map4(x, &m0, &d1.view(), &z.view(), |x, d0, d1, z| {
-                    cx * x + c0 * d0 + c1 * d1 + cz * z
-                })
+                map4(x, &m0, &d1.view(), &z.view(), |x, d0, d1, z| cx * x + c0 * d0 + c1 * d1 + cz * z)
             }
         }
     }
@@ -252,11 +234,7 @@ impl DpmSolverMultistep {
         let (_, _, l_s1) = alpha_sigma_lambda(self.sigmas[call - 1]);
         let (_, _, l_s2) = alpha_sigma_lambda(self.sigmas[call - 2]);
         let k = self.history.len();
-        let (m0, m1, m2) = (
-            self.history[k - 1].view(),
-            self.history[k - 2].view(),
-            self.history[k - 3].view(),
-        );
+        let (m0, m1, m2) = (self.history[k - 1].view(), self.history[k - 2].view(), self.history[k - 3].view());
         let (h, h0, h1) = (l_t - l_s0, l_s0 - l_s1, l_s1 - l_s2);
         let (r0, r1) = (h0 / h, h1 / h);
         let (i0, i1) = ((1.0 / r0) as f64, (1.0 / r1) as f64);
@@ -273,9 +251,7 @@ impl DpmSolverMultistep {
                 let c0 = -((a_t * e) as f64);
                 let c1 = (a_t * (e / h + 1.0)) as f64;
                 let c2 = -((a_t * ((e + h) / (h * h) - 0.5)) as f64);
-                map4(x, &m0, &d1.view(), &d2.view(), |x, d0, d1, d2| {
-                    cx * x + c0 * d0 + c1 * d1 + c2 * d2
-                })
+                map4(x, &m0, &d1.view(), &d2.view(), |x, d0, d1, d2| cx * x + c0 * d0 + c1 * d1 + c2 * d2)
             }
             Some(_) => {
                 let e = 1.0 - (-2.0 * h).exp();
@@ -283,9 +259,7 @@ impl DpmSolverMultistep {
                 let c0 = (a_t * e) as f64;
                 let c1 = (a_t * (e / (-2.0 * h) + 1.0)) as f64;
                 let c2 = (a_t * ((e - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5)) as f64;
-                map4(x, &m0, &d1.view(), &d2.view(), |x, d0, d1, d2| {
-                    cx * x + c0 * d0 + c1 * d1 + c2 * d2
-                })
+                map4(x, &m0, &d1.view(), &d2.view(), |x, d0, d1, d2| cx * x + c0 * d0 + c1 * d1 + c2 * d2)
             }
         };
         match noise {
@@ -322,18 +296,12 @@ impl Scheduler for DpmSolverMultistep {
         let lower_final =
             call == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);
         let lower_second = call + 2 == len && self.lower_order_final && len < 15;
-        let x0 = self
-            .bound
-            .apply(multistep_x0(self.prediction, self.sigmas[call], &model_output, &sample));
+        let x0 = self.bound.apply(multistep_x0(self.prediction, self.sigmas[call], &model_output, &sample));
         self.history.push(x0.clone());
         if self.history.len() > self.order {
             self.history.remove(0);
         }
-        let z = if self.sde {
-            Some(draw_noise(noise, model_output.shape()))
-        } else {
-            None
-        };
+        let z = if self.sde { Some(draw_noise(noise, model_output.shape())) } else { None };
         let prev_sample = if self.order == 1 || self.lower_order_nums < 1 || lower_final {
             self.first_order(call, &sample, z.as_ref())
         } else if self.order == 2 || self.lower_order_nums < 2 || lower_second {
@@ -344,10 +312,7 @@ impl Scheduler for DpmSolverMultistep {
         if self.lower_order_nums < self.order {
             self.lower_order_nums += 1;
         }
-        StepOutput {
-            prev_sample,
-            pred_original_sample: Some(x0),
-        }
+        StepOutput { prev_sample, pred_original_sample: Some(x0) }
     }
 
     fn num_inference_steps(&self) -> usize {

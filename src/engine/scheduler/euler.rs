@@ -63,19 +63,13 @@ pub(crate) fn sigma_schedule(
     let logs = log_sigmas(&full);
     let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &full)).collect();
     if opts.karras && cfg.use_karras_sigmas.unwrap_or(false) {
-        let lo = cfg
-            .sigma_min
-            .filter(|_| opts.sigma_bounds)
-            .unwrap_or(sigmas[sigmas.len() - 1]);
+        let lo = cfg.sigma_min.filter(|_| opts.sigma_bounds).unwrap_or(sigmas[sigmas.len() - 1]);
         let hi = cfg.sigma_max.filter(|_| opts.sigma_bounds).unwrap_or(sigmas[0]);
         sigmas = karras(lo, hi, n);
         timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs) as f32 as f64).collect();
     }
-    let last = if opts.final_sigmas && cfg.final_sigmas(class)? == FinalSigmas::SigmaMin {
-        full[0] as f64
-    } else {
-        0.0
-    };
+    let last =
+        if opts.final_sigmas && cfg.final_sigmas(class)? == FinalSigmas::SigmaMin { full[0] as f64 } else { 0.0 };
     sigmas.push(last);
     let sigmas = sigmas.into_iter().map(|s| s as f32 as f64).collect();
     Ok(SigmaSchedule { timesteps, sigmas })
@@ -139,14 +133,8 @@ impl Euler {
             Some("continuous") => true,
             Some(other) => return Err(unsupported("timestep_type", other, CLASS)),
         };
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let opts = SigmaOptions {
             class: CLASS,
             beta: BetaSpec {
@@ -164,10 +152,7 @@ impl Euler {
         let sched = sigma_schedule(cfg, n, &opts)?;
         let timesteps = if continuous && prediction == PredictionType::VPrediction {
             let k = sched.sigmas.len() - 1;
-            sched.sigmas[..k]
-                .iter()
-                .map(|&s| (0.25 * (s as f32).ln()) as f64)
-                .collect()
+            sched.sigmas[..k].iter().map(|&s| (0.25 * (s as f32).ln()) as f64).collect()
         } else {
             sched.timesteps
         };
@@ -205,10 +190,7 @@ impl Scheduler for Euler {
         let s = sigma as f32;
         let dt = self.sigmas[call + 1] as f32 - s;
         let prev_sample = map2_f32(&sample, &x0.view(), |x, x0| x + (x - x0) / s * dt);
-        StepOutput {
-            prev_sample,
-            pred_original_sample: Some(x0),
-        }
+        StepOutput { prev_sample, pred_original_sample: Some(x0) }
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

@@ -79,13 +79,8 @@ impl Scheduler for EulerAncestral {
         let s = from;
         let dt = down - s;
         let z = draw_noise(noise, model_output.shape());
-        let prev_sample = map3_f32(&sample, &x0.view(), &z.view(), |x, x0, z| {
-            x + (x - x0) / s * dt + z * up
-        });
-        StepOutput {
-            prev_sample,
-            pred_original_sample: Some(x0),
-        }
+        let prev_sample = map3_f32(&sample, &x0.view(), &z.view(), |x, x0, z| x + (x - x0) / s * dt + z * up);
+        StepOutput { prev_sample, pred_original_sample: Some(x0) }
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

@@ -40,14 +40,8 @@ impl Heun {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self, SchedulerError> {
         reject_flag(cfg.use_exponential_sigmas, "use_exponential_sigmas", CLASS)?;
         reject_flag(cfg.use_beta_sigmas, "use_beta_sigmas", CLASS)?;
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let opts = SigmaOptions {
             class: CLASS,
             beta: BetaSpec {
@@ -110,37 +104,23 @@ impl Scheduler for Heun {
             None => {
                 let sigma = self.sigmas[call];
                 let next = self.sigmas[call + 1];
-                let x0 = self
-                    .bound
-                    .apply(sigma_x0(self.prediction, sigma, &model_output, &sample));
+                let x0 = self.bound.apply(sigma_x0(self.prediction, sigma, &model_output, &sample));
                 let derivative = map2(&sample, &x0.view(), |x, x0| (x - x0) / sigma);
                 let dt = next - sigma;
                 let prev_sample = map2(&sample, &derivative.view(), |x, d| x + d * dt);
-                self.pending = Some(Pending {
-                    derivative,
-                    dt,
-                    sample: sample.to_owned(),
-                });
-                StepOutput {
-                    prev_sample,
-                    pred_original_sample: Some(x0),
-                }
+                self.pending = Some(Pending { derivative, dt, sample: sample.to_owned() });
+                StepOutput { prev_sample, pred_original_sample: Some(x0) }
             }
             Some(p) => {
                 let next = self.sigmas[call];
-                let x0 = self
-                    .bound
-                    .apply(sigma_x0(self.prediction, next, &model_output, &sample));
+                let x0 = self.bound.apply(sigma_x0(self.prediction, next, &model_output, &sample));
                 let derivative = map3(&sample, &x0.view(), &p.derivative.view(), |x, x0, d0| {
                     let d1 = (x - x0) / next;
                     (d0 + d1) / 2.0
                 });
                 let dt = p.dt;
                 let prev_sample = map2(&p.sample.view(), &derivative.view(), |x, d| x + d * dt);
-                StepOutput {
-                    prev_sample,
-                    pred_original_sample: Some(x0),
-                }
+                StepOutput { prev_sample, pred_original_sample: Some(x0) }
             }
         }
     }

@@ -189,23 +189,14 @@ mod tests {
         }
         assert_eq!(SchedulerKind::from_request_name("PLMS"), Some(SchedulerKind::Pndm));
         assert_eq!(SchedulerKind::from_request_name("euler a"), Some(SchedulerKind::EulerA));
-        assert_eq!(
-            SchedulerKind::from_request_name("dpm++ 2m sde karras"),
-            Some(SchedulerKind::Dpmpp2mSdeKarras)
-        );
-        assert_eq!(
-            SchedulerKind::from_request_name("DPM++ 2M Karras"),
-            Some(SchedulerKind::Dpmpp2mKarras)
-        );
+        assert_eq!(SchedulerKind::from_request_name("dpm++ 2m sde karras"), Some(SchedulerKind::Dpmpp2mSdeKarras));
+        assert_eq!(SchedulerKind::from_request_name("DPM++ 2M Karras"), Some(SchedulerKind::Dpmpp2mKarras));
         assert_eq!(SchedulerKind::from_request_name("nope"), None);
     }
 
     #[test]
     fn class_names_round_trip_and_catalogue_is_complete() {
-        assert_eq!(
-            SchedulerKind::from_class_name("EulerDiscreteScheduler"),
-            Some(SchedulerKind::Euler)
-        );
+        assert_eq!(SchedulerKind::from_class_name("EulerDiscreteScheduler"), Some(SchedulerKind::Euler));
         assert_eq!(SchedulerKind::from_class_name("FlowMatchEulerDiscreteScheduler"), None);
         let cat = catalogue();
         assert_eq!(cat.len(), 11);

@@ -39,25 +39,15 @@ impl Lcm {
         let train = cfg.train_steps();
         // LCM reads timestep_spacing but its set_timesteps does not use it; only validate the value.
         cfg.spacing(super::config::TimestepSpacing::Leading, CLASS)?;
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let original = cfg.original_inference_steps.unwrap_or(50);
         if original == 0 || original > train {
             return Err(unsupported("original_inference_steps", original, CLASS));
         }
         let k = train / original;
         let origin: Vec<i64> = (1..=original as i64).rev().map(|i| i * k as i64 - 1).collect();
-        let invalid = |reason: String| SchedulerError::InvalidSteps {
-            class: CLASS,
-            steps: n,
-            reason,
-        };
+        let invalid = |reason: String| SchedulerError::InvalidSteps { class: CLASS, steps: n, reason };
         if n > train {
             return Err(invalid(format!("more than the {train} training timesteps")));
         }
@@ -116,10 +106,7 @@ impl Scheduler for Lcm {
         } else {
             denoised.clone()
         };
-        StepOutput {
-            prev_sample,
-            pred_original_sample: Some(denoised),
-        }
+        StepOutput { prev_sample, pred_original_sample: Some(denoised) }
     }
 
     fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {

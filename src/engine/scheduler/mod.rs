@@ -94,12 +94,7 @@ pub trait Scheduler: Send {
     /// img2img: the first call index to run for `strength` in (0, 1], as diffusers' `get_timesteps` computes
     /// it (`t_start = n - min(int(n * strength), n)`, times `order`).
     fn start_call_for_strength(&self, strength: f64) -> Result<usize, SchedulerError> {
-        start_call(
-            self.num_inference_steps(),
-            self.order(),
-            self.timesteps().len(),
-            strength,
-        )
+        start_call(self.num_inference_steps(), self.order(), self.timesteps().len(), strength)
     }
 
     /// Noises clean latents `original` to the noise level of call `call` (img2img's starting sample, or
@@ -114,10 +109,7 @@ pub fn start_call(
     calls: usize,
     strength: f64,
 ) -> Result<usize, SchedulerError> {
-    let invalid = SchedulerError::InvalidStrength {
-        strength,
-        steps: num_inference_steps,
-    };
+    let invalid = SchedulerError::InvalidStrength { strength, steps: num_inference_steps };
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(invalid);
     }

@@ -25,10 +25,7 @@ pub(crate) fn map3(
     c: &ArrayViewD<'_, f32>,
     f: impl Fn(f64, f64, f64) -> f64,
 ) -> ArrayD<f32> {
-    Zip::from(a)
-        .and(b)
-        .and(c)
-        .map_collect(|&x, &y, &z| f(x as f64, y as f64, z as f64) as f32)
+    Zip::from(a).and(b).and(c).map_collect(|&x, &y, &z| f(x as f64, y as f64, z as f64) as f32)
 }
 
 /// `f(a, b, c, d)` element-wise. Panics if the shapes differ.
@@ -39,11 +36,7 @@ pub(crate) fn map4(
     d: &ArrayViewD<'_, f32>,
     f: impl Fn(f64, f64, f64, f64) -> f64,
 ) -> ArrayD<f32> {
-    Zip::from(a)
-        .and(b)
-        .and(c)
-        .and(d)
-        .map_collect(|&x, &y, &z, &w| f(x as f64, y as f64, z as f64, w as f64) as f32)
+    Zip::from(a).and(b).and(c).and(d).map_collect(|&x, &y, &z, &w| f(x as f64, y as f64, z as f64, w as f64) as f32)
 }
 
 /// One draw of unit-Gaussian noise with `shape`, filled in row-major order as `randn_tensor` fills it.

@@ -80,11 +80,7 @@ impl Pndm {
         };
         let ts: Vec<i64> = prk.iter().chain(plms.iter()).copied().collect();
         check_timesteps(&ts, train, n, CLASS)?;
-        let final_acp = if cfg.set_alpha_to_one.unwrap_or(false) {
-            1.0
-        } else {
-            acp[0]
-        };
+        let final_acp = if cfg.set_alpha_to_one.unwrap_or(false) { 1.0 } else { acp[0] };
         Ok(Self {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
             prk_len: prk.len(),
@@ -104,11 +100,7 @@ impl Pndm {
     /// Formula (9) of the PNDM paper: moves `sample` from timestep `t` to `prev` along `eps`.
     fn prev_sample(&self, sample: &ArrayViewD<'_, f32>, t: i64, prev: i64, eps: &ArrayViewD<'_, f32>) -> ArrayD<f32> {
         let a_t = self.acp[t as usize] as f64;
-        let a_prev = if prev >= 0 {
-            self.acp[prev as usize]
-        } else {
-            self.final_acp
-        } as f64;
+        let a_prev = if prev >= 0 { self.acp[prev as usize] } else { self.final_acp } as f64;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let sample_coeff = (a_prev / a_t).sqrt();
         let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
@@ -178,17 +170,11 @@ impl Pndm {
         } else if k == 2 {
             map2(&ets[1].view(), &ets[0].view(), |a, b| (3.0 * a - b) / 2.0)
         } else if k == 3 {
-            map3(&ets[2].view(), &ets[1].view(), &ets[0].view(), |a, b, c| {
-                (23.0 * a - 16.0 * b + 5.0 * c) / 12.0
-            })
+            map3(&ets[2].view(), &ets[1].view(), &ets[0].view(), |a, b, c| (23.0 * a - 16.0 * b + 5.0 * c) / 12.0)
         } else {
-            map4(
-                &ets[k - 1].view(),
-                &ets[k - 2].view(),
-                &ets[k - 3].view(),
-                &ets[k - 4].view(),
-                |a, b, c, d| (1.0 / 24.0) * (55.0 * a - 59.0 * b + 37.0 * c - 9.0 * d),
-            )
+            map4(&ets[k - 1].view(), &ets[k - 2].view(), &ets[k - 3].view(), &ets[k - 4].view(), |a, b, c, d| {
+                (1.0 / 24.0) * (55.0 * a - 59.0 * b + 37.0 * c - 9.0 * d)
+            })
         };
         self.prev_sample(&base.view(), t, prev, &eps.view())
     }
@@ -221,10 +207,7 @@ impl Scheduler for Pndm {
             self.step_plms(model_output, t, sample)
         };
         self.counter += 1;
-        StepOutput {
-            prev_sample,
-            pred_original_sample: None,
-        }
+        StepOutput { prev_sample, pred_original_sample: None }
     }
 
     fn num_inference_steps(&self) -> usize {

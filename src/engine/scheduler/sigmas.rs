@@ -29,21 +29,16 @@ pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
 /// schedulers: `n` values out of `train` training steps.
 pub(crate) fn integer_timesteps(spacing: TimestepSpacing, n: usize, train: usize, offset: i64) -> Vec<i64> {
     match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|t| t.round_ties_even() as i64)
-            .collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(|t| t.round_ties_even() as i64).collect()
+        }
         TimestepSpacing::Leading => {
             let ratio = (train / n) as i64;
             (0..n as i64).rev().map(|i| i * ratio + offset).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = train as f64 / n as f64;
-            np_arange(train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| t.round_ties_even() as i64 - 1)
-                .collect()
+            np_arange(train as f64, 0.0, -ratio).into_iter().map(|t| t.round_ties_even() as i64 - 1).collect()
         }
     }
 }
@@ -52,15 +47,10 @@ pub(crate) fn integer_timesteps(spacing: TimestepSpacing, n: usize, train: usize
 /// float32 as diffusers stores them.
 pub(crate) fn float_timesteps(spacing: TimestepSpacing, n: usize, train: usize, offset: i64) -> Vec<f64> {
     match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|t| t as f32 as f64)
-            .collect(),
-        _ => integer_timesteps(spacing, n, train, offset)
-            .into_iter()
-            .map(|t| t as f64)
-            .collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect()
+        }
+        _ => integer_timesteps(spacing, n, train, offset).into_iter().map(|t| t as f64).collect(),
     }
 }
 
@@ -91,10 +81,7 @@ pub(crate) fn multistep_timesteps(
         }
         TimestepSpacing::Trailing => {
             let ratio = train as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| t.round_ties_even() as i64 - 1)
-                .collect()
+            np_arange(last_timestep as f64, 0.0, -ratio).into_iter().map(|t| t.round_ties_even() as i64 - 1).collect()
         }
     }
 }
@@ -124,10 +111,7 @@ pub(crate) fn karras(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let min_inv = sigma_min.powf(1.0 / rho);
     let max_inv = sigma_max.powf(1.0 / rho);
-    np_linspace(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
+    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
 }
 
 /// `_sigma_to_t`: the fractional training timestep whose log-sigma interpolates to `sigma`.
@@ -135,11 +119,7 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let count = log_sigmas.len();
     // Index of the last log-sigma not above log_sigma (0 when none), capped so that `low + 1` exists.
-    let low_idx = log_sigmas
-        .iter()
-        .rposition(|&ls| log_sigma - ls as f64 >= 0.0)
-        .unwrap_or(0)
-        .min(count - 2);
+    let low_idx = log_sigmas.iter().rposition(|&ls| log_sigma - ls as f64 >= 0.0).unwrap_or(0).min(count - 2);
     let low = log_sigmas[low_idx] as f64;
     let high = log_sigmas[low_idx + 1] as f64;
     let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
@@ -157,21 +137,9 @@ mod tests {
 
     #[test]
     fn spacings_match_diffusers() {
-        assert_eq!(
-            integer_timesteps(TimestepSpacing::Leading, 4, 1000, 1),
-            vec![751, 501, 251, 1]
-        );
-        assert_eq!(
-            integer_timesteps(TimestepSpacing::Trailing, 4, 1000, 0),
-            vec![999, 749, 499, 249]
-        );
-        assert_eq!(
-            integer_timesteps(TimestepSpacing::Linspace, 4, 1000, 0),
-            vec![999, 666, 333, 0]
-        );
-        assert_eq!(
-            multistep_timesteps(TimestepSpacing::Linspace, 4, 1000, 1000, 0),
-            vec![999, 749, 500, 250]
-        );
+        assert_eq!(integer_timesteps(TimestepSpacing::Leading, 4, 1000, 1), vec![751, 501, 251, 1]);
+        assert_eq!(integer_timesteps(TimestepSpacing::Trailing, 4, 1000, 0), vec![999, 749, 499, 249]);
+        assert_eq!(integer_timesteps(TimestepSpacing::Linspace, 4, 1000, 0), vec![999, 666, 333, 0]);
+        assert_eq!(multistep_timesteps(TimestepSpacing::Linspace, 4, 1000, 1000, 0), vec![999, 749, 500, 250]);
     }
 }

@@ -30,10 +30,7 @@ fn unknown_beta_schedule_is_an_error_naming_the_field() {
     for kind in SchedulerKind::all() {
         let err = build(*kind, &cfg, 10).err().expect("must fail");
         let text = err.to_string();
-        assert!(
-            text.contains("beta_schedule") && text.contains("foo"),
-            "{kind:?}: {text}"
-        );
+        assert!(text.contains("beta_schedule") && text.contains("foo"), "{kind:?}: {text}");
     }
 }
 
@@ -43,37 +40,25 @@ fn unsupported_values_are_errors_not_defaults() {
     cfg.use_exponential_sigmas = Some(true);
     assert!(matches!(
         build(SchedulerKind::Euler, &cfg, 10),
-        Err(SchedulerError::UnsupportedValue {
-            field: "use_exponential_sigmas",
-            ..
-        })
+        Err(SchedulerError::UnsupportedValue { field: "use_exponential_sigmas", .. })
     ));
     let mut cfg = sd15();
     cfg.prediction_type = Some("flow_prediction".into());
     assert!(matches!(
         build(SchedulerKind::Ddim, &cfg, 10),
-        Err(SchedulerError::UnsupportedValue {
-            field: "prediction_type",
-            ..
-        })
+        Err(SchedulerError::UnsupportedValue { field: "prediction_type", .. })
     ));
     let mut cfg = sd15();
     cfg.timestep_spacing = Some("sideways".into());
     assert!(matches!(
         build(SchedulerKind::Dpmpp2m, &cfg, 10),
-        Err(SchedulerError::UnsupportedValue {
-            field: "timestep_spacing",
-            ..
-        })
+        Err(SchedulerError::UnsupportedValue { field: "timestep_spacing", .. })
     ));
     let mut cfg = sd15();
     cfg.algorithm_type = Some("dpmsolver".into());
     assert!(matches!(
         build(SchedulerKind::Dpmpp2m, &cfg, 10),
-        Err(SchedulerError::UnsupportedValue {
-            field: "algorithm_type",
-            ..
-        })
+        Err(SchedulerError::UnsupportedValue { field: "algorithm_type", .. })
     ));
     // Fields a class does not take are ignored, as diffusers ignores them.
     let mut cfg = sd15();
@@ -102,15 +87,9 @@ fn karras_and_sde_variants_force_their_settings() {
 fn batch_of_two_equals_two_batches_of_one() {
     for kind in SchedulerKind::all() {
         let mut batched = build(*kind, &sd15(), 6).expect("builds");
-        let mut singles = [
-            build(*kind, &sd15(), 6).expect("builds"),
-            build(*kind, &sd15(), 6).expect("builds"),
-        ];
+        let mut singles = [build(*kind, &sd15(), 6).expect("builds"), build(*kind, &sd15(), 6).expect("builds")];
         let mut x = ramp(&[2, 4, 3, 2], 10) * batched.init_noise_sigma() as f32;
-        let mut xs: Vec<ArrayD<f32>> = x
-            .axis_iter(Axis(0))
-            .map(|v| v.insert_axis(Axis(0)).to_owned())
-            .collect();
+        let mut xs: Vec<ArrayD<f32>> = x.axis_iter(Axis(0)).map(|v| v.insert_axis(Axis(0)).to_owned()).collect();
         for call in 0..batched.timesteps().len() {
             let e = ramp(&[2, 4, 3, 2], 100 + call as u64);
             let input = batched.scale_model_input(x.view(), call);
@@ -120,17 +99,9 @@ fn batch_of_two_equals_two_batches_of_one() {
             for (i, single) in singles.iter_mut().enumerate() {
                 let ei = e.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
                 let inp = single.scale_model_input(xs[i].view(), call);
-                assert_eq!(
-                    inp.index_axis(Axis(0), 0),
-                    input.index_axis(Axis(0), i),
-                    "{kind:?} call {call}"
-                );
+                assert_eq!(inp.index_axis(Axis(0), 0), input.index_axis(Axis(0), i), "{kind:?} call {call}");
                 xs[i] = single.step(ei.view(), call, xs[i].view(), &mut Zeros).prev_sample;
-                assert_eq!(
-                    xs[i].index_axis(Axis(0), 0),
-                    out.index_axis(Axis(0), i),
-                    "{kind:?} call {call}"
-                );
+                assert_eq!(xs[i].index_axis(Axis(0), 0), out.index_axis(Axis(0), i), "{kind:?} call {call}");
             }
             x = out;
         }

@@ -37,9 +37,7 @@ pub struct UniPc {
 fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
     let n = b.len();
     for col in 0..n {
-        let pivot = (col..n)
-            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
-            .unwrap_or(col);
+        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs())).unwrap_or(col);
         a.swap(col, pivot);
         b.swap(col, pivot);
         let pivot_row = a[col].clone();
@@ -90,14 +88,8 @@ impl UniPc {
         if order == 0 {
             return Err(unsupported("solver_order", order, CLASS));
         }
-        let prediction = cfg.prediction(
-            CLASS,
-            &[
-                PredictionType::Epsilon,
-                PredictionType::VPrediction,
-                PredictionType::Sample,
-            ],
-        )?;
+        let prediction =
+            cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let spec = BetaSpec {
             class: CLASS,
             start: 0.0001,
@@ -118,10 +110,8 @@ impl UniPc {
         let spacing = cfg.spacing(TimestepSpacing::Linspace, CLASS)?;
         let full = train_sigmas(&acp);
         let final_sigmas = cfg.final_sigmas(CLASS)?;
-        let mut ts: Vec<f64> = multistep_timesteps(spacing, n, train, train, cfg.offset())
-            .into_iter()
-            .map(|t| t as f64)
-            .collect();
+        let mut ts: Vec<f64> =
+            multistep_timesteps(spacing, n, train, train, cfg.offset()).into_iter().map(|t| t as f64).collect();
         let mut sigmas: Vec<f64>;
         let last;
         if cfg.use_karras_sigmas.unwrap_or(false) {
@@ -170,9 +160,7 @@ impl UniPc {
     fn convert(&self, call: usize, model_output: &ArrayViewD<'_, f32>, sample: &ArrayViewD<'_, f32>) -> ArrayD<f32> {
         let sigma = self.sigmas[call];
         if self.predict_x0 {
-            return self
-                .bound
-                .apply(multistep_x0(self.prediction, sigma, model_output, sample));
+            return self.bound.apply(multistep_x0(self.prediction, sigma, model_output, sample));
         }
         let (alpha, sigma_t, _) = alpha_sigma_lambda(sigma);
         let (a, s) = (alpha as f64, sigma_t as f64);
@@ -243,10 +231,7 @@ impl UniPc {
         } else {
             let m = order - 1;
             let rows = c.rows[..m].iter().map(|r| r[..m].to_vec()).collect();
-            solve(rows, c.b[..m].to_vec())
-                .into_iter()
-                .map(|v| v as f32 as f64)
-                .collect()
+            solve(rows, c.b[..m].to_vec()).into_iter().map(|v| v as f32 as f64).collect()
         };
         let res = self.weighted_differences(&m0, &older, &rhos);
         let (cx, cm, cr) = self.update_coefficients(a_t, s_t, a_s0, s_s0, c.h_phi_1, c.b_h);
@@ -283,24 +268,16 @@ impl UniPc {
         let rhos: Vec<f64> = if order == 1 {
             vec![0.5]
         } else {
-            solve(c.rows.clone(), c.b.clone())
-                .into_iter()
-                .map(|v| v as f32 as f64)
-                .collect()
+            solve(c.rows.clone(), c.b.clone()).into_iter().map(|v| v as f32 as f64).collect()
         };
         let rho_last = rhos[rhos.len() - 1];
         let res = self.weighted_differences(&m0, &older, &rhos[..rhos.len() - 1]);
         let (cx, cm, cr) = self.update_coefficients(a_t, s_t, a_s0, s_s0, c.h_phi_1, c.b_h);
         let mut out = ArrayD::<f32>::zeros(last.raw_dim());
-        Zip::from(&mut out)
-            .and(last)
-            .and(&m0)
-            .and(&res)
-            .and(this_model_output)
-            .for_each(|o, &x, &m, &r, &mt| {
-                let d1_t = (mt - m) as f64;
-                *o = (cx * x as f64 - cm * m as f64 - cr * (r + rho_last * d1_t)) as f32;
-            });
+        Zip::from(&mut out).and(last).and(&m0).and(&res).and(this_model_output).for_each(|o, &x, &m, &r, &mt| {
+            let d1_t = (mt - m) as f64;
+            *o = (cx * x as f64 - cm * m as f64 - cr * (r + rho_last * d1_t)) as f32;
+        });
         out
     }
 
@@ -345,11 +322,7 @@ impl Scheduler for UniPc {
             self.history.remove(0);
         }
         let len = self.timesteps.len();
-        let this_order = if self.lower_order_final {
-            self.order.min(len - call)
-        } else {
-            self.order
-        };
+        let this_order = if self.lower_order_final { self.order.min(len - call) } else { self.order };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         let prev_sample = self.predict(call, &sample.view(), self.this_order);
         self.last_sample = Some(sample);
@@ -357,10 +330,7 @@ impl Scheduler for UniPc {
             self.lower_order_nums += 1;
         }
         let pred_original_sample = if self.predict_x0 { Some(converted) } else { None };
-        StepOutput {
-            prev_sample,
-            pred_original_sample,
-        }
+        StepOutput { prev_sample, pred_original_sample }
     }
 
     fn num_inference_steps(&self) -> usize {
