@@ -18,6 +18,14 @@ use super::tokenizer::ClipTokenizer;
 pub enum Capability {
     /// Text to image.
     TextToImage,
+    /// SDEdit image to image.
+    Img2img,
+    /// Repaint a masked region.
+    Inpaint,
+    /// Extend the canvas (inpainting of a padded image).
+    Outpaint,
+    /// InstructPix2Pix instruction edits.
+    Instruct,
 }
 
 /// Everything about a model that can be known without loading its graphs: enough to validate requests.

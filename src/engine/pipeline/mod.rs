@@ -1,10 +1,12 @@
 //! Pipelines: the orchestration of tokenizer, text encoder, scheduler, U-Net and VAE for each job kind.
 
+pub mod edit;
 pub mod guidance;
 mod noise;
 mod text_to_image;
 
 pub use noise::BatchNoise;
+pub use edit::{edit, outpaint_canvas, EditMode, EditRequest};
 pub use text_to_image::{text_to_image, GenerateRequest};
 
 use image::RgbImage;
