@@ -148,11 +148,22 @@ pub struct LimitsConfig {
     pub max_side: u32,
     /// Longest prompt, in characters.
     pub max_prompt_chars: usize,
+    /// Longest side of an uploaded picture, in pixels (checked before decoding).
+    pub max_input_side: u32,
+    /// Most pixels of an uploaded picture (checked before decoding, so decompression bombs are refused).
+    pub max_input_pixels: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_steps: 150, max_images: 8, max_side: 2048, max_prompt_chars: 4000 }
+        Self {
+            max_steps: 150,
+            max_images: 8,
+            max_side: 2048,
+            max_prompt_chars: 4000,
+            max_input_side: 8192,
+            max_input_pixels: 4096 * 4096,
+        }
     }
 }
 

@@ -42,6 +42,41 @@ impl ImageFiles {
         Ok(relative)
     }
 
+    /// Stores an uploaded input (the prepared picture or mask of an edit) under `inputs/{folder}/{name}`,
+    /// written the same crash-safe way as outputs. Returns the path relative to `data_dir`.
+    pub fn write_input(&self, folder: Uuid, name: &str, bytes: &[u8]) -> std::io::Result<String> {
+        let relative = format!("inputs/{folder}/{name}");
+        let target = self.root.join(&relative);
+        let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+        fs::create_dir_all(&dir)?;
+        let temporary = dir.join(format!(".{name}.{}.tmp", Uuid::new_v4()));
+        {
+            let mut file = File::create(&temporary)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+        }
+        fs::rename(&temporary, &target)?;
+        File::open(&dir)?.sync_all()?;
+        Ok(relative)
+    }
+
+    /// Removes the inputs stored under `folder` (best effort).
+    pub fn remove_input(&self, folder: Uuid) -> std::io::Result<()> {
+        match fs::remove_dir_all(self.root.join("inputs").join(folder.to_string())) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the input folder that holds `relative` (an `inputs/{folder}/…` path), if it is one.
+    pub fn remove_input_of(&self, relative: &str) -> std::io::Result<()> {
+        let mut parts = relative.split('/');
+        match (parts.next(), parts.next().and_then(|f| Uuid::parse_str(f).ok())) {
+            (Some("inputs"), Some(folder)) => self.remove_input(folder),
+            _ => Ok(()),
+        }
+    }
+
     /// Resolves a stored relative path, refusing anything that would leave `data_dir`.
     pub fn resolve(&self, relative: &str) -> Option<PathBuf> {
         let path = Path::new(relative);

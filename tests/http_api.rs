@@ -284,7 +284,7 @@ async fn health_models_and_openapi() {
     assert_eq!(card["width"], 64);
     assert_eq!(card["height"], 64);
     assert_eq!(card["default_scheduler"], "pndm");
-    assert_eq!(card["capabilities"], json!(["text_to_image"]));
+    assert_eq!(card["capabilities"], json!(["text_to_image", "img2img", "inpaint", "outpaint"]));
     let spec: Value = client.get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert!(spec["paths"]["/v1/images"]["post"].is_object());
     let schedulers: Value = client.get(server.url("/v1/schedulers")).send().await.unwrap().json().await.unwrap();

@@ -161,8 +161,8 @@ async fn follow_job(state: AppState, job: Job, mut rx: watch::Receiver<Snapshot>
                     if now.is_some() && now != position {
                         position = now;
                         let p = now.unwrap_or(0);
-                        let steps = current.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0);
-                        let eta_ms = state.progress.queued_eta_ms(steps as u32, p, state.workers);
+                        let steps = super::jobs::visible_steps(&current);
+                        let eta_ms = state.progress.queued_eta_ms(steps, p, state.workers);
                         let event = state.bus.event(id, EventKind::Queued { position: p, eta_ms });
                         if !send(&tx, &event).await {
                             break;

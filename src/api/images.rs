@@ -79,11 +79,11 @@ pub struct GenerateImageRequest {
     pub model: Option<String>,
     /// Width in pixels, a multiple of the model's `size_multiple` (64 for Stable Diffusion); default: the model's native size.
     #[serde(default)]
-    #[schema(minimum = 64, maximum = 2048, multiple_of = 8)]
+    #[schema(minimum = 8, maximum = 2048, multiple_of = 8)]
     pub width: Option<u32>,
     /// Height in pixels, a multiple of the model's `size_multiple` (64 for Stable Diffusion); default: the model's native size.
     #[serde(default)]
-    #[schema(minimum = 64, maximum = 2048, multiple_of = 8)]
+    #[schema(minimum = 8, maximum = 2048, multiple_of = 8)]
     pub height: Option<u32>,
     /// Denoising steps (default 20).
     #[serde(default)]
@@ -198,7 +198,7 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
     let multiple = info.size_multiple;
     let side = |name: &str, value: Option<u32>| -> Result<u32, ApiError> {
         let v = value.unwrap_or(info.native_size);
-        let min = multiple.max(64);
+        let min = multiple;
         if v < min || v > limits.max_side {
             return Err(ApiError::field(name, format!("{name} must be between {min} and {} pixels", limits.max_side)));
         }

@@ -83,9 +83,19 @@ fn parse_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::NotFound(format!("no job `{text}`")))
 }
 
+/// Steps the client sees for `job` (edits at partial strength run fewer than `steps`).
+pub fn visible_steps(job: &Job) -> u32 {
+    if job.kind == crate::jobs::params::KIND_EDIT {
+        if let Ok(params) = serde_json::from_value::<crate::jobs::params::EditParams>(job.params.clone()) {
+            return params.visible_steps();
+        }
+    }
+    job.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32
+}
+
 /// Builds the client view of `job`.
 pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) -> Result<JobResponse, ApiError> {
-    let total_steps = job.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32;
+    let total_steps = visible_steps(&job);
     let queue_position = match job.status {
         JobStatus::Queued => state.store.queue_position(job.id).await?,
         _ => None,
@@ -105,6 +115,8 @@ pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) 
     let mut params = job.params.clone();
     if let Some(map) = params.as_object_mut() {
         let had = map.remove("latents").is_some();
+        map.remove("image_path");
+        map.remove("mask_path");
         map.insert("has_latents".into(), serde_json::Value::Bool(had));
     }
     let error = match (&job.error_code, &job.error_message) {
@@ -344,9 +356,15 @@ pub async fn delete_job(State(state): State<AppState>, Path(id): Path<String>) -
     }
     state.bus.forget(id);
     let files = state.files.clone();
-    tokio::task::spawn_blocking(move || files.remove_job(id))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::internal(format!("removing images of {id}: {e}")))?;
+    let input = job.params.get("image_path").and_then(serde_json::Value::as_str).map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        if let Some(input) = input {
+            files.remove_input_of(&input)?;
+        }
+        files.remove_job(id)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::internal(format!("removing images of {id}: {e}")))?;
     Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }

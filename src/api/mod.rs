@@ -1,6 +1,7 @@
 //! The HTTP front end: routes, shared state and the OpenAPI document. It validates, stores and reads;
 //! it never runs a model.
 
+pub mod edits;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -79,6 +80,7 @@ struct ApiDoc;
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(images::create_image_job))
+        .routes(routes!(edits::create_edit_job))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::cancel_job))

@@ -3,7 +3,7 @@
 use std::io::Cursor;
 
 use image::{ImageFormat, RgbImage};
-use ndarray::{ArrayView4, Axis};
+use ndarray::{Array4, ArrayView4, Axis};
 
 use super::error::EngineError;
 
@@ -77,6 +77,16 @@ pub fn tensor_to_images(decoded: ArrayView4<'_, f32>) -> Vec<RgbImage> {
         .collect()
 }
 
+/// Turns a picture into the VAE encoder's input `[1, 3, H, W]` in [-1, 1], as diffusers' `VaeImageProcessor`
+/// does: `u8 / 255`, then `2x - 1`, each rounded to float32 like NumPy/PyTorch.
+pub fn image_to_tensor(image: &RgbImage) -> Array4<f32> {
+    let (w, h) = image.dimensions();
+    Array4::from_shape_fn((1, 3, h as usize, w as usize), |(_, c, y, x)| {
+        let unit = f32::from(image.get_pixel(x as u32, y as u32)[c]) / 255.0;
+        2.0 * unit - 1.0
+    })
+}
+
 /// Encodes a picture in `format`.
 pub fn encode(image: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, EngineError> {
     let mut out = Cursor::new(Vec::new());
@@ -108,6 +118,18 @@ mod tests {
         assert_eq!(images[0].get_pixel(1, 0)[0], 255);
         assert_eq!(images[0].get_pixel(2, 0)[0], 255);
         assert_eq!(images[0].get_pixel(0, 0)[1], 128); // 0 -> 0.5 -> 127.5 rounds to 128
+    }
+
+    #[test]
+    fn pictures_map_to_the_encoder_range() {
+        let img =
+            RgbImage::from_fn(2, 1, |x, _| if x == 0 { image::Rgb([0, 255, 51]) } else { image::Rgb([255, 0, 0]) });
+        let t = image_to_tensor(&img);
+        assert_eq!(t.shape(), &[1, 3, 1, 2]);
+        assert_eq!(t[[0, 0, 0, 0]], -1.0);
+        assert_eq!(t[[0, 1, 0, 0]], 1.0);
+        assert_eq!(t[[0, 2, 0, 0]], 2.0 * (51.0f32 / 255.0) - 1.0);
+        assert_eq!(t[[0, 0, 0, 1]], 1.0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod graph;
 pub mod image;
+pub mod input;
 pub mod model;
 pub mod npy;
 pub mod pipeline;

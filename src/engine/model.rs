@@ -56,8 +56,96 @@ pub struct ModelInfo {
     pub capabilities: Vec<Capability>,
 }
 
-/// Pipeline classes whose graphs this engine runs.
-const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "ORTStableDiffusionPipeline"];
+impl ModelInfo {
+    /// Whether the model can serve `capability`.
+    pub fn can(&self, capability: Capability) -> bool {
+        self.capabilities.contains(&capability)
+    }
+
+    /// `Ok` when the model can serve `capability`, else [`missing_capability`]'s error.
+    pub fn require(&self, capability: Capability) -> Result<(), EngineError> {
+        if self.can(capability) {
+            Ok(())
+        } else {
+            Err(missing_capability(self, capability))
+        }
+    }
+}
+
+/// Pipeline classes whose graphs this engine runs. The class only gates loading; what a model can do is read
+/// from its U-Net's input channels and whether it ships a VAE encoder (see [`capabilities_for`]).
+const SUPPORTED_PIPELINES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "ORTStableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "ORTStableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "ORTStableDiffusionInpaintPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
+    "ORTStableDiffusionInstructPix2PixPipeline",
+];
+
+impl Capability {
+    /// The name used in API documents and error messages (`text_to_image`, `img2img`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::TextToImage => "text_to_image",
+            Capability::Img2img => "img2img",
+            Capability::Inpaint => "inpaint",
+            Capability::Outpaint => "outpaint",
+            Capability::Instruct => "instruct",
+        }
+    }
+}
+
+/// What a model can do, from its U-Net's input channels: `latent` (plain: text to image, and with a VAE
+/// encoder img2img plus inpainting/outpainting by Blended Latent Diffusion), `2·latent + 1` (inpainting
+/// U-Net: latents, mask, masked-image latents) or `2·latent` (InstructPix2Pix: latents, image latents).
+/// The editing U-Nets need the VAE encoder. `Err` says why the combination is unusable.
+pub fn capabilities_for(
+    unet_in_channels: u32,
+    latent_channels: u32,
+    has_vae_encoder: bool,
+) -> Result<Vec<Capability>, String> {
+    let needs_encoder =
+        |what: &str| format!("{what} U-Net ({unet_in_channels} channels) needs `vae_encoder/model.onnx`");
+    if unet_in_channels == latent_channels {
+        let mut caps = vec![Capability::TextToImage];
+        if has_vae_encoder {
+            caps.extend([Capability::Img2img, Capability::Inpaint, Capability::Outpaint]);
+        }
+        Ok(caps)
+    } else if unet_in_channels == 2 * latent_channels + 1 {
+        if !has_vae_encoder {
+            return Err(needs_encoder("an inpainting"));
+        }
+        Ok(vec![Capability::Inpaint, Capability::Outpaint])
+    } else if unet_in_channels == 2 * latent_channels {
+        if !has_vae_encoder {
+            return Err(needs_encoder("an InstructPix2Pix"));
+        }
+        Ok(vec![Capability::Instruct])
+    } else {
+        Err(format!(
+            "U-Net takes {unet_in_channels} channels; supported: {latent_channels} (plain), {} (inpainting), {} \
+             (InstructPix2Pix)",
+            2 * latent_channels + 1,
+            2 * latent_channels
+        ))
+    }
+}
+
+/// The error for a request that needs `wanted` from a model that lacks it, naming what the model can do.
+pub fn missing_capability(info: &ModelInfo, wanted: Capability) -> EngineError {
+    let can: Vec<&str> = info.capabilities.iter().map(|c| c.as_str()).collect();
+    EngineError::InvalidRequest(format!(
+        "model {} cannot do {} (its U-Net takes {} channels); it can do: {}",
+        info.path.file_name().map_or_else(|| info.path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        wanted.as_str(),
+        info.unet_in_channels,
+        can.join(", ")
+    ))
+}
 
 fn read_json(path: &Path) -> Result<Value, EngineError> {
     let text = std::fs::read_to_string(path)
@@ -117,11 +205,8 @@ impl ModelInfo {
         let unet_levels =
             unet.as_ref().and_then(|c| c.get("block_out_channels")).and_then(Value::as_array).map_or(4, |a| a.len());
         let size_multiple = vae_scale_factor << unet_levels.saturating_sub(1).min(6);
-        if unet_in_channels != latent_channels {
-            return Err(model_err(format!(
-                "U-Net takes {unet_in_channels} channels; only plain text-to-image U-Nets ({latent_channels}) are supported so far"
-            )));
-        }
+        let has_vae_encoder = path.join("vae_encoder").join("model.onnx").is_file();
+        let capabilities = capabilities_for(unet_in_channels, latent_channels, has_vae_encoder).map_err(model_err)?;
         Ok(Self {
             path: path.to_path_buf(),
             pipeline_class,
@@ -133,7 +218,7 @@ impl ModelInfo {
             unet_in_channels,
             size_multiple,
             native_size: sample_size * vae_scale_factor,
-            capabilities: vec![Capability::TextToImage],
+            capabilities,
         })
     }
 }
@@ -150,6 +235,8 @@ pub struct LoadedModel {
     pub unet: Graph,
     /// VAE decoder graph.
     pub vae_decoder: Graph,
+    /// VAE encoder, when the export has one (needed by every edit).
+    pub vae_encoder: Option<VaeEncoder>,
     /// Cheap decoder for step previews.
     pub preview: ApproxDecoder,
     /// Name of the U-Net's output.
@@ -158,6 +245,19 @@ pub struct LoadedModel {
     pub text_output: String,
     /// Name of the VAE decoder's image output.
     pub vae_output: String,
+}
+
+/// The VAE encoder graph and how to read the latent distribution's mean from it.
+///
+/// Exports name the output `latent_parameters` (mean ‖ logvar, `2·C` channels) or, in older ones,
+/// `latent_sample`; the channel count of the actual output decides whether the first `C` channels are taken.
+/// The engine uses the mean rather than a sample so that edits are deterministic (InstructPix2Pix uses the
+/// mode, which is the mean, in diffusers too).
+pub struct VaeEncoder {
+    /// The graph (`sample` [b, 3, H, W] in [-1, 1] in).
+    pub graph: Graph,
+    /// Name of its latent output.
+    pub output: String,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -174,6 +274,19 @@ impl LoadedModel {
         let text_encoder = Graph::open(factory, &dir.join("text_encoder").join("model.onnx"), "text_encoder")?;
         let unet = Graph::open(factory, &dir.join("unet").join("model.onnx"), "unet")?;
         let vae_decoder = Graph::open(factory, &dir.join("vae_decoder").join("model.onnx"), "vae_decoder")?;
+        let encoder_path = dir.join("vae_encoder").join("model.onnx");
+        let vae_encoder = if encoder_path.is_file() {
+            let graph = Graph::open(factory, &encoder_path, "vae_encoder")?;
+            let bad = |message: String| EngineError::Model { path: encoder_path.clone(), message };
+            require_input(&graph, "sample", true).map_err(bad)?;
+            let output = pick_output(&graph, &["latent_parameters", "latent_sample", "latent_dist"]).map_err(bad)?;
+            Some(VaeEncoder { graph, output })
+        } else {
+            None
+        };
+        if vae_encoder.is_none() && info.capabilities.iter().any(|c| *c != Capability::TextToImage) {
+            return Err(EngineError::Model { path: encoder_path, message: "file not found".into() });
+        }
 
         let bad = |graph: &Graph, message: String| EngineError::Model {
             path: dir.join(graph.name()).join("model.onnx"),
@@ -194,7 +307,18 @@ impl LoadedModel {
         let unet_output = pick_output(&unet, &["out_sample", "sample"]).map_err(|m| bad(&unet, m))?;
         let vae_output = pick_output(&vae_decoder, &["sample"]).map_err(|m| bad(&vae_decoder, m))?;
         let preview = ApproxDecoder::load(&dir, factory, info.latent_channels as usize)?;
-        Ok(Self { info, tokenizer, text_encoder, unet, vae_decoder, preview, unet_output, text_output, vae_output })
+        Ok(Self {
+            info,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae_decoder,
+            vae_encoder,
+            preview,
+            unet_output,
+            text_output,
+            vae_output,
+        })
     }
 }
 
@@ -213,4 +337,21 @@ fn pick_output(graph: &Graph, names: &[&str]) -> Result<String, String> {
         }
     }
     graph.outputs().first().map(|o| o.name.clone()).ok_or_else(|| format!("no output named {}", names.join(" or ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_come_from_the_unet_channels_and_the_encoder() {
+        use Capability::*;
+        assert_eq!(capabilities_for(4, 4, false).unwrap(), [TextToImage]);
+        assert_eq!(capabilities_for(4, 4, true).unwrap(), [TextToImage, Img2img, Inpaint, Outpaint]);
+        assert_eq!(capabilities_for(9, 4, true).unwrap(), [Inpaint, Outpaint]);
+        assert_eq!(capabilities_for(8, 4, true).unwrap(), [Instruct]);
+        assert!(capabilities_for(9, 4, false).unwrap_err().contains("vae_encoder"));
+        assert!(capabilities_for(8, 4, false).unwrap_err().contains("vae_encoder"));
+        assert!(capabilities_for(7, 4, true).unwrap_err().contains("7 channels"));
+    }
 }

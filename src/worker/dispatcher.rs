@@ -11,10 +11,10 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::events::{EventBus, EventImage, EventKind};
-use super::pool::{EncodedImage, WorkError, WorkItem, WorkOutcome, WorkerPool};
+use super::pool::{EncodedImage, Task, WorkError, WorkItem, WorkOutcome, WorkerPool};
 use super::progress::{ProgressBoard, StopReason};
 use crate::engine::image::OutputFormat;
-use crate::jobs::params::GenerateParams;
+use crate::jobs::params::{EditParams, GenerateParams, KIND_EDIT};
 use crate::jobs::{Job, JobStore, NewImage};
 use crate::storage::ImageFiles;
 
@@ -109,20 +109,17 @@ impl Dispatcher {
 
     async fn execute(&self, job: Job, worker: usize, owner: String) {
         let id = job.id;
-        let params: GenerateParams = match serde_json::from_value(job.params.clone()) {
-            Ok(p) => p,
-            Err(e) => return self.fail(id, &owner, "invalid_params", &e.to_string()).await,
+        let (params, task, steps) = match self.task_of(&job).await {
+            Ok(parts) => parts,
+            Err(message) => return self.fail(id, &owner, "invalid_params", &message).await,
         };
-        let request = match params.to_request() {
-            Ok(r) => r,
-            Err(e) => return self.fail(id, &owner, "invalid_params", &e).await,
-        };
-        let stop = self.progress.start(id, request.steps);
+        let stop = self.progress.start(id, steps);
         let (reply, outcome) = oneshot::channel();
         let item = WorkItem {
             job: id,
             model: job.model.clone(),
-            request,
+            task,
+            steps,
             format: params.output_format,
             stop: stop.clone(),
             preview_every: params.preview_every,
@@ -155,6 +152,26 @@ impl Dispatcher {
             Some(Err(e)) => self.fail(id, &owner, e.code(), &e.to_string()).await,
             None => self.fail(id, &owner, "worker_lost", "the worker thread stopped while running the job").await,
         }
+    }
+
+    /// Rebuilds a job's work from its stored parameters (and, for edits, its stored input pictures).
+    async fn task_of(&self, job: &Job) -> Result<(GenerateParams, Task, u32), String> {
+        if job.kind == KIND_EDIT {
+            let params: EditParams = serde_json::from_value(job.params.clone()).map_err(|e| e.to_string())?;
+            let files = self.files.clone();
+            let (image_path, mask_path) = (params.image_path.clone(), params.mask_path.clone());
+            let (image, mask) =
+                tokio::task::spawn_blocking(move || load_inputs(&files, &image_path, mask_path.as_deref()))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            let request = params.to_request(image, mask)?;
+            let steps = params.visible_steps();
+            return Ok((params.generate, Task::Edit(Box::new(request)), steps));
+        }
+        let params: GenerateParams = serde_json::from_value(job.params.clone()).map_err(|e| e.to_string())?;
+        let request = params.to_request()?;
+        let steps = params.steps;
+        Ok((params, Task::Generate(request), steps))
     }
 
     /// Shutdown stopped the job: it goes back to the queue, uncharged.
@@ -281,4 +298,19 @@ fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads an edit job's stored picture and mask.
+fn load_inputs(
+    files: &ImageFiles,
+    image: &str,
+    mask: Option<&str>,
+) -> Result<(image::RgbImage, Option<image::GrayImage>), String> {
+    let read = |relative: &str| -> Result<image::DynamicImage, String> {
+        let path = files.resolve(relative).ok_or_else(|| format!("unsafe input path {relative}"))?;
+        image::open(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let picture = read(image)?.to_rgb8();
+    let mask = mask.map(|m| read(m).map(|d| d.to_luma8())).transpose()?;
+    Ok((picture, mask))
 }

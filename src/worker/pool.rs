@@ -16,7 +16,7 @@ use super::events::{EventBus, EventKind};
 use super::progress::{ProgressBoard, StopFlag};
 use crate::engine::image::{encode, OutputFormat};
 use crate::engine::model::LoadedModel;
-use crate::engine::pipeline::{text_to_image, GenerateRequest, StepObserver};
+use crate::engine::pipeline::{edit, text_to_image, EditRequest, GenerateRequest, StepObserver};
 use crate::engine::preview::PreviewMode;
 use crate::engine::runtime::{Device, Runtime};
 use crate::engine::EngineError;
@@ -29,8 +29,10 @@ pub struct WorkItem {
     pub job: Uuid,
     /// Which configured model runs it.
     pub model: String,
-    /// The validated request.
-    pub request: GenerateRequest,
+    /// What to run.
+    pub task: Task,
+    /// Steps the client sees (progress is reported in these).
+    pub steps: u32,
     /// Encoding of the outputs.
     pub format: OutputFormat,
     /// Set to stop the job at its next step boundary.
@@ -41,6 +43,25 @@ pub struct WorkItem {
     pub preview_mode: PreviewMode,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<WorkOutcome>,
+}
+
+/// The work of one job.
+#[derive(Debug)]
+pub enum Task {
+    /// Text to image.
+    Generate(GenerateRequest),
+    /// An edit.
+    Edit(Box<EditRequest>),
+}
+
+impl Task {
+    /// The generation parameters every task has.
+    pub fn base(&self) -> &GenerateRequest {
+        match self {
+            Task::Generate(r) => r,
+            Task::Edit(e) => &e.base,
+        }
+    }
 }
 
 /// One encoded output image.
@@ -263,7 +284,7 @@ impl JobObserver<'_> {
     /// Progress is reported in the steps the client asked for, not in denoiser calls (PLMS makes N+1 calls,
     /// Heun 2N-1): call `call` of `calls` maps to step ⌈call · steps / calls⌉, so the last call is the last step.
     fn user_step(&self, call: usize, calls: usize) -> u32 {
-        let steps = u64::from(self.item.request.steps);
+        let steps = u64::from(self.item.steps);
         (call as u64 * steps).div_ceil(calls.max(1) as u64) as u32
     }
 }
@@ -278,7 +299,7 @@ impl StepObserver for JobObserver<'_> {
             return;
         }
         self.reported = step;
-        let total = self.item.request.steps;
+        let total = self.item.steps;
         let progress = self.board.update(self.item.job, step, total);
         let preview = preview.and_then(|picture| preview_data_url(&picture));
         self.bus
@@ -335,9 +356,12 @@ fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &Progres
     })?;
     let started = std::time::Instant::now();
     let mut observer = JobObserver { board: progress, bus, item, last_step: started, reported: 0 };
-    let images = text_to_image(model, &item.request, &mut observer)?;
+    let images = match &item.task {
+        Task::Generate(request) => text_to_image(model, request, &mut observer)?,
+        Task::Edit(request) => edit(model, request, &mut observer)?,
+    };
     metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
-    let seeds = item.request.seeds();
+    let seeds = item.task.base().seeds();
     images
         .iter()
         .zip(seeds)

@@ -130,3 +130,8 @@ pub async fn wait_for_job(client: &reqwest::Client, url: &str, timeout: std::tim
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `[[models]]` entries for more fixtures (the first one listed becomes the default model).
+pub fn extra_models(names: &[&str]) -> String {
+    names.iter().map(|n| format!("[[models]]\nname = \"{n}\"\npath = \"{}\"\n", fixture(n).display())).collect()
+}

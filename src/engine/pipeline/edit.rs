@@ -1,14 +1,21 @@
 //! Image editing pipelines: img2img (SDEdit), inpainting (9-channel U-Nets, or Blended Latent Diffusion with
 //! plain 4-channel U-Nets), and InstructPix2Pix (8-channel U-Nets). Outpainting is inpainting on a padded
 //! canvas, prepared by [`outpaint_canvas`].
-//!
-//! (Interface agreed with the HTTP layer; the implementation lands with the editing work.)
 
 use image::{GrayImage, RgbImage};
+use ndarray::{concatenate, Array4, ArrayD, ArrayView4, Axis};
 
+use super::denoise::{denoise, initial_noise, Denoise, Guidance, LatentBlend};
+use super::mask::{binarise, blend_pixels, feather, latent_mask, masked_pixels};
+use super::noise::BatchNoise;
+use super::prompt::{cfg_embeddings, encode_texts, stack};
+use super::text_to_image::latent_shape;
+use super::vae::{decode, encode_mean};
 use super::{GenerateRequest, StepObserver};
 use crate::engine::error::EngineError;
-use crate::engine::model::LoadedModel;
+use crate::engine::image::image_to_tensor;
+use crate::engine::model::{Capability, LoadedModel};
+use crate::engine::scheduler::{self, Scheduler};
 
 /// Which edit to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -33,21 +40,234 @@ pub struct EditRequest {
     pub image: RgbImage,
     /// White = repaint, black = keep; same size as `image`. Required for `Inpaint`.
     pub mask: Option<GrayImage>,
-    /// In (0, 1]: how far into the noise schedule the image is pushed (img2img, inpaint).
+    /// In (0, 1]: how far into the noise schedule the image is pushed (img2img, inpaint; instruct ignores it).
     pub strength: f32,
     /// InstructPix2Pix image guidance.
     pub image_guidance_scale: f32,
-    /// Feathering, in pixels, of the blend of decoded pixels back into the original (4-channel inpainting).
+    /// Feathering, in pixels, of the blend of decoded pixels back into the original (4-channel inpainting
+    /// only). The feather runs inwards from the mask's edge, so pixels outside the mask are always kept
+    /// exactly; 0 = hard edge.
     pub mask_blur: u32,
 }
 
-/// Runs an edit and returns one picture per requested image.
+/// Runs an edit and returns one picture per requested image (`base.images`, per-image seeds as for generation).
+///
+/// As diffusers 0.36's `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline` and
+/// `StableDiffusionInstructPix2PixPipeline` compute it, with two deliberate differences: the VAE encoder's
+/// **mean** is used where diffusers draws a sample (deterministic edits), and `base.latents`, when given, is
+/// the unit-Gaussian noise of the run (what diffusers draws from its generator), for every mode. Guidance
+/// rescale is not applied: none of these diffusers pipelines applies it. Steps are reported relative to the
+/// first call the strength leaves (img2img at strength 0.5 over 10 steps reports 1..=5 of 5).
 pub fn edit(
-    _model: &mut LoadedModel,
-    _request: &EditRequest,
-    _observer: &mut dyn StepObserver,
+    model: &mut LoadedModel,
+    request: &EditRequest,
+    observer: &mut dyn StepObserver,
 ) -> Result<Vec<RgbImage>, EngineError> {
-    Err(EngineError::InvalidRequest("editing is not implemented yet".into()))
+    let wanted = match request.mode {
+        EditMode::Img2img => Capability::Img2img,
+        EditMode::Inpaint => Capability::Inpaint,
+        EditMode::Instruct => Capability::Instruct,
+    };
+    model.info.require(wanted)?;
+    let base = &request.base;
+    let shape = latent_shape(&model.info, base)?;
+    if request.image.dimensions() != (base.width, base.height) {
+        return Err(EngineError::InvalidRequest(format!(
+            "image is {}x{}, the request says {}x{}",
+            request.image.width(),
+            request.image.height(),
+            base.width,
+            base.height
+        )));
+    }
+    let mut generators = BatchNoise::new(&base.seeds());
+    let noise = initial_noise(base.latents.as_ref(), &shape, &mut generators)?;
+    let mut sched = scheduler::build(base.scheduler, &model.info.scheduler_config, base.steps as usize)
+        .map_err(|e| EngineError::Scheduler(e.to_string()))?;
+    let mut job = Job { request, n: shape[0], noise, generators, pixels: image_to_tensor(&request.image) };
+    match request.mode {
+        EditMode::Img2img => job.img2img(model, sched.as_mut(), observer),
+        EditMode::Inpaint => job.inpaint(model, sched.as_mut(), observer),
+        EditMode::Instruct => job.instruct(model, sched.as_mut(), observer),
+    }
+}
+
+/// What every mode starts from.
+struct Job<'r> {
+    request: &'r EditRequest,
+    /// Images.
+    n: usize,
+    /// The run's unit-Gaussian noise `[n, C, h, w]`.
+    noise: ArrayD<f32>,
+    /// Per-image generators (for ancestral schedulers' later draws).
+    generators: BatchNoise,
+    /// The input picture `[1, 3, H, W]` in [-1, 1].
+    pixels: Array4<f32>,
+}
+
+impl Job<'_> {
+    fn classifier_guidance(&self) -> Guidance {
+        let scale = self.request.base.guidance_scale;
+        if scale > 1.0 {
+            Guidance::Classifier { scale, rescale: 0.0 }
+        } else {
+            Guidance::Off
+        }
+    }
+
+    fn embeddings(&self, model: &mut LoadedModel, guidance: Guidance) -> Result<ArrayD<f32>, EngineError> {
+        let base = &self.request.base;
+        cfg_embeddings(model, &base.prompt, &base.negative_prompt, self.n, guidance != Guidance::Off)
+    }
+
+    fn start_call(&self, sched: &dyn Scheduler) -> Result<usize, EngineError> {
+        sched
+            .start_call_for_strength(f64::from(self.request.strength))
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+    }
+
+    fn size(&self) -> (u32, u32) {
+        (self.request.base.width, self.request.base.height)
+    }
+
+    /// SDEdit: the picture's latents noised to the strength's first call, denoised from there.
+    fn img2img(
+        &mut self,
+        model: &mut LoadedModel,
+        sched: &mut dyn Scheduler,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<RgbImage>, EngineError> {
+        let start = self.start_call(sched)?;
+        let original = repeat(&scaled_latents(model, self.pixels.view())?, self.n)?;
+        let latents = sched.add_noise(original.view(), self.noise.view(), start);
+        let guidance = self.classifier_guidance();
+        let embeddings = self.embeddings(model, guidance)?;
+        let run = Denoise {
+            latents,
+            start,
+            embeddings: &embeddings,
+            guidance,
+            extra_channels: None,
+            blend: None,
+            size: self.size(),
+        };
+        let latents = denoise(model, sched, run, &mut self.generators, observer)?;
+        decode(model, latents)
+    }
+
+    /// Inpainting: a 9-channel U-Net gets the mask and the masked picture's latents; a plain U-Net runs
+    /// Blended Latent Diffusion and the decoded pixels outside the mask are blended back from the input.
+    fn inpaint(
+        &mut self,
+        model: &mut LoadedModel,
+        sched: &mut dyn Scheduler,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<RgbImage>, EngineError> {
+        let request = self.request;
+        let mask =
+            request.mask.as_ref().ok_or_else(|| EngineError::InvalidRequest("inpainting needs a mask".into()))?;
+        if mask.dimensions() != request.image.dimensions() {
+            return Err(EngineError::InvalidRequest(format!(
+                "mask is {}x{}, the image {}x{}",
+                mask.width(),
+                mask.height(),
+                request.image.width(),
+                request.image.height()
+            )));
+        }
+        let binary = binarise(mask);
+        let factor = model.info.vae_scale_factor as usize;
+        let mask_latent = latent_mask(binary.view(), factor).into_dyn();
+        let start = self.start_call(sched)?;
+        let strength_max = request.strength == 1.0;
+        let blended = model.info.unet_in_channels == model.info.latent_channels;
+        let original = if blended || !strength_max {
+            Some(repeat(&scaled_latents(model, self.pixels.view())?, self.n)?)
+        } else {
+            None
+        };
+        let latents = match &original {
+            Some(original) if !strength_max => sched.add_noise(original.view(), self.noise.view(), start),
+            _ => &self.noise * sched.init_noise_sigma() as f32,
+        };
+        let guidance = self.classifier_guidance();
+        let embeddings = self.embeddings(model, guidance)?;
+        let batch = guidance.copies() * self.n;
+        let (extra_channels, blend) = match original {
+            Some(original) if blended => {
+                let blend = LatentBlend { original, noise: self.noise.clone(), mask: repeat(&mask_latent, self.n)? };
+                (None, Some(blend))
+            }
+            _ => {
+                let masked = masked_pixels(self.pixels.view(), binary.view());
+                let masked_latents = scaled_latents(model, masked.view())?;
+                let extra = concatenate(
+                    Axis(1),
+                    &[repeat(&mask_latent, batch)?.view(), repeat(&masked_latents, batch)?.view()],
+                )
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+                (Some(extra), None)
+            }
+        };
+        let run =
+            Denoise { latents, start, embeddings: &embeddings, guidance, extra_channels, blend, size: self.size() };
+        let latents = denoise(model, sched, run, &mut self.generators, observer)?;
+        let images = decode(model, latents)?;
+        if !blended {
+            return Ok(images);
+        }
+        let weight = feather(binary.view(), request.mask_blur);
+        Ok(images.iter().map(|generated| blend_pixels(generated, &request.image, weight.view())).collect())
+    }
+
+    /// InstructPix2Pix: every call, the U-Net also gets the picture's (unscaled) latents; three-way guidance.
+    fn instruct(
+        &mut self,
+        model: &mut LoadedModel,
+        sched: &mut dyn Scheduler,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<RgbImage>, EngineError> {
+        let base = &self.request.base;
+        let image_scale = self.request.image_guidance_scale;
+        // diffusers: `guidance_scale > 1 and image_guidance_scale >= 1`.
+        let guided = base.guidance_scale > 1.0 && image_scale >= 1.0;
+        let image_latents = repeat(&encode_mean(model, self.pixels.view())?, self.n)?;
+        let (guidance, embeddings, extra) = if guided {
+            let hidden = encode_texts(model, &[&base.prompt, &base.negative_prompt])?;
+            let embeddings = stack(&[&hidden[0], &hidden[1], &hidden[1]], self.n)?;
+            let zeros = ArrayD::<f32>::zeros(image_latents.raw_dim());
+            let extra = concatenate(Axis(0), &[image_latents.view(), image_latents.view(), zeros.view()])
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+            (Guidance::InstructPix2Pix { text: base.guidance_scale, image: image_scale }, embeddings, extra)
+        } else {
+            let hidden = encode_texts(model, &[&base.prompt])?;
+            (Guidance::Off, stack(&[&hidden[0]], self.n)?, image_latents)
+        };
+        let latents = &self.noise * sched.init_noise_sigma() as f32;
+        let run = Denoise {
+            latents,
+            start: 0,
+            embeddings: &embeddings,
+            guidance,
+            extra_channels: Some(extra),
+            blend: None,
+            size: self.size(),
+        };
+        let latents = denoise(model, sched, run, &mut self.generators, observer)?;
+        decode(model, latents)
+    }
+}
+
+/// The picture's latents as the diffusion works with them: the VAE mean times `vae_scaling_factor`, `[1, C, h, w]`.
+pub fn scaled_latents(model: &mut LoadedModel, pixels: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, EngineError> {
+    let scaling = model.info.vae_scaling_factor;
+    Ok(encode_mean(model, pixels)? * scaling)
+}
+
+/// `count` copies of a `[1, …]` array along the batch axis.
+fn repeat(one: &ArrayD<f32>, count: usize) -> Result<ArrayD<f32>, EngineError> {
+    let views = vec![one.view(); count];
+    concatenate(Axis(0), &views).map_err(|e| EngineError::InvalidRequest(e.to_string()))
 }
 
 /// Pads `image` by the given margins (pixels) for outpainting and returns the canvas and its mask (white
@@ -55,6 +275,9 @@ pub fn edit(
 pub fn outpaint_canvas(image: &RgbImage, left: u32, right: u32, top: u32, bottom: u32) -> (RgbImage, GrayImage) {
     let (w, h) = image.dimensions();
     let (cw, ch) = (w + left + right, h + top + bottom);
+    if w == 0 || h == 0 {
+        return (RgbImage::new(cw, ch), GrayImage::from_pixel(cw, ch, image::Luma([255])));
+    }
     let canvas = RgbImage::from_fn(cw, ch, |x, y| {
         let sx = x.saturating_sub(left).min(w - 1);
         let sy = y.saturating_sub(top).min(h - 1);

@@ -1,12 +1,16 @@
 //! Pipelines: the orchestration of tokenizer, text encoder, scheduler, U-Net and VAE for each job kind.
 
+mod denoise;
 pub mod edit;
 pub mod guidance;
+pub mod mask;
 mod noise;
+mod prompt;
 mod text_to_image;
+pub mod vae;
 
-pub use noise::BatchNoise;
 pub use edit::{edit, outpaint_canvas, EditMode, EditRequest};
+pub use noise::BatchNoise;
 pub use text_to_image::{text_to_image, GenerateRequest};
 
 use image::RgbImage;
