@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::{extra_models, wait_for_job, TestServer};
-use image::{DynamicImage, GrayImage, ImageFormat, RgbImage, RgbaImage};
+use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
 use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
