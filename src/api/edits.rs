@@ -23,8 +23,6 @@ use crate::engine::input::{self, InputImageError, ResizeMode};
 use crate::engine::model::Capability;
 use crate::engine::pipeline::outpaint_canvas;
 use crate::jobs::params::{EditParams, KIND_EDIT};
-use crate::jobs::NewJob;
-use crate::worker::events::EventKind;
 
 /// Edit modes clients ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
@@ -206,6 +204,19 @@ const NUMERIC_FIELDS: &[&str] = &[
 )]
 pub async fn create_edit_job(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (fields, image, mask) = read_body(&state, request).await?;
+    let job = submit_edit(&state, fields, image, mask).await?;
+    let location = format!("/v1/jobs/{}", job.id);
+    let body = job_response(&state, job, Vec::new()).await?;
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], super::error::AppJson(body)).into_response())
+}
+
+/// Validates an edit, stores its prepared picture and mask, and enqueues it.
+pub async fn submit_edit(
+    state: &AppState,
+    fields: EditImageRequest,
+    image: Vec<u8>,
+    mask: Option<Vec<u8>>,
+) -> Result<crate::jobs::Job, ApiError> {
     let limits = state.limits.clone();
     let prepared = tokio::task::spawn_blocking({
         let state = state.clone();
@@ -227,30 +238,13 @@ pub async fn create_edit_job(State(state): State<AppState>, request: Request) ->
     params.image_path = image_path;
     params.mask_path = mask_path;
     let params_json = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    let job = state
-        .store
-        .insert(NewJob {
-            kind: KIND_EDIT.into(),
-            model,
-            params: params_json,
-            priority: 0,
-            max_attempts: state.queue.max_attempts,
-        })
-        .await;
-    let job = match job {
-        Ok(job) => job,
+    match super::submit::enqueue(state, KIND_EDIT, model, params_json).await {
+        Ok(job) => Ok(job),
         Err(e) => {
             let _ = state.files.remove_input(folder);
-            return Err(e.into());
+            Err(e)
         }
-    };
-    state.wake.notify_one();
-    metrics::counter!("denoised_jobs_submitted_total").increment(1);
-    let position = state.store.queue_position(job.id).await?.unwrap_or(0);
-    state.bus.publish(job.id, EventKind::Queued { position, eta_ms: None });
-    let location = format!("/v1/jobs/{}", job.id);
-    let body = job_response(&state, job, Vec::new()).await?;
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], super::error::AppJson(body)).into_response())
+    }
 }
 
 /// Reads the body as JSON or multipart into the fields and the raw image and mask bytes.
@@ -312,14 +306,7 @@ async fn read_multipart(
             "" => return Err(ApiError::MalformedJson("a multipart field has no name".into())),
             _ => {
                 let text = field.text().await.map_err(too_large)?;
-                let value = if NUMERIC_FIELDS.contains(&name.as_str()) {
-                    serde_json::from_str::<serde_json::Value>(text.trim())
-                        .ok()
-                        .filter(serde_json::Value::is_number)
-                        .unwrap_or(serde_json::Value::String(text))
-                } else {
-                    serde_json::Value::String(text)
-                };
+                let value = form_value(&name, text);
                 values.insert(name, value);
             }
         }
@@ -327,6 +314,19 @@ async fn read_multipart(
     let fields: EditImageRequest = parse_json(&serde_json::to_vec(&values).map_err(ApiError::internal)?)?;
     let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
     Ok((fields, image, mask))
+}
+
+/// A multipart text value as its JSON-form equivalent: numbers for numeric fields (when they parse; else
+/// left as text so the field error names them), text otherwise.
+pub fn form_value(name: &str, text: String) -> serde_json::Value {
+    if NUMERIC_FIELDS.contains(&name) {
+        if let Some(number) =
+            serde_json::from_str::<serde_json::Value>(text.trim()).ok().filter(serde_json::Value::is_number)
+        {
+            return number;
+        }
+    }
+    serde_json::Value::String(text)
 }
 
 /// Base64 or a `data:image/…;base64,` URL.

@@ -15,8 +15,6 @@ use crate::engine::image::OutputFormat;
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::SchedulerKind;
 use crate::jobs::params::{GenerateParams, KIND_GENERATE};
-use crate::jobs::NewJob;
-use crate::worker::events::EventKind;
 
 /// Default denoising steps when a request names none.
 pub const DEFAULT_STEPS: u32 = 20;
@@ -145,30 +143,17 @@ pub async fn create_image_job(
     State(state): State<AppState>,
     AppJson(request): AppJson<GenerateImageRequest>,
 ) -> Result<Response, ApiError> {
-    let (model, params) = validate(&state, request)?;
-    let params_json = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    let job = state
-        .store
-        .insert(NewJob {
-            kind: KIND_GENERATE.into(),
-            model,
-            params: params_json,
-            priority: 0,
-            max_attempts: state.queue.max_attempts,
-        })
-        .await?;
-    state.wake.notify_one();
-    let position = state.store.queue_position(job.id).await?.unwrap_or(0);
-    let eta_ms = state.progress.queued_eta_ms(steps_of(&job), position, state.workers);
-    state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
-    metrics::counter!("denoised_jobs_submitted_total").increment(1);
+    let job = submit_generate(&state, request).await?;
     let location = format!("/v1/jobs/{}", job.id);
     let body = job_response(&state, job, Vec::new()).await?;
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], AppJson(body)).into_response())
 }
 
-fn steps_of(job: &crate::jobs::Job) -> u32 {
-    job.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32
+/// Validates and enqueues a text-to-image request.
+pub async fn submit_generate(state: &AppState, request: GenerateImageRequest) -> Result<crate::jobs::Job, ApiError> {
+    let (model, params) = validate(state, request)?;
+    let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
+    super::submit::enqueue(state, KIND_GENERATE, model, params).await
 }
 
 /// Checks every field against the model and the configured limits, resolving every default.

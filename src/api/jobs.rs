@@ -221,6 +221,7 @@ pub async fn get_image(
 /// Query of `GET /v1/jobs`.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only jobs in this status (`queued`, `running`, `succeeded`, `failed`, `cancelled`).
     pub status: Option<String>,

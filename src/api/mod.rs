@@ -9,7 +9,9 @@ pub mod images;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
+pub mod openai;
 pub mod schedulers;
+pub mod submit;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -73,6 +75,7 @@ pub struct AppState {
         (name = "jobs", description = "Follow jobs and download their images"),
         (name = "models", description = "Served models"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "openai", description = "OpenAI-compatible image endpoints"),
     )
 )]
 struct ApiDoc;
@@ -81,6 +84,8 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(images::create_image_job))
         .routes(routes!(edits::create_edit_job))
+        .routes(routes!(openai::generations))
+        .routes(routes!(openai::edits))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::cancel_job))
