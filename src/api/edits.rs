@@ -115,6 +115,8 @@ pub struct EditImageRequest {
     pub n: Option<u32>,
     /// `png` (default), `jpeg` or `webp`.
     pub output_format: Option<ImageFormat>,
+    /// JPEG quality, 1–100.
+    pub output_quality: Option<u8>,
     /// Steps between previews (0 = none).
     pub preview_every: Option<u32>,
     /// `approx` or `vae`.
@@ -181,6 +183,7 @@ const NUMERIC_FIELDS: &[&str] = &[
     "seed",
     "n",
     "preview_every",
+    "output_quality",
 ];
 
 /// Submit an edit job.
@@ -511,6 +514,7 @@ fn prepare(
         seed: fields.seed,
         n: fields.n,
         output_format: fields.output_format,
+        output_quality: fields.output_quality,
         preview_every: fields.preview_every,
         preview: fields.preview,
         latents: fields.latents,

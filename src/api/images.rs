@@ -109,6 +109,10 @@ pub struct GenerateImageRequest {
     /// `png` (default), `jpeg` or `webp`.
     #[serde(default)]
     pub output_format: Option<ImageFormat>,
+    /// JPEG quality, 1–100 (default 90).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
+    pub output_quality: Option<u8>,
     /// Denoiser calls between step previews sent to event followers; 0 = none. Default: a tenth of the
     /// steps, rounded up. Previews are only rendered while someone follows the job.
     #[serde(default)]
@@ -231,6 +235,10 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
             Some(encoded)
         }
     };
+    let output_quality = request.output_quality;
+    if output_quality.is_some_and(|q| q == 0 || q > 100) {
+        return Err(ApiError::field("output_quality", "output_quality must be between 1 and 100"));
+    }
     let preview_every = request.preview_every.unwrap_or_else(|| steps.div_ceil(10));
     if preview_every > steps {
         return Err(ApiError::field("preview_every", format!("preview_every must be between 0 and steps ({steps})")));
@@ -248,6 +256,7 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
         seed,
         n,
         output_format: request.output_format.map(OutputFormat::from).unwrap_or_default(),
+        output_quality,
         preview_every,
         preview: request.preview.map(PreviewMode::from).unwrap_or_default(),
         latents,

@@ -121,7 +121,7 @@ pub struct OpenAiGenerateRequest {
     pub response_format: Option<ResponseFormat>,
     /// `png` (default), `jpeg` or `webp`.
     pub output_format: Option<ImageFormat>,
-    /// JPEG quality, 0–100 (default 90).
+    /// JPEG quality, 0–100 (default 90); WebP is lossless and PNG ignores it.
     #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u8>,
     /// Send OpenAI's image stream events instead of one JSON answer.
@@ -249,6 +249,7 @@ pub async fn generations(
         seed: body.seed,
         n: body.n,
         output_format: body.output_format,
+        output_quality: body.output_compression.map(|c| c.max(1)),
         preview_every: Some(0),
         preview: None,
         latents: None,
@@ -258,7 +259,6 @@ pub async fn generations(
         let total = steps.unwrap_or(super::images::DEFAULT_STEPS);
         generation.preview_every = Some(total.div_ceil(partial + 1).max(1));
     }
-    let _ = body.output_compression;
     let job = submit_generate(&state, generation).await?;
     let format = body.response_format.unwrap_or_default();
     if body.stream.unwrap_or(false) {
@@ -523,6 +523,14 @@ pub async fn edits(
     };
     for key in OPENAI_ONLY {
         values.remove(*key);
+    }
+    if let Some(compression) = values.remove("output_compression") {
+        let text = compression.as_str().map_or_else(|| compression.to_string(), str::to_string);
+        let quality: u8 = text
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::field("output_compression", "output_compression must be 0-100"))?;
+        values.insert("output_quality".into(), quality.max(1).into());
     }
     let (width, height) = parse_size(size.as_deref())?;
     values.insert("mode".into(), serde_json::Value::String(if mask.is_some() { "inpaint" } else { "img2img" }.into()));

@@ -87,14 +87,20 @@ pub fn image_to_tensor(image: &RgbImage) -> Array4<f32> {
     })
 }
 
-/// Encodes a picture in `format`.
-pub fn encode(image: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, EngineError> {
+/// Default JPEG quality.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+/// Encodes a picture in `format`; `quality` (1–100) applies to JPEG.
+pub fn encode(image: &RgbImage, format: OutputFormat, quality: Option<u8>) -> Result<Vec<u8>, EngineError> {
     let mut out = Cursor::new(Vec::new());
     match format {
         OutputFormat::Png => image.write_to(&mut out, ImageFormat::Png),
         OutputFormat::Webp => image.write_to(&mut out, ImageFormat::WebP),
         OutputFormat::Jpeg => {
-            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
+            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(
+                &mut out,
+                quality.unwrap_or(DEFAULT_JPEG_QUALITY).clamp(1, 100),
+            );
             image.write_with_encoder(encoder)
         }
     }
@@ -133,10 +139,18 @@ mod tests {
     }
 
     #[test]
+    fn jpeg_quality_changes_the_size() {
+        let img = RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * y) as u8, (x * 7) as u8, (y * 3) as u8]));
+        let small = encode(&img, OutputFormat::Jpeg, Some(10)).unwrap();
+        let large = encode(&img, OutputFormat::Jpeg, Some(100)).unwrap();
+        assert!(small.len() < large.len());
+    }
+
+    #[test]
     fn every_format_round_trips() {
         let img = RgbImage::from_fn(16, 8, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 50]));
         for format in [OutputFormat::Png, OutputFormat::Jpeg, OutputFormat::Webp] {
-            let bytes = encode(&img, format).unwrap();
+            let bytes = encode(&img, format, None).unwrap();
             let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
             assert_eq!(back.dimensions(), (16, 8), "{format:?}");
             let guessed = image::guess_format(&bytes).unwrap();

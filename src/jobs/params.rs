@@ -43,6 +43,9 @@ pub struct GenerateParams {
     pub n: u32,
     /// Encoding of the stored images.
     pub output_format: OutputFormat,
+    /// JPEG quality (1–100) when the client chose one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_quality: Option<u8>,
     /// Denoiser calls between step previews (0: none).
     #[serde(default)]
     pub preview_every: u32,

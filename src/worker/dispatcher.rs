@@ -121,6 +121,7 @@ impl Dispatcher {
             task,
             steps,
             format: params.output_format,
+            quality: params.output_quality,
             stop: stop.clone(),
             preview_every: params.preview_every,
             preview_mode: params.preview,

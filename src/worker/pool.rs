@@ -35,6 +35,8 @@ pub struct WorkItem {
     pub steps: u32,
     /// Encoding of the outputs.
     pub format: OutputFormat,
+    /// JPEG quality, when the client chose one.
+    pub quality: Option<u8>,
     /// Set to stop the job at its next step boundary.
     pub stop: StopFlag,
     /// Denoiser calls between previews (0: none).
@@ -372,7 +374,7 @@ fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &Progres
                 seed,
                 width: image.width(),
                 height: image.height(),
-                bytes: encode(image, item.format)?,
+                bytes: encode(image, item.format, item.quality)?,
             })
         })
         .collect()

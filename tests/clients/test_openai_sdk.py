@@ -41,6 +41,15 @@ def test_url_response_and_formats(client, server):
     assert Image.open(io.BytesIO(body.content)).size == (96, 64)
 
 
+def test_output_compression_sets_jpeg_quality(client):
+    sizes = []
+    for compression in (5, 100):
+        result = client.images.generate(model="tiny-sd", prompt="texture", size="64x64", output_format="jpeg",
+                                        output_compression=compression, extra_body={"steps": 2, "seed": 1})
+        sizes.append(len(base64.b64decode(result.data[0].b64_json)))
+    assert sizes[0] < sizes[1]
+
+
 def test_errors_are_raised_as_openai_exceptions(client):
     with pytest.raises(openai.BadRequestError) as error:
         client.images.generate(model="tiny-sd", prompt="x", size="65x64")
