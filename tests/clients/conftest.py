@@ -1,6 +1,6 @@
 """Starts the real `denoised` binary on 127.0.0.1:0 with the tiny test fixtures, for the client tests.
 
-The binary comes from DENOISED_BIN (default: target/debug/denoised, which `cargo test` builds).
+The binary comes from SERVER_BINARY (default: target/debug/denoised, which `cargo test` builds).
 """
 
 import os
@@ -46,7 +46,7 @@ threads = 1
 @pytest.fixture(scope="session")
 def server():
     """Base URL of a running server; stopped with SIGTERM at the end."""
-    binary = Path(os.environ.get("DENOISED_BIN", ROOT / "target" / "debug" / "denoised"))
+    binary = Path(os.environ.get("SERVER_BINARY", ROOT / "target" / "debug" / "denoised"))
     assert binary.exists(), f"{binary} is missing: run `cargo build` first"
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.toml"
