@@ -96,11 +96,13 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// sqlx database URL; `sqlite://relative/path.db` resolves against the config file's folder.
     pub database_url: String,
+    /// Finished jobs and their images are deleted this long after they end; 0 keeps them forever.
+    pub retention_hours: f64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: "data".into(), database_url: "sqlite://data/denoised.db".into() }
+        Self { data_dir: "data".into(), database_url: "sqlite://data/denoised.db".into(), retention_hours: 168.0 }
     }
 }
 
@@ -128,11 +130,15 @@ pub struct QueueConfig {
     pub max_attempts: u32,
     /// How often the queue is polled for jobs submitted by other processes and for expired leases.
     pub poll_millis: u64,
+    /// A running job is stopped and failed with `timeout` after this long.
+    pub job_timeout_seconds: u64,
+    /// Jobs waiting at most; beyond it submissions get `429` with `Retry-After`.
+    pub max_queued: u64,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { lease_seconds: 30, max_attempts: 3, poll_millis: 1000 }
+        Self { lease_seconds: 30, max_attempts: 3, poll_millis: 1000, job_timeout_seconds: 900, max_queued: 1000 }
     }
 }
 
@@ -322,6 +328,14 @@ impl Config {
         }
         if self.queue.lease_seconds == 0 {
             return Err(ConfigError::Invalid("queue.lease_seconds must be at least 1".into()));
+        }
+        if !(self.storage.retention_hours >= 0.0 && self.storage.retention_hours.is_finite()) {
+            return Err(ConfigError::Invalid("storage.retention_hours must be 0 or more".into()));
+        }
+        if self.queue.job_timeout_seconds == 0 || self.queue.max_queued == 0 {
+            return Err(ConfigError::Invalid(
+                "queue.job_timeout_seconds and queue.max_queued must be at least 1".into(),
+            ));
         }
         if self.queue.max_attempts == 0 {
             return Err(ConfigError::Invalid("queue.max_attempts must be at least 1".into()));

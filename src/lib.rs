@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod jobs;
 pub mod models;
+pub mod retention;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

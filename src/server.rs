@@ -30,6 +30,7 @@ pub struct Server {
     pool: Arc<WorkerPool>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
+    retention: Option<Duration>,
 }
 
 impl Server {
@@ -98,10 +99,13 @@ impl Server {
                 lease: Duration::from_secs(config.queue.lease_seconds),
                 poll: Duration::from_millis(config.queue.poll_millis.max(10)),
                 shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+                job_timeout: Duration::from_secs(config.queue.job_timeout_seconds),
             },
             process_id: uuid::Uuid::new_v4().to_string(),
         };
-        Ok(Self { listener, state, dispatcher, pool, stop_tx, stop_rx })
+        let retention = (config.storage.retention_hours > 0.0)
+            .then(|| Duration::from_secs_f64(config.storage.retention_hours * 3600.0));
+        Ok(Self { listener, state, dispatcher, pool, stop_tx, stop_rx, retention })
     }
 
     /// The bound address (useful with port 0).
@@ -114,6 +118,14 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = (self.stop_tx, self.stop_rx);
         let dispatcher = tokio::spawn(self.dispatcher.run(stop_rx.clone()));
+        let sweeper = self.retention.map(|keep| {
+            tokio::spawn(crate::retention::run(
+                self.state.store.clone(),
+                self.state.files.clone(),
+                keep,
+                stop_rx.clone(),
+            ))
+        });
         let ready = self.state.workers_ready.clone();
         let app = api::app(self.state);
         info!(addr = %self.listener.local_addr()?, "listening");
@@ -129,6 +141,9 @@ impl Server {
         });
         server.await?;
         dispatcher.await?;
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+        }
         signal.abort();
         let pool = self.pool;
         tokio::task::spawn_blocking(move || drop(pool)).await?;

@@ -203,14 +203,24 @@ const NUMERIC_FIELDS: &[&str] = &[
         (status = 415, description = "Neither JSON nor multipart", body = ErrorBody),
         (status = 422, description = "A field is invalid (corrupt or oversized image, mask of the wrong size, a mode \
          the model cannot do, …); `error.field` names it", body = ErrorBody),
-    )
+        (status = 429, description = "The queue is full; see `Retry-After`", body = ErrorBody),
+    ),
+    params(("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the same job")),
 )]
 pub async fn create_edit_job(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let key = super::submit::idempotency_key(request.headers())?;
     let (fields, image, mask) = read_body(&state, request).await?;
-    let job = submit_edit(&state, fields, image, mask).await?;
+    let submitted = submit_edit(&state, fields, image, mask, key.as_deref()).await?;
+    let replayed = !submitted.created;
+    let job = submitted.job;
     let location = format!("/v1/jobs/{}", job.id);
     let body = job_response(&state, job, Vec::new()).await?;
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], super::error::AppJson(body)).into_response())
+    let mut response =
+        (StatusCode::ACCEPTED, [(header::LOCATION, location)], super::error::AppJson(body)).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
 /// Validates an edit, stores its prepared picture and mask, and enqueues it.
@@ -219,7 +229,8 @@ pub async fn submit_edit(
     fields: EditImageRequest,
     image: Vec<u8>,
     mask: Option<Vec<u8>>,
-) -> Result<crate::jobs::Job, ApiError> {
+    key: Option<&str>,
+) -> Result<super::submit::Submitted, ApiError> {
     let limits = state.limits.clone();
     let prepared = tokio::task::spawn_blocking({
         let state = state.clone();
@@ -241,8 +252,14 @@ pub async fn submit_edit(
     params.image_path = image_path;
     params.mask_path = mask_path;
     let params_json = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    match super::submit::enqueue(state, KIND_EDIT, model, params_json).await {
-        Ok(job) => Ok(job),
+    match super::submit::enqueue(state, KIND_EDIT, model, params_json, key).await {
+        Ok(submitted) => {
+            if !submitted.created {
+                // A replay: the first request's job keeps its own stored inputs.
+                let _ = state.files.remove_input(folder);
+            }
+            Ok(submitted)
+        }
         Err(e) => {
             let _ = state.files.remove_input(folder);
             Err(e)

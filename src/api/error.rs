@@ -61,6 +61,14 @@ pub enum ApiError {
     /// The image exists but is not ready (the job has not succeeded).
     #[error("{0}")]
     Conflict(String),
+    /// The queue is full; try again after `retry_after` seconds.
+    #[error("the queue is full ({queued} jobs waiting); retry after {retry_after} s")]
+    QueueFull {
+        /// Jobs waiting.
+        queued: u64,
+        /// Seconds to wait, sent as `Retry-After`.
+        retry_after: u64,
+    },
     /// Not ready to serve (models loading, database down).
     #[error("{0}")]
     Unavailable(String),
@@ -90,6 +98,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -105,6 +114,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::QueueFull { .. } => "queue_full",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -121,7 +131,11 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string(), field } };
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let ApiError::QueueFull { retry_after, .. } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+        }
+        response
     }
 }
 

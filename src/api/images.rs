@@ -140,24 +140,38 @@ pub struct GenerateImageRequest {
         (status = 413, description = "Body over the size limit", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is invalid; `error.field` names it", body = ErrorBody),
+        (status = 429, description = "The queue is full; see `Retry-After`", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
-    )
+    ),
+    params(("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the same job")),
 )]
 pub async fn create_image_job(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     AppJson(request): AppJson<GenerateImageRequest>,
 ) -> Result<Response, ApiError> {
-    let job = submit_generate(&state, request).await?;
+    let key = super::submit::idempotency_key(&headers)?;
+    let submitted = submit_generate(&state, request, key.as_deref()).await?;
+    let replayed = !submitted.created;
+    let job = submitted.job;
     let location = format!("/v1/jobs/{}", job.id);
     let body = job_response(&state, job, Vec::new()).await?;
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], AppJson(body)).into_response())
+    let mut response = (StatusCode::ACCEPTED, [(header::LOCATION, location)], AppJson(body)).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
 /// Validates and enqueues a text-to-image request.
-pub async fn submit_generate(state: &AppState, request: GenerateImageRequest) -> Result<crate::jobs::Job, ApiError> {
+pub async fn submit_generate(
+    state: &AppState,
+    request: GenerateImageRequest,
+    key: Option<&str>,
+) -> Result<super::submit::Submitted, ApiError> {
     let (model, params) = validate(state, request)?;
     let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    super::submit::enqueue(state, KIND_GENERATE, model, params).await
+    super::submit::enqueue(state, KIND_GENERATE, model, params, key).await
 }
 
 /// Checks every field against the model and the configured limits, resolving every default.

@@ -82,6 +82,10 @@ impl IntoResponse for OpenAiError {
             ApiError::InvalidField { field, .. } => Some(field.clone()),
             _ => None,
         };
+        let retry_after = match &error {
+            ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let body = OpenAiErrorBody {
             error: OpenAiErrorDetail {
                 message: error.to_string(),
@@ -90,7 +94,11 @@ impl IntoResponse for OpenAiError {
                 code: Some(error.code().into()),
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -216,6 +224,7 @@ fn parse_size(size: Option<&str>) -> Result<(Option<u32>, Option<u32>), ApiError
          `image_generation.completed` server-sent events)", body = OpenAiImagesResponse),
         (status = 400, description = "Invalid request (OpenAI error shape; `param` names the field)", body = OpenAiErrorBody),
         (status = 413, description = "Body over the size limit", body = OpenAiErrorBody),
+        (status = 429, description = "The queue is full; see `Retry-After`", body = OpenAiErrorBody),
         (status = 500, description = "The job failed", body = OpenAiErrorBody),
     )
 )]
@@ -259,7 +268,8 @@ pub async fn generations(
         let total = steps.unwrap_or(super::images::DEFAULT_STEPS);
         generation.preview_every = Some(total.div_ceil(partial + 1).max(1));
     }
-    let job = submit_generate(&state, generation).await?;
+    let key = super::submit::idempotency_key(&headers)?;
+    let job = submit_generate(&state, generation, key.as_deref()).await?.job;
     let format = body.response_format.unwrap_or_default();
     if body.stream.unwrap_or(false) {
         return Ok(stream(state, job, partial, "image_generation"));
@@ -547,7 +557,8 @@ pub async fn edits(
         values.insert("preview_every".into(), 0.into());
     }
     let fields: EditImageRequest = parse_json(&serde_json::to_vec(&values).map_err(ApiError::internal)?)?;
-    let job = submit_edit(&state, fields, image, mask).await?;
+    let key = super::submit::idempotency_key(&headers)?;
+    let job = submit_edit(&state, fields, image, mask, key.as_deref()).await?.job;
     if streaming {
         return Ok(stream(state, job, partial, "image_edit"));
     }

@@ -1,23 +1,68 @@
 //! Putting a validated job into the queue: the one path every submitting route (native and
-//! OpenAI-compatible) goes through, so each job is committed before any answer, the dispatcher is woken and
-//! followers get their first `queued` event.
+//! OpenAI-compatible) goes through, so each job is committed before any answer, the queue limit and
+//! `Idempotency-Key` are honoured everywhere, the dispatcher is woken and followers get their first
+//! `queued` event.
+
+use std::time::Duration;
+
+use axum::http::HeaderMap;
 
 use super::error::ApiError;
 use super::jobs::visible_steps;
 use super::AppState;
-use crate::jobs::{Job, NewJob};
+use crate::jobs::{Job, JobStatus, NewJob};
 use crate::worker::events::EventKind;
 
-/// Commits a job of `kind` for `model` with `params` and announces it.
-pub async fn enqueue(state: &AppState, kind: &str, model: String, params: serde_json::Value) -> Result<Job, ApiError> {
-    let job = state
-        .store
-        .insert(NewJob { kind: kind.into(), model, params, priority: 0, max_attempts: state.queue.max_attempts })
-        .await?;
-    state.wake.notify_one();
-    metrics::counter!("denoised_jobs_submitted_total").increment(1);
-    let position = state.store.queue_position(job.id).await?.unwrap_or(0);
-    let eta_ms = state.progress.queued_eta_ms(visible_steps(&job), position, state.workers);
-    state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
-    Ok(job)
+/// Header whose repeat within [`IDEMPOTENCY_WINDOW`] returns the job the first request created.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// How long an `Idempotency-Key` keeps pointing at its job.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The client's `Idempotency-Key`, checked: 1 to 255 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else { return Ok(None) };
+    let key = value.to_str().map_err(|_| ApiError::field("Idempotency-Key", "Idempotency-Key must be ASCII"))?;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::field("Idempotency-Key", "Idempotency-Key must be 1 to 255 visible ASCII characters"));
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// A submission's outcome: the job, and whether this request created it (`false`: an idempotent replay).
+#[derive(Debug)]
+pub struct Submitted {
+    /// The job.
+    pub job: Job,
+    /// Whether this request created it.
+    pub created: bool,
+}
+
+/// Commits a job of `kind` for `model` with `params` (or finds the one `key` created) and announces it.
+pub async fn enqueue(
+    state: &AppState,
+    kind: &str,
+    model: String,
+    params: serde_json::Value,
+    key: Option<&str>,
+) -> Result<Submitted, ApiError> {
+    let queued = state.store.count_by_status().await?.get(JobStatus::Queued);
+    if queued >= state.queue.max_queued {
+        let per_job = state.progress.queued_eta_ms(20, 0, state.workers).unwrap_or(1000);
+        let retry_after = (per_job * queued.min(100) / 1000 / state.workers.max(1) as u64).clamp(1, 300);
+        return Err(ApiError::QueueFull { queued, retry_after });
+    }
+    let new = NewJob { kind: kind.into(), model, params, priority: 0, max_attempts: state.queue.max_attempts };
+    let (job, created) = match key {
+        Some(key) => state.store.insert_idempotent(new, key, IDEMPOTENCY_WINDOW).await?,
+        None => (state.store.insert(new).await?, true),
+    };
+    if created {
+        state.wake.notify_one();
+        metrics::counter!("denoised_jobs_submitted_total").increment(1);
+        let position = state.store.queue_position(job.id).await?.unwrap_or(0);
+        let eta_ms = state.progress.queued_eta_ms(visible_steps(&job), position, state.workers);
+        state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
+    }
+    Ok(Submitted { job, created })
 }

@@ -120,6 +120,65 @@ impl JobStore {
         one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))
     }
 
+    /// Inserts a job under a client's `Idempotency-Key`, or returns the job that key created within the last
+    /// `window` (then `false`: nothing was inserted). One `BEGIN IMMEDIATE` transaction, so two racing
+    /// requests with the same key get the same job.
+    pub async fn insert_idempotent(&self, new: NewJob, key: &str, window: Duration) -> Result<(Job, bool), StoreError> {
+        if new.max_attempts == 0 {
+            return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
+        }
+        let now = now_millis();
+        let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key = ?1 AND created_at < ?2")
+            .bind(key)
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        let existing: Option<JobRow> =
+            sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE idempotency_key = ?1"))
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(row) = existing {
+            tx.commit().await?;
+            return Ok((Job::try_from(row)?, false));
+        }
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
+             idempotency_key) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8) RETURNING ",
+            job_columns!()
+        ))
+        .bind(Uuid::now_v7().to_string())
+        .bind(&new.kind)
+        .bind(&new.model)
+        .bind(new.params.to_string())
+        .bind(new.priority)
+        .bind(i64::from(new.max_attempts))
+        .bind(now)
+        .bind(key)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let job = one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))?;
+        Ok((job, true))
+    }
+
+    /// Deletes up to `limit` jobs that ended before `cutoff_millis` (with their image records), returning
+    /// them so the caller can remove their files. For the retention sweep.
+    pub async fn delete_finished_before(&self, cutoff_millis: i64, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') \
+             AND finished_at < ?1 ORDER BY finished_at LIMIT ?2) RETURNING ",
+            job_columns!()
+        ))
+        .bind(cutoff_millis)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
     /// Reads one job, for status endpoints and SSE; `None` if there is no such job.
     pub async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
         let row: Option<JobRow> = sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?1"))

@@ -510,3 +510,58 @@ async fn delete_removes_the_job_and_fences_out_its_worker() {
     assert!(!store.complete(job.id, "w", &[]).await.unwrap());
     assert!(!store.delete(job.id).await.unwrap());
 }
+
+#[tokio::test]
+async fn idempotency_keys_return_the_same_job_within_the_window() {
+    let dir = TempDir::new().unwrap();
+    let store = store(&dir).await;
+    let (first, created) = store.insert_idempotent(new_job(0), "key-1", Duration::from_secs(3600)).await.unwrap();
+    assert!(created);
+    let (again, created) = store.insert_idempotent(new_job(0), "key-1", Duration::from_secs(3600)).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    let (other, created) = store.insert_idempotent(new_job(0), "key-2", Duration::from_secs(3600)).await.unwrap();
+    assert!(created);
+    assert_ne!(other.id, first.id);
+    // Past the window the key is free again.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (fresh, created) = store.insert_idempotent(new_job(0), "key-1", Duration::from_millis(1)).await.unwrap();
+    assert!(created);
+    assert_ne!(fresh.id, first.id);
+    // Racing requests with one key get one job.
+    let store = Arc::new(store);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(
+                async move { store.insert_idempotent(new_job(0), "race", Duration::from_secs(60)).await.unwrap() },
+            )
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    let mut creations = 0;
+    for h in handles {
+        let (job, created) = h.await.unwrap();
+        ids.insert(job.id);
+        creations += usize::from(created);
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(creations, 1);
+}
+
+#[tokio::test]
+async fn retention_deletes_only_finished_jobs_older_than_the_cutoff() {
+    let dir = TempDir::new().unwrap();
+    let store = store(&dir).await;
+    let done = store.insert(new_job(0)).await.unwrap();
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(claimed.id, done.id);
+    assert!(store.complete(done.id, "w", &[image(0, 1)]).await.unwrap());
+    let waiting = store.insert(new_job(0)).await.unwrap();
+    assert!(store.delete_finished_before(time::now_millis() - 60_000, 10).await.unwrap().is_empty());
+    let deleted = store.delete_finished_before(time::now_millis() + 1, 10).await.unwrap();
+    assert_eq!(deleted.iter().map(|j| j.id).collect::<Vec<_>>(), vec![done.id]);
+    assert!(store.get(done.id).await.unwrap().is_none());
+    assert!(store.images(done.id).await.unwrap().is_empty());
+    assert!(store.get(waiting.id).await.unwrap().is_some());
+}

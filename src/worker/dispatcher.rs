@@ -27,6 +27,8 @@ pub struct DispatchSettings {
     pub poll: Duration,
     /// How long running jobs get to finish at shutdown before they are handed back to the queue.
     pub shutdown_grace: Duration,
+    /// How long a job may run before it is stopped and failed with `timeout`.
+    pub job_timeout: Duration,
 }
 
 /// Everything the dispatcher needs.
@@ -141,6 +143,11 @@ impl Dispatcher {
             Some(Ok(images)) => self.complete(id, &owner, params.output_format, images).await,
             Some(Err(WorkError::Engine { code: "cancelled", .. })) => match stop.reason() {
                 Some(StopReason::Shutdown) | None => self.hand_back(id, &owner).await,
+                Some(StopReason::Timeout) => {
+                    let limit = self.settings.job_timeout.as_secs();
+                    self.fail(id, &owner, "timeout", &format!("the job ran longer than {limit} s and was stopped"))
+                        .await
+                }
                 Some(StopReason::Client) => match self.store.finish_cancelled(id, &owner).await {
                     Ok(true) => {
                         info!(%id, "job cancelled while running");
@@ -198,9 +205,17 @@ impl Dispatcher {
         let period = (self.settings.lease / 3).max(Duration::from_millis(100));
         let mut ticker = tokio::time::interval(period);
         ticker.tick().await;
+        let deadline = tokio::time::sleep(self.settings.job_timeout);
+        tokio::pin!(deadline);
+        let mut timed_out = false;
         loop {
             tokio::select! {
                 result = &mut outcome => return result.ok(),
+                _ = &mut deadline, if !timed_out => {
+                    timed_out = true;
+                    warn!(%id, "job timed out; stopping it");
+                    self.progress.stop(id, StopReason::Timeout);
+                }
                 _ = ticker.tick() => match self.store.renew(id, owner, self.settings.lease).await {
                     Ok(true) => {}
                     Ok(false) => warn!(%id, "lease lost while running; the result will be discarded"),

@@ -27,6 +27,8 @@ pub enum StopReason {
     Client,
     /// The server is shutting down: it goes back to the queue.
     Shutdown,
+    /// It ran past `queue.job_timeout_seconds`: it fails with `timeout`.
+    Timeout,
 }
 
 /// A running job's stop request, shared between the HTTP side and the worker thread.
@@ -39,6 +41,7 @@ impl StopFlag {
         let code = match reason {
             StopReason::Client => 1,
             StopReason::Shutdown => 2,
+            StopReason::Timeout => 3,
         };
         let _ = self.0.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
     }
@@ -53,6 +56,7 @@ impl StopFlag {
         match self.0.load(Ordering::SeqCst) {
             1 => Some(StopReason::Client),
             2 => Some(StopReason::Shutdown),
+            3 => Some(StopReason::Timeout),
             _ => None,
         }
     }

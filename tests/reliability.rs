@@ -1,0 +1,111 @@
+//! Backpressure, idempotency, per-job timeouts and retention, over HTTP against a real server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_for_job, TestServer};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const LONG_JOB: &str = r#"{"prompt": "long", "steps": 150, "n": 8, "preview_every": 0}"#;
+
+async fn post(client: &reqwest::Client, server: &TestServer, body: &Value, key: Option<&str>) -> reqwest::Response {
+    let mut request = client.post(server.url("/v1/images")).json(body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let server = TestServer::start("max_queued = 2\n").await;
+    let client = reqwest::Client::new();
+    let long: Value = serde_json::from_str(LONG_JOB).unwrap();
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for _ in 0..6 {
+        let response = post(&client, &server, &long, None).await;
+        if response.status() == 429 {
+            refused = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 202);
+        accepted.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    let refused = refused.expect("the queue never filled");
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full");
+    assert!((2..=3).contains(&accepted.len()), "two waiting plus at most one running: {}", accepted.len());
+    for id in &accepted {
+        client.post(server.url(&format!("/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_same_job() {
+    let server = TestServer::start("").await;
+    let client = reqwest::Client::new();
+    let body = json!({"prompt": "once", "steps": 2});
+    let first = post(&client, &server, &body, Some("order-42")).await;
+    assert_eq!(first.status(), 202);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    let again = post(&client, &server, &body, Some("order-42")).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first["id"], again["id"]);
+    let other: Value = post(&client, &server, &body, Some("order-43")).await.json().await.unwrap();
+    assert_ne!(other["id"], first["id"]);
+    let bad = post(&client, &server, &body, Some("")).await;
+    assert_eq!(bad.status(), 422);
+    assert_eq!(bad.json::<Value>().await.unwrap()["error"]["field"], "Idempotency-Key");
+    let listed: Value = client.get(server.url("/v1/jobs")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "the replay created no job");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_its_time_limit_fails_with_timeout_and_frees_the_worker() {
+    let server = TestServer::start("job_timeout_seconds = 1\n").await;
+    let client = reqwest::Client::new();
+    let long: Value = serde_json::from_str(LONG_JOB).unwrap();
+    let id =
+        post(&client, &server, &long, None).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let job = wait_for_job(&client, &server.url(&format!("/v1/jobs/{id}")), TIMEOUT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "timeout");
+    let next =
+        post(&client, &server, &json!({"prompt": "quick", "steps": 2}), None).await.json::<Value>().await.unwrap();
+    let next = wait_for_job(&client, &server.url(&format!("/v1/jobs/{}", next["id"].as_str().unwrap())), TIMEOUT).await;
+    assert_eq!(next["status"], "succeeded");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_finished_jobs_and_their_files() {
+    let server = TestServer::start("").await;
+    let client = reqwest::Client::new();
+    let body: Value = post(&client, &server, &json!({"prompt": "old", "steps": 2}), None).await.json().await.unwrap();
+    let id = body["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_for_job(&client, &server.url(&format!("/v1/jobs/{id}")), TIMEOUT).await["status"], "succeeded");
+    let images = server.dir.path().join("images").join(&id);
+    assert!(images.exists());
+    // The same sweep the server runs, on the same database and folder, with no retention left.
+    let store =
+        denoised::jobs::JobStore::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+            .await
+            .unwrap();
+    let files = denoised::storage::ImageFiles::new(server.dir.path());
+    let deleted = denoised::retention::sweep(&store, &files, Duration::ZERO).await.unwrap();
+    assert_eq!(deleted, 1);
+    assert!(!images.exists());
+    assert_eq!(client.get(server.url(&format!("/v1/jobs/{id}"))).send().await.unwrap().status(), 404);
+    assert_eq!(denoised::retention::sweep(&store, &files, Duration::from_secs(3600)).await.unwrap(), 0);
+    server.shutdown().await;
+}
