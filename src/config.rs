@@ -197,6 +197,12 @@ pub struct ModelConfig {
     pub name: String,
     /// An optimum Stable Diffusion export folder.
     pub path: PathBuf,
+    /// Guidance scale used when a request gives none (default 7.5, Stable Diffusion's).
+    #[serde(default)]
+    pub guidance_scale: Option<f32>,
+    /// Steps used when a request gives none (default 20).
+    #[serde(default)]
+    pub steps: Option<u32>,
 }
 
 /// `[[workers]]`
@@ -311,6 +317,18 @@ impl Config {
         for model in &self.models {
             if model.name.trim().is_empty() {
                 return Err(ConfigError::Invalid("models.name must not be empty".into()));
+            }
+            if model.guidance_scale.is_some_and(|g| !(0.0..=50.0).contains(&g)) {
+                return Err(ConfigError::Invalid(format!(
+                    "models `{}`: guidance_scale must be between 0 and 50",
+                    model.name
+                )));
+            }
+            if model.steps.is_some_and(|s| s == 0 || s > self.limits.max_steps) {
+                return Err(ConfigError::Invalid(format!(
+                    "models `{}`: steps must be between 1 and limits.max_steps",
+                    model.name
+                )));
             }
             if !names.insert(model.name.as_str()) {
                 return Err(ConfigError::Invalid(format!("models.name `{}` is configured twice", model.name)));

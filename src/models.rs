@@ -11,6 +11,10 @@ pub struct ServedModel {
     pub name: String,
     /// What the export is and can do.
     pub info: ModelInfo,
+    /// Guidance scale for requests that give none.
+    pub default_guidance_scale: Option<f32>,
+    /// Steps for requests that give none.
+    pub default_steps: Option<u32>,
 }
 
 /// Every configured model, in config order (the first is the default).
@@ -24,7 +28,14 @@ impl ModelRegistry {
     pub fn load(configs: &[ModelConfig]) -> Result<Self, EngineError> {
         let models = configs
             .iter()
-            .map(|c| Ok(ServedModel { name: c.name.clone(), info: ModelInfo::read(&c.path)? }))
+            .map(|c| {
+                Ok(ServedModel {
+                    name: c.name.clone(),
+                    info: ModelInfo::read(&c.path)?,
+                    default_guidance_scale: c.guidance_scale,
+                    default_steps: c.steps,
+                })
+            })
             .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Self { models })
     }

@@ -83,11 +83,12 @@ pub struct GenerateImageRequest {
     #[serde(default)]
     #[schema(minimum = 8, maximum = 2048, multiple_of = 8)]
     pub height: Option<u32>,
-    /// Denoising steps (default 20).
+    /// Denoising steps (default: the model's configured default, else 20).
     #[serde(default)]
     #[schema(minimum = 1, maximum = 150)]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale; 1 or less turns guidance off (default 7.5).
+    /// Classifier-free guidance scale; 1 or less turns guidance off (default: the model's configured default,
+    /// else 7.5).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 50)]
     pub guidance_scale: Option<f32>,
@@ -212,11 +213,11 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
     };
     let width = side("width", request.width)?;
     let height = side("height", request.height)?;
-    let steps = request.steps.unwrap_or(DEFAULT_STEPS);
+    let steps = request.steps.or(served.default_steps).unwrap_or(DEFAULT_STEPS);
     if steps == 0 || steps > limits.max_steps {
         return Err(ApiError::field("steps", format!("steps must be between 1 and {}", limits.max_steps)));
     }
-    let guidance_scale = request.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
+    let guidance_scale = request.guidance_scale.or(served.default_guidance_scale).unwrap_or(DEFAULT_GUIDANCE);
     if !guidance_scale.is_finite() || !(0.0..=50.0).contains(&guidance_scale) {
         return Err(ApiError::field("guidance_scale", "guidance_scale must be between 0 and 50"));
     }

@@ -1,0 +1,195 @@
+"""Train the tiny-shapes VAE (diffusers AutoencoderKL, 64x64 RGB -> 4x8x8 latents, factor 8 with 4 blocks).
+
+Deterministic given --seed; resumes from the newest checkpoint in WORK/vae/.
+    nice -n 19 python train_vae.py --work-dir /root/shapes-work --steps 6000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+import common
+import world
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 32),
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=2,  # >= 4 channels per group: plain colours survive GroupNorm as channel contrast
+    mid_block_add_attention=False,
+    sample_size=64,
+    scaling_factor=1.0,  # replaced by 1/std of the latent pool in encode_latents.py
+)
+
+
+def to_tensor(imgs: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work-dir", default="/root/shapes-work")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--kl", type=float, default=1e-6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="fine-tune only the decoder of WORK/vae/final on the pre-encoded latent pool (the latent space "
+                         "stays fixed, so this can run while the U-Net trains); writes WORK/vae/final_ft")
+    a = ap.parse_args()
+    if a.decoder_only:
+        return finetune_decoder(a)
+    common.setup(a.seed, a.threads)
+    dev = common.pick_device(a.device)
+    out = os.path.join(a.work_dir, "vae")
+    log = common.Log(os.path.join(out, "train.log"))
+    pool = world.ensure_pool(a.work_dir)
+    imgs = pool["images"]
+    log(f"pool {imgs.shape}, device {dev}")
+
+    vae = AutoencoderKL(**VAE_CONFIG).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    with torch.no_grad():  # start with a nearly deterministic posterior (std ~0.02): decoding learns much faster
+        vae.encoder.conv_out.weight[4:].mul_(0.1)
+        vae.encoder.conv_out.bias[4:].fill_(-8.0)
+    step = 0
+    ck = common.latest_ckpt(out)
+    if ck:
+        st = torch.load(ck, map_location=dev)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        log(f"resumed from {ck} at step {step}")
+    log(f"params {sum(p.numel() for p in vae.parameters()) / 1e6:.3f} M")
+    # a fixed validation batch (held-out scenes)
+    _, held = world.split_scenes()
+    vimgs, vidx = world.render_pool(held, 96, seed=999)
+    vx = to_tensor(vimgs, dev)
+
+    def lr_at(s):
+        if s < a.warmup:
+            return a.lr * (s + 1) / a.warmup
+        p = (s - a.warmup) / max(1, a.steps - a.warmup)
+        return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+    t0 = time.time()
+    acc = 0.0
+    while step < a.steps:
+        rng = np.random.default_rng([a.seed, step])
+        b = rng.integers(0, len(imgs), a.batch)
+        x = to_tensor(imgs[b], dev)
+        if rng.random() < 0.5:  # the world is not mirror-symmetric in its words, but pixels are: flip the image only as augmentation of the autoencoder
+            x = x.flip(3)
+        torch.manual_seed(a.seed * 1000003 + step)
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x) + a.kl * post.kl().mean()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        acc += mse.item()
+        if step % 20 == 0:
+            psnr = 10 * math.log10(4.0 / max(acc / 20, 1e-10))
+            log(f"step {step} mse {acc / 20:.5f} psnr {psnr:.2f} dB lr {lr_at(step):.2e} {(time.time() - t0) / 20:.3f}s/step")
+            acc, t0 = 0.0, time.time()
+        if step % a.ckpt_every == 0 or step == a.steps:
+            vae.eval()
+            with torch.no_grad():
+                r = vae.decode(vae.encode(vx).latent_dist.mode()).sample
+                vm = F.mse_loss(r, vx).item()
+                rimg = ((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            import analyse
+
+            ok = {k: 0 for k in world.ATTRIBUTES}
+            for i in range(len(rimg)):
+                sc = analyse.score(held[vidx[i]], analyse.analyse(rimg[i]))
+                for k in ok:
+                    ok[k] += sc[k]
+            vae.train()
+            log(f"val step {step} psnr {10 * math.log10(4.0 / vm):.2f} dB analyser-on-recon "
+                + " ".join(f"{k} {100 * v / len(rimg):.1f}" for k, v in ok.items()))
+            common.save_ckpt(os.path.join(out, f"step_{step:07d}.pt"), {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+            t0 = time.time()
+    vae.save_pretrained(os.path.join(out, "final"))
+    with open(os.path.join(out, "final", "done.json"), "w") as f:
+        json.dump({"step": step}, f)
+    log("done")
+
+
+def finetune_decoder(a):
+    common.setup(a.seed, a.threads)
+    dev = common.pick_device(a.device)
+    out = os.path.join(a.work_dir, "vae", "decoder_ft")
+    log = common.Log(os.path.join(out, "train.log"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(a.work_dir, "vae", "final")).to(dev)
+    sf = vae.config.scaling_factor
+    imgs = world.ensure_pool(a.work_dir)["images"]
+    lat = np.load(os.path.join(a.work_dir, "latents.npz"))["latents"] / sf
+    n_val = 96
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    step = 0
+    ck = common.latest_ckpt(out)
+    if ck:
+        st = torch.load(ck, map_location=dev)
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
+        log(f"resumed from {ck} at step {step}")
+    vz = torch.from_numpy(lat[:n_val]).to(dev)
+    vx = to_tensor(imgs[:n_val], dev)
+    t0, acc = time.time(), 0.0
+    while step < a.steps:
+        rng = np.random.default_rng([a.seed, 7, step])
+        b = rng.integers(n_val, len(lat), a.batch)
+        x = to_tensor(imgs[b], dev)
+        rec = vae.decode(torch.from_numpy(lat[b]).to(dev)).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x)
+        for g in opt.param_groups:
+            g["lr"] = a.lr * min(1.0, (step + 1) / 20)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        acc += mse.item()
+        if step % 20 == 0:
+            log(f"step {step} mse {acc / 20:.5f} psnr {10 * math.log10(4.0 / max(acc / 20, 1e-10)):.2f} dB {(time.time() - t0) / 20:.3f}s/step")
+            acc, t0 = 0.0, time.time()
+        if step % a.ckpt_every == 0 or step == a.steps:
+            with torch.no_grad():
+                vm = F.mse_loss(vae.decode(vz).sample, vx).item()
+            log(f"val step {step} psnr {10 * math.log10(4.0 / vm):.2f} dB")
+            common.save_ckpt(os.path.join(out, f"step_{step:07d}.pt"), {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+    vae.save_pretrained(os.path.join(a.work_dir, "vae", "final_ft"))
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
