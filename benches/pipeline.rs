@@ -2,7 +2,7 @@
 //! each configuration against a baseline measured in the same process.
 //!
 //! `cargo bench --bench pipeline` (release). Under `cargo test` it runs each case once as a smoke test.
-//! `DENOISED_BENCH_MODEL=models/tiny-shapes` benchmarks another export.
+//! `BENCH_MODEL=models/tiny-shapes` benchmarks another export.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -43,9 +43,8 @@ fn median(model: &mut LoadedModel, request: &GenerateRequest, runs: usize) -> Du
 fn main() {
     let benchmarking = std::env::args().any(|a| a == "--bench");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let model_dir = std::env::var_os("DENOISED_BENCH_MODEL")
-        .map(|p| root.join(p))
-        .unwrap_or_else(|| root.join("tests/fixtures/tiny-sd"));
+    let model_dir =
+        std::env::var_os("BENCH_MODEL").map(|p| root.join(p)).unwrap_or_else(|| root.join("tests/fixtures/tiny-sd"));
     let library = Runtime::library_path(&root.join(".ort/libonnxruntime.so"));
     let runtime = Runtime::load(&library).expect("ONNX Runtime (run scripts/fetch-onnxruntime.py)");
     let info = ModelInfo::read(&model_dir).expect("model");
