@@ -15,7 +15,7 @@ use image::{DynamicImage, GenericImageView, GrayImage, RgbImage};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::error::{parse_json, ApiError, BodyLimit, ErrorBody};
+use super::error::{parse_json, ApiError, ErrorBody};
 use super::images::{validate, GenerateImageRequest, ImageFormat, PreviewKind};
 use super::jobs::{job_response, JobResponse};
 use super::AppState;
@@ -287,15 +287,7 @@ async fn read_body(
     if !content_type.starts_with("application/json") {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let limit = request.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-    let bytes = axum::body::Bytes::from_request(request, state).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::MalformedJson(e.body_text())
-        }
-    })?;
-    let mut fields: EditImageRequest = parse_json(&bytes)?;
+    let mut fields: EditImageRequest = super::error::read_json(request, state).await?;
     let image = match fields.image.take() {
         Some(text) => decode_base64("image", &text)?,
         None => return Err(ApiError::field("image", "image is required")),

@@ -161,18 +161,24 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !is_json(req.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| match e {
-            BytesRejection::FailedToBufferBody(inner) if inner.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge { limit }
-            }
-            other => ApiError::MalformedJson(other.body_text()),
-        })?;
-        parse_json(&bytes).map(AppJson)
+        read_json(req, state).await.map(AppJson)
     }
+}
+
+/// Reads a JSON body: `415` unless it is declared JSON, a JSON `413` over the body limit, then
+/// [`parse_json`]. Every JSON route reads its body through here.
+pub async fn read_json<T: DeserializeOwned, S: Send + Sync>(req: Request, state: &S) -> Result<T, ApiError> {
+    if !is_json(req.headers()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
+    let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(inner) if inner.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge { limit }
+        }
+        other => ApiError::MalformedJson(other.body_text()),
+    })?;
+    parse_json(&bytes)
 }
 
 impl<T: Serialize> IntoResponse for AppJson<T> {

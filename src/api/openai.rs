@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::edits::{submit_edit, EditImageRequest};
-use super::error::{parse_json, ApiError, BodyLimit};
+use super::error::{parse_json, ApiError};
 use super::images::{submit_generate, GenerateImageRequest, ImageFormat};
 use super::AppState;
 use crate::jobs::{Job, JobStatus};
@@ -224,6 +224,7 @@ fn parse_size(size: Option<&str>) -> Result<(Option<u32>, Option<u32>), ApiError
          `image_generation.completed` server-sent events)", body = OpenAiImagesResponse),
         (status = 400, description = "Invalid request (OpenAI error shape; `param` names the field)", body = OpenAiErrorBody),
         (status = 413, description = "Body over the size limit", body = OpenAiErrorBody),
+        (status = 415, description = "Body is not JSON", body = OpenAiErrorBody),
         (status = 429, description = "The queue is full; see `Retry-After`", body = OpenAiErrorBody),
         (status = 500, description = "The job failed", body = OpenAiErrorBody),
     )
@@ -233,15 +234,7 @@ pub async fn generations(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, OpenAiError> {
-    let limit = request.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-    let bytes = axum::body::Bytes::from_request(request, &state).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::MalformedJson(e.body_text())
-        }
-    })?;
-    let body: OpenAiGenerateRequest = parse_json(&bytes)?;
+    let body: OpenAiGenerateRequest = super::error::read_json(request, &state).await?;
     let (width, height) = parse_size(body.size.as_deref())?;
     let partial = partial_images(body.partial_images)?;
     let steps = body.steps;

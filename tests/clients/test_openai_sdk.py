@@ -85,3 +85,9 @@ def test_edit_with_a_mask_inpaints_and_without_one_does_img2img(client):
                                 partial_images=1, extra_body={"steps": 4})
     kinds = [e.type for e in stream]
     assert kinds == ["image_edit.partial_image", "image_edit.completed"], kinds
+
+
+def test_non_json_bodies_get_openai_shaped_415(server):
+    response = httpx.post(f"{server}/v1/images/generations", content=b"prompt=x", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert response.json()["error"]["type"] == "invalid_request_error"

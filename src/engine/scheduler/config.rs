@@ -214,6 +214,20 @@ impl SchedulerConfig {
         self.num_train_timesteps.unwrap_or(1000)
     }
 
+    /// The training timestep count, after checking that `n` inference steps fit in it (diffusers raises the
+    /// same error in every scheduler's `set_timesteps`).
+    pub(crate) fn checked_train_steps(&self, n: usize, class: &'static str) -> Result<usize, SchedulerError> {
+        let train = self.train_steps();
+        if n > train {
+            return Err(SchedulerError::InvalidSteps {
+                class,
+                steps: n,
+                reason: format!("more than the {train} training timesteps"),
+            });
+        }
+        Ok(train)
+    }
+
     pub(crate) fn prediction(
         &self,
         class: &'static str,

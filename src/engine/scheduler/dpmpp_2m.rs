@@ -107,14 +107,7 @@ impl DpmSolverMultistep {
             rescale: Rescale::TerminalEpsilon,
         };
         let acp = alphas_cumprod(cfg, &spec)?;
-        let train = cfg.train_steps();
-        if n > train {
-            return Err(SchedulerError::InvalidSteps {
-                class: CLASS,
-                steps: n,
-                reason: format!("more than the {train} training timesteps"),
-            });
-        }
+        let train = cfg.checked_train_steps(n, CLASS)?;
         let spacing = cfg.spacing(TimestepSpacing::Linspace, CLASS)?;
         // lambda_min_clipped: searchsorted over the ascending (flipped) lambda(t).
         let clip = cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY);

@@ -42,14 +42,7 @@ pub(crate) fn sigma_schedule(
 ) -> Result<SigmaSchedule, SchedulerError> {
     let class = opts.class;
     let acp = alphas_cumprod(cfg, &opts.beta)?;
-    let train = cfg.train_steps();
-    if n > train {
-        return Err(SchedulerError::InvalidSteps {
-            class,
-            steps: n,
-            reason: format!("more than the {train} training timesteps"),
-        });
-    }
+    let train = cfg.checked_train_steps(n, class)?;
     let spacing = cfg.spacing(TimestepSpacing::Linspace, class)?;
     let mut timesteps = float_timesteps(spacing, n, train, cfg.offset());
     if timesteps.iter().any(|&t| t < 0.0 || t > (train - 1) as f64) {

@@ -144,3 +144,15 @@ fn pndm_without_skip_prk_runs_runge_kutta_warmup() {
         assert!(x.iter().all(|v| v.is_finite()));
     }
 }
+
+#[test]
+fn more_steps_than_training_timesteps_is_an_error_for_every_family() {
+    for kind in SchedulerKind::all() {
+        let result = build(*kind, &sd15(), 1001);
+        match result {
+            Err(SchedulerError::InvalidSteps { steps: 1001, .. }) => {}
+            Err(other) => panic!("{}: unexpected error {other}", kind.name()),
+            Ok(_) => panic!("{}: 1001 steps accepted with 1000 training timesteps", kind.name()),
+        }
+    }
+}

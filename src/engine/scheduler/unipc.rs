@@ -99,14 +99,7 @@ impl UniPc {
             rescale: Rescale::TerminalEpsilon,
         };
         let acp = alphas_cumprod(cfg, &spec)?;
-        let train = cfg.train_steps();
-        if n > train {
-            return Err(SchedulerError::InvalidSteps {
-                class: CLASS,
-                steps: n,
-                reason: format!("more than the {train} training timesteps"),
-            });
-        }
+        let train = cfg.checked_train_steps(n, CLASS)?;
         let spacing = cfg.spacing(TimestepSpacing::Linspace, CLASS)?;
         let full = train_sigmas(&acp);
         let final_sigmas = cfg.final_sigmas(CLASS)?;
