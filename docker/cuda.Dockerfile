@@ -20,4 +20,6 @@ ENV ORT_DYLIB_PATH=/opt/ort/lib/python3.12/site-packages/onnxruntime/capi/libonn
 USER denoised
 WORKDIR /app
 EXPOSE 8080
-ENTRYPOINT ["denoised", "serve", "--config", "/app/config.toml"]
+ENV DENOISED_CONFIG=/app/config.toml
+ENTRYPOINT ["denoised"]
+CMD ["serve"]

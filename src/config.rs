@@ -59,6 +59,9 @@ pub struct Config {
     /// Request limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// API keys.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Logging.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -158,6 +161,8 @@ pub struct LimitsConfig {
     pub max_input_side: u32,
     /// Most pixels of an uploaded picture (checked before decoding, so decompression bombs are refused).
     pub max_input_pixels: u64,
+    /// Most queued plus running jobs one API key may have; beyond it its submissions get `429`.
+    pub max_outstanding_per_key: u64,
 }
 
 impl Default for LimitsConfig {
@@ -169,8 +174,22 @@ impl Default for LimitsConfig {
             max_prompt_chars: 4000,
             max_input_side: 8192,
             max_input_pixels: 4096 * 4096,
+            max_outstanding_per_key: 100,
         }
     }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require `Authorization: Bearer <key>` on every route but `/healthz`, `/readyz`, `/openapi.json` and
+    /// `/docs`. Keys are made with `denoised keys create`.
+    pub enabled: bool,
+    /// Serve without authentication on a non-loopback address. Only the `--allow-unauthenticated` flag sets
+    /// it, so that no config file can quietly expose an open server.
+    #[serde(skip)]
+    pub allow_unauthenticated: bool,
 }
 
 /// `[telemetry]`
@@ -234,6 +253,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--database-url`
     pub database_url: Option<String>,
+    /// `--allow-unauthenticated`
+    pub allow_unauthenticated: bool,
 }
 
 impl Config {
@@ -284,6 +305,7 @@ impl Config {
         if let Some(url) = &overrides.database_url {
             config.storage.database_url = url.clone();
         }
+        config.auth.allow_unauthenticated = overrides.allow_unauthenticated;
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
@@ -358,8 +380,24 @@ impl Config {
         if self.queue.max_attempts == 0 {
             return Err(ConfigError::Invalid("queue.max_attempts must be at least 1".into()));
         }
+        if self.limits.max_outstanding_per_key == 0 {
+            return Err(ConfigError::Invalid("limits.max_outstanding_per_key must be at least 1".into()));
+        }
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
+        }
+        Ok(())
+    }
+
+    /// Refuses to serve without authentication on an address other machines can reach, unless the operator
+    /// said so with `--allow-unauthenticated`.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        let addr = self.bind_addr()?;
+        if !self.auth.enabled && !self.auth.allow_unauthenticated && !addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to serve on {addr} without authentication: set [auth] enabled = true (and create keys \
+                 with `denoised keys create`), bind a loopback address, or pass --allow-unauthenticated"
+            )));
         }
         Ok(())
     }
@@ -513,5 +551,31 @@ threads = 2
         let c = Config::load(&path, Vec::new(), &Overrides::default()).unwrap();
         assert!(!c.models.is_empty());
         assert!(!c.workers.is_empty());
+        c.check_exposure().unwrap();
+        let docker = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/config.toml");
+        let c = Config::from_toml_str(
+            &std::fs::read_to_string(docker).unwrap(),
+            "docker/config.toml",
+            Path::new("/srv/denoised"),
+            Vec::new(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.auth.enabled, "the container listens on every interface, so it must require keys");
+        c.check_exposure().unwrap();
+    }
+
+    #[test]
+    fn open_servers_on_public_addresses_need_the_flag() {
+        let mut c = load(MINIMAL, &[("DENOISED_SERVER__BIND", "0.0.0.0:8080")]).unwrap();
+        let err = c.check_exposure().unwrap_err().to_string();
+        assert!(err.contains("--allow-unauthenticated"), "{err}");
+        c.auth.allow_unauthenticated = true;
+        c.check_exposure().unwrap();
+        c.auth.allow_unauthenticated = false;
+        c.auth.enabled = true;
+        c.check_exposure().unwrap();
+        let local = load(MINIMAL, &[("DENOISED_SERVER__BIND", "[::1]:8080")]).unwrap();
+        local.check_exposure().unwrap();
     }
 }

@@ -5,6 +5,7 @@
 //! every SQL statement; [`worker`] bridges the two with OS threads; [`api`] is the axum front end.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod jobs;

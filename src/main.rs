@@ -30,6 +30,17 @@ enum Command {
         /// Database URL (overrides storage.database_url).
         #[arg(long)]
         database_url: Option<String>,
+        /// Serve without API keys on a non-loopback address (refused otherwise).
+        #[arg(long)]
+        allow_unauthenticated: bool,
+    },
+    /// Manage API keys (stored, hashed, in the server's database).
+    Keys {
+        /// Configuration file (the database is `storage.database_url`).
+        #[arg(long, short, default_value = "config.toml", env = "DENOISED_CONFIG", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Check the configuration and every model folder without serving.
     Check {
@@ -39,6 +50,26 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Make a key and print it; the last line of the output is the key itself, shown only this once.
+    Create {
+        /// A name to list and revoke the key by.
+        #[arg(long)]
+        name: String,
+        /// The key sees every tenant's jobs and `/metrics`.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke the live key with this name; its jobs stay.
+    Revoke {
+        /// The key's name.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,8 +104,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Serve { config, bind, data_dir, database_url } => {
-            let overrides = Overrides { bind, data_dir, database_url };
+        Command::Keys { config, action } => {
+            let config = Config::load(&config, std::env::vars(), &Overrides::default())?;
+            tokio::runtime::Runtime::new()?.block_on(keys(&config, action))
+        }
+        Command::Serve { config, bind, data_dir, database_url, allow_unauthenticated } => {
+            let overrides = Overrides { bind, data_dir, database_url, allow_unauthenticated };
             let config = Config::load(&config, std::env::vars(), &overrides)?;
             denoised::telemetry::init(&config.telemetry);
             let runtime = tokio::runtime::Runtime::new()?;
@@ -84,4 +119,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
+    let store = denoised::jobs::JobStore::connect(&config.storage.database_url).await?;
+    let keys = denoised::auth::KeyStore::new(store.pool().clone());
+    let result = match action {
+        KeysAction::Create { name, admin } => {
+            let (info, key) = keys.create(&name, admin).await?;
+            println!("created {} key `{}` (id {})", if info.admin { "admin" } else { "tenant" }, info.name, info.id);
+            if !config.auth.enabled {
+                println!("note: [auth] enabled is false in this config, so the server does not ask for keys yet");
+            }
+            println!("store it now; it cannot be shown again:");
+            println!("{key}");
+            Ok(())
+        }
+        KeysAction::List => {
+            println!("{:<24} {:<14} {:<6} {:<26} revoked", "name", "id", "admin", "created");
+            for k in keys.list().await? {
+                println!(
+                    "{:<24} {:<14} {:<6} {:<26} {}",
+                    k.name,
+                    k.id,
+                    if k.admin { "yes" } else { "no" },
+                    denoised::jobs::time::rfc3339_from_millis(k.created_at),
+                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis)
+                );
+            }
+            Ok(())
+        }
+        KeysAction::Revoke { name } => {
+            let info = keys.revoke(&name).await?;
+            println!("revoked key `{}` (id {})", info.name, info.id);
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
 }

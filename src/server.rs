@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::info;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, AuthState};
+use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::engine::runtime::{Device, Runtime};
 use crate::jobs::JobStore;
@@ -38,6 +39,7 @@ impl Server {
     /// worker threads, and the listening socket.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         crate::telemetry::metrics_handle();
+        config.check_exposure()?;
         let library = Runtime::library_path(&config.runtime.onnxruntime_library);
         let runtime = Runtime::load(&library)?;
         info!(library = %runtime.library().display(), "ONNX Runtime loaded");
@@ -50,6 +52,14 @@ impl Server {
         let recovered = store.recover_expired().await?;
         if !recovered.is_empty() {
             info!(?recovered, "recovered jobs whose lease expired while no server ran them");
+        }
+        let keys = KeyStore::new(store.pool().clone());
+        if config.auth.enabled {
+            if !keys.any_live().await? {
+                tracing::warn!("[auth] is enabled but no API key exists: create one with `denoised keys create`");
+            }
+        } else {
+            info!("authentication is off: every caller sees every job ([auth] enabled = false)");
         }
         let specs = config
             .workers
@@ -87,6 +97,7 @@ impl Server {
             queue: config.queue.clone(),
             max_body_bytes: config.server.max_body_bytes,
             workers_ready: pool.ready_flag(),
+            auth: AuthState { enabled: config.auth.enabled, keys },
         };
         let dispatcher = Dispatcher {
             store,

@@ -10,6 +10,7 @@ use std::io::Cursor;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView, GrayImage, RgbImage};
 use serde::Deserialize;
@@ -19,6 +20,7 @@ use super::error::{parse_json, ApiError, ErrorBody};
 use super::images::{validate, GenerateImageRequest, ImageFormat, PreviewKind};
 use super::jobs::{job_response, JobResponse};
 use super::AppState;
+use crate::auth::Principal;
 use crate::engine::input::{self, InputImageError, ResizeMode};
 use crate::engine::model::Capability;
 use crate::engine::pipeline::outpaint_canvas;
@@ -203,14 +205,18 @@ const NUMERIC_FIELDS: &[&str] = &[
         (status = 415, description = "Neither JSON nor multipart", body = ErrorBody),
         (status = 422, description = "A field is invalid (corrupt or oversized image, mask of the wrong size, a mode \
          the model cannot do, …); `error.field` names it", body = ErrorBody),
-        (status = 429, description = "The queue is full; see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = ErrorBody),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the same job")),
 )]
-pub async fn create_edit_job(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn create_edit_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let key = super::submit::idempotency_key(request.headers())?;
     let (fields, image, mask) = read_body(&state, request).await?;
-    let submitted = submit_edit(&state, fields, image, mask, key.as_deref()).await?;
+    let submitted = submit_edit(&state, &who, fields, image, mask, key.as_deref()).await?;
     let replayed = !submitted.created;
     let job = submitted.job;
     let location = format!("/v1/jobs/{}", job.id);
@@ -226,6 +232,7 @@ pub async fn create_edit_job(State(state): State<AppState>, request: Request) ->
 /// Validates an edit, stores its prepared picture and mask, and enqueues it.
 pub async fn submit_edit(
     state: &AppState,
+    who: &Principal,
     fields: EditImageRequest,
     image: Vec<u8>,
     mask: Option<Vec<u8>>,
@@ -252,7 +259,7 @@ pub async fn submit_edit(
     params.image_path = image_path;
     params.mask_path = mask_path;
     let params_json = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    match super::submit::enqueue(state, KIND_EDIT, model, params_json, key).await {
+    match super::submit::enqueue(state, who, KIND_EDIT, model, params_json, key).await {
         Ok(submitted) => {
             if !submitted.created {
                 // A replay: the first request's job keeps its own stored inputs.

@@ -52,6 +52,12 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// No key, or a key that is malformed, unknown or revoked.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid key that may not use this route (`/metrics` needs an admin key).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such job, image or route.
     #[error("{0}")]
     NotFound(String),
@@ -68,6 +74,17 @@ pub enum ApiError {
         queued: u64,
         /// Seconds to wait, sent as `Retry-After`.
         retry_after: u64,
+    },
+    /// The key already has `limit` jobs queued or running.
+    #[error(
+        "this API key already has {outstanding} jobs queued or running (limits.max_outstanding_per_key = {limit}); \
+             wait for some to finish"
+    )]
+    TooManyOutstanding {
+        /// Jobs the key has outstanding.
+        outstanding: u64,
+        /// The limit.
+        limit: u64,
     },
     /// Not ready to serve (models loading, database down).
     #[error("{0}")]
@@ -95,10 +112,12 @@ impl ApiError {
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } | ApiError::TooManyOutstanding { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -111,10 +130,13 @@ impl ApiError {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::QueueFull { .. } => "queue_full",
+            ApiError::TooManyOutstanding { .. } => "too_many_outstanding_jobs",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -134,6 +156,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(body)).into_response();
         if let ApiError::QueueFull { retry_after, .. } = self {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+        }
+        if response.status() == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         response
     }

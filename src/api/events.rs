@@ -5,6 +5,7 @@
 //! down. A slow client skips intermediate progress events, never a lifecycle event. Disconnecting never
 //! cancels a job.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -12,12 +13,14 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
+use crate::auth::Principal;
 use crate::jobs::{Job, JobStatus};
 use crate::worker::events::{EventImage, EventKind, JobEvent, Snapshot};
 
@@ -68,15 +71,19 @@ async fn send(tx: &Sender, event: &JobEvent) -> bool {
 )]
 pub async fn job_events(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound(format!("no job `{id}`")))?;
     let rx = state.bus.subscribe(id);
-    let Some(job) = state.store.get(id).await? else {
-        drop(rx);
-        state.bus.release(id);
-        return Err(ApiError::NotFound(format!("no job `{id}`")));
+    let job = match super::jobs::find_job(&state, &who, id).await {
+        Ok(job) => job,
+        Err(e) => {
+            drop(rx);
+            state.bus.release(id);
+            return Err(e);
+        }
     };
     let (tx, out) = mpsc::channel(16);
     tokio::spawn(follow_job(state, job, rx, last_event_id(&headers), tx));
@@ -198,7 +205,7 @@ async fn follow_job(state: AppState, job: Job, mut rx: watch::Receiver<Snapshot>
     state.bus.release(id);
 }
 
-/// Follow every job's events (for dashboards).
+/// Follow every job's events (for dashboards); a tenant key sees only its own jobs.
 #[utoipa::path(
     get,
     path = "/v1/events",
@@ -209,17 +216,56 @@ async fn follow_job(state: AppState, job: Job, mut rx: watch::Receiver<Snapshot>
          content_type = "text/event-stream", body = JobEvent),
     )
 )]
-pub async fn all_events(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn all_events(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+) -> Response {
     let (lifecycle, progress) = state.bus.subscribe_all();
     let last = last_event_id(&headers);
     let replay = if last > 0 { state.bus.replay_after(last) } else { Vec::new() };
     let (tx, out) = mpsc::channel(64);
-    tokio::spawn(follow_all(state, lifecycle, progress, replay, tx));
+    tokio::spawn(follow_all(state, Visibility::new(who), lifecycle, progress, replay, tx));
     sse_response(out)
+}
+
+/// Which jobs an all-jobs stream may show, with each job's answer remembered (one store read per job).
+struct Visibility {
+    who: Principal,
+    known: HashMap<Uuid, bool>,
+}
+
+impl Visibility {
+    /// Remembered answers at most; past it the memory starts over.
+    const MEMORY: usize = 16_384;
+
+    fn new(who: Principal) -> Self {
+        Self { who, known: HashMap::new() }
+    }
+
+    async fn allows(&mut self, state: &AppState, job: Uuid) -> bool {
+        if self.who.admin {
+            return true;
+        }
+        if let Some(&known) = self.known.get(&job) {
+            return known;
+        }
+        let visible = match state.store.get(job).await {
+            Ok(Some(found)) => self.who.can_see(found.owner.as_deref()),
+            // Deleted jobs and store errors show nothing (and are asked again next time).
+            _ => return false,
+        };
+        if self.known.len() >= Self::MEMORY {
+            self.known.clear();
+        }
+        self.known.insert(job, visible);
+        visible
+    }
 }
 
 async fn follow_all(
     state: AppState,
+    mut visibility: Visibility,
     mut lifecycle: broadcast::Receiver<JobEvent>,
     mut progress: broadcast::Receiver<JobEvent>,
     replay: Vec<JobEvent>,
@@ -228,7 +274,7 @@ async fn follow_all(
     let mut shutdown = state.shutdown.clone();
     let mut last_lifecycle = 0;
     for event in replay {
-        if !send(&tx, &event).await {
+        if visibility.allows(&state, event.job_id).await && !send(&tx, &event).await {
             return;
         }
         last_lifecycle = event.id;
@@ -239,7 +285,7 @@ async fn follow_all(
                 Ok(event) if event.id <= last_lifecycle => {}
                 Ok(event) => {
                     last_lifecycle = event.id;
-                    if !send(&tx, &event).await { return; }
+                    if visibility.allows(&state, event.job_id).await && !send(&tx, &event).await { return; }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     // Too far behind to keep the no-loss promise: say so and end; the client reconnects with
@@ -251,7 +297,7 @@ async fn follow_all(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             event = progress.recv() => match event {
-                Ok(event) => if !send(&tx, &event).await { return; },
+                Ok(event) => if visibility.allows(&state, event.job_id).await && !send(&tx, &event).await { return; },
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },

@@ -4,6 +4,7 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use base64::Engine as _;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -11,6 +12,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, AppJson, ErrorBody};
 use super::jobs::{job_response, JobResponse};
 use super::AppState;
+use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::SchedulerKind;
@@ -141,18 +143,19 @@ pub struct GenerateImageRequest {
         (status = 413, description = "Body over the size limit", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is invalid; `error.field` names it", body = ErrorBody),
-        (status = 429, description = "The queue is full; see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the same job")),
 )]
 pub async fn create_image_job(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: axum::http::HeaderMap,
     AppJson(request): AppJson<GenerateImageRequest>,
 ) -> Result<Response, ApiError> {
     let key = super::submit::idempotency_key(&headers)?;
-    let submitted = submit_generate(&state, request, key.as_deref()).await?;
+    let submitted = submit_generate(&state, &who, request, key.as_deref()).await?;
     let replayed = !submitted.created;
     let job = submitted.job;
     let location = format!("/v1/jobs/{}", job.id);
@@ -167,12 +170,13 @@ pub async fn create_image_job(
 /// Validates and enqueues a text-to-image request.
 pub async fn submit_generate(
     state: &AppState,
+    who: &Principal,
     request: GenerateImageRequest,
     key: Option<&str>,
 ) -> Result<super::submit::Submitted, ApiError> {
     let (model, params) = validate(state, request)?;
     let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    super::submit::enqueue(state, KIND_GENERATE, model, params, key).await
+    super::submit::enqueue(state, who, KIND_GENERATE, model, params, key).await
 }
 
 /// Checks every field against the model and the configured limits, resolving every default.

@@ -3,12 +3,14 @@
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, AppJson, ErrorBody};
 use super::AppState;
+use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::jobs::time::rfc3339_from_millis;
 use crate::jobs::{ImageRecord, Job, JobStatus};
@@ -81,6 +83,15 @@ pub struct JobError {
 
 fn parse_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::NotFound(format!("no job `{text}`")))
+}
+
+/// The job `id` if it exists and `who` may see it; another tenant's job is "not found", exactly like a
+/// missing one, so ids reveal nothing.
+pub async fn find_job(state: &AppState, who: &Principal, id: Uuid) -> Result<Job, ApiError> {
+    match state.store.get(id).await? {
+        Some(job) if who.can_see(job.owner.as_deref()) => Ok(job),
+        _ => Err(ApiError::NotFound(format!("no job `{id}`"))),
+    }
 }
 
 /// Steps the client sees for `job` (edits at partial strength run fewer than `steps`).
@@ -162,9 +173,13 @@ pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) 
         (status = 500, description = "Internal error", body = ErrorBody),
     )
 )]
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<AppJson<JobResponse>, ApiError> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<AppJson<JobResponse>, ApiError> {
     let id = parse_id(&id)?;
-    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let job = find_job(&state, &who, id).await?;
     let images = if job.status == JobStatus::Succeeded { state.store.images(id).await? } else { Vec::new() };
     Ok(AppJson(job_response(&state, job, images).await?))
 }
@@ -188,11 +203,12 @@ pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> R
 )]
 pub async fn get_image(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((id, index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let index: u32 = index.parse().map_err(|_| ApiError::NotFound(format!("no image `{index}`")))?;
-    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let job = find_job(&state, &who, id).await?;
     if job.status != JobStatus::Succeeded {
         return Err(ApiError::Conflict(format!(
             "job `{id}` is {}; images exist once it has succeeded",
@@ -256,6 +272,7 @@ pub struct JobList {
 )]
 pub async fn list_jobs(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<AppJson<JobList>, ApiError> {
     let axum::extract::Query(query) = query.map_err(|e| ApiError::field("query", e.body_text()))?;
@@ -278,7 +295,7 @@ pub async fn list_jobs(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::field("limit", "limit must be between 1 and 100"));
     }
-    let jobs = state.store.list(status, cursor, limit + 1).await?;
+    let jobs = state.store.list(status, who.list_scope(), cursor, limit + 1).await?;
     let more = jobs.len() > limit as usize;
     let mut data = Vec::with_capacity(limit as usize);
     for job in jobs.into_iter().take(limit as usize) {
@@ -302,9 +319,13 @@ pub async fn list_jobs(
         (status = 409, description = "The job has already ended, or runs in another server process", body = ErrorBody),
     )
 )]
-pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let job = find_job(&state, &who, id).await?;
     let status = match job.status {
         JobStatus::Queued if state.store.cancel_queued(id).await? => {
             state.bus.publish(id, EventKind::Cancelled);
@@ -343,9 +364,13 @@ pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -
         (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
-pub async fn delete_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn delete_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    let job = find_job(&state, &who, id).await?;
     if job.status == JobStatus::Running {
         state.progress.stop(id, StopReason::Client);
     }

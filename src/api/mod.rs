@@ -1,6 +1,7 @@
 //! The HTTP front end: routes, shared state and the OpenAPI document. It validates, stores and reads;
 //! it never runs a model.
 
+pub mod auth;
 pub mod edits;
 pub mod error;
 pub mod events;
@@ -26,6 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::auth::KeyStore;
 use crate::config::{LimitsConfig, QueueConfig};
 use crate::jobs::JobStore;
 use crate::models::ModelRegistry;
@@ -61,6 +63,17 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// True while every worker has its models loaded.
     pub workers_ready: Arc<AtomicBool>,
+    /// API keys.
+    pub auth: AuthState,
+}
+
+/// Whether requests need a key, and where keys are checked.
+#[derive(Clone)]
+pub struct AuthState {
+    /// `[auth] enabled`.
+    pub enabled: bool,
+    /// The key table.
+    pub keys: KeyStore,
 }
 
 #[derive(OpenApi)]
@@ -101,13 +114,16 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, generated from the handlers (what `denoised openapi` prints).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().split_for_parts().1
+    let mut spec = api_router().split_for_parts().1;
+    auth::document(&mut spec);
+    spec
 }
 
 /// The complete HTTP application.
 pub fn app(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    let (router, spec) = api_router().split_for_parts();
+    let (router, mut spec) = api_router().split_for_parts();
+    auth::document(&mut spec);
     router
         .merge(
             SwaggerUi::new("/docs")
@@ -116,6 +132,7 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(BodyLimit(limit)))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -123,7 +140,7 @@ pub fn app(state: AppState) -> Router {
                 .extensions()
                 .get::<axum::extract::MatchedPath>()
                 .map_or_else(|| request.uri().path().to_string(), |p| p.as_str().to_string());
-            tracing::info_span!("http", method = %request.method(), route = %route)
+            tracing::info_span!("http", method = %request.method(), route = %route, key = tracing::field::Empty)
         }))
         .with_state(state)
 }

@@ -10,6 +10,7 @@ use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ use super::edits::{submit_edit, EditImageRequest};
 use super::error::{parse_json, ApiError};
 use super::images::{submit_generate, GenerateImageRequest, ImageFormat};
 use super::AppState;
+use crate::auth::Principal;
 use crate::jobs::{Job, JobStatus};
 use crate::worker::events::EventKind;
 
@@ -86,17 +88,19 @@ impl IntoResponse for OpenAiError {
             ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
+        let code = match &error {
+            ApiError::Unauthorized(_) => "invalid_api_key",
+            other => other.code(),
+        };
         let body = OpenAiErrorBody {
-            error: OpenAiErrorDetail {
-                message: error.to_string(),
-                kind: kind.into(),
-                param,
-                code: Some(error.code().into()),
-            },
+            error: OpenAiErrorDetail { message: error.to_string(), kind: kind.into(), param, code: Some(code.into()) },
         };
         let mut response = (status, Json(body)).into_response();
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -225,12 +229,13 @@ fn parse_size(size: Option<&str>) -> Result<(Option<u32>, Option<u32>), ApiError
         (status = 400, description = "Invalid request (OpenAI error shape; `param` names the field)", body = OpenAiErrorBody),
         (status = 413, description = "Body over the size limit", body = OpenAiErrorBody),
         (status = 415, description = "Body is not JSON", body = OpenAiErrorBody),
-        (status = 429, description = "The queue is full; see `Retry-After`", body = OpenAiErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = OpenAiErrorBody),
         (status = 500, description = "The job failed", body = OpenAiErrorBody),
     )
 )]
 pub async fn generations(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, OpenAiError> {
@@ -262,7 +267,7 @@ pub async fn generations(
         generation.preview_every = Some(total.div_ceil(partial + 1).max(1));
     }
     let key = super::submit::idempotency_key(&headers)?;
-    let job = submit_generate(&state, generation, key.as_deref()).await?.job;
+    let job = submit_generate(&state, &who, generation, key.as_deref()).await?.job;
     let format = body.response_format.unwrap_or_default();
     if body.stream.unwrap_or(false) {
         return Ok(stream(state, job, partial, "image_generation"));
@@ -494,10 +499,13 @@ const OPENAI_ONLY: &[&str] = &[
          `image_edit.completed` server-sent events)", body = OpenAiImagesResponse),
         (status = 400, description = "Invalid request (OpenAI error shape)", body = OpenAiErrorBody),
         (status = 413, description = "Body over the size limit", body = OpenAiErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = OpenAiErrorBody),
+        (status = 500, description = "The job failed", body = OpenAiErrorBody),
     )
 )]
 pub async fn edits(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, OpenAiError> {
@@ -551,7 +559,7 @@ pub async fn edits(
     }
     let fields: EditImageRequest = parse_json(&serde_json::to_vec(&values).map_err(ApiError::internal)?)?;
     let key = super::submit::idempotency_key(&headers)?;
-    let job = submit_edit(&state, fields, image, mask, key.as_deref()).await?.job;
+    let job = submit_edit(&state, &who, fields, image, mask, key.as_deref()).await?.job;
     if streaming {
         return Ok(stream(state, job, partial, "image_edit"));
     }

@@ -10,6 +10,7 @@ use axum::http::HeaderMap;
 use super::error::ApiError;
 use super::jobs::visible_steps;
 use super::AppState;
+use crate::auth::Principal;
 use crate::jobs::{Job, JobStatus, NewJob};
 use crate::worker::events::EventKind;
 
@@ -38,21 +39,37 @@ pub struct Submitted {
     pub created: bool,
 }
 
-/// Commits a job of `kind` for `model` with `params` (or finds the one `key` created) and announces it.
+/// Commits a job of `kind` for `model` with `params`, owned by `who` (or finds the one `who`'s `key`
+/// created) and announces it.
 pub async fn enqueue(
     state: &AppState,
+    who: &Principal,
     kind: &str,
     model: String,
     params: serde_json::Value,
     key: Option<&str>,
 ) -> Result<Submitted, ApiError> {
+    if let Some(owner) = who.owner() {
+        let outstanding = state.store.count_outstanding(owner).await?;
+        let limit = state.limits.max_outstanding_per_key;
+        if outstanding >= limit {
+            return Err(ApiError::TooManyOutstanding { outstanding, limit });
+        }
+    }
     let queued = state.store.count_by_status().await?.get(JobStatus::Queued);
     if queued >= state.queue.max_queued {
         let per_job = state.progress.queued_eta_ms(20, 0, state.workers).unwrap_or(1000);
         let retry_after = (per_job * queued.min(100) / 1000 / state.workers.max(1) as u64).clamp(1, 300);
         return Err(ApiError::QueueFull { queued, retry_after });
     }
-    let new = NewJob { kind: kind.into(), model, params, priority: 0, max_attempts: state.queue.max_attempts };
+    let new = NewJob {
+        kind: kind.into(),
+        model,
+        params,
+        priority: 0,
+        max_attempts: state.queue.max_attempts,
+        owner: who.owner().map(str::to_string),
+    };
     let (job, created) = match key {
         Some(key) => state.store.insert_idempotent(new, key, IDEMPOTENCY_WINDOW).await?,
         None => (state.store.insert(new).await?, true),

@@ -80,6 +80,9 @@ pub struct NewJob {
     pub priority: i32,
     /// How many claims the job may use before an expired lease fails it (at least 1).
     pub max_attempts: u32,
+    /// The id of the API key that submits it (`None` when authentication is off); only that key (and admin
+    /// keys) may see the job.
+    pub owner: Option<String>,
 }
 
 /// A job as stored: the queue's answer to `get`, `claim` and friends.
@@ -113,6 +116,8 @@ pub struct Job {
     pub started_at: Option<i64>,
     /// When the job reached a terminal state (unix milliseconds, UTC).
     pub finished_at: Option<i64>,
+    /// See [`NewJob::owner`].
+    pub owner: Option<String>,
 }
 
 /// An image a worker has written to disk, recorded with the job's completion.

@@ -41,7 +41,7 @@ const MAX_CONNECTIONS: u32 = 8;
 macro_rules! job_columns {
     () => {
         "id, kind, status, model, params, priority, attempts, max_attempts, lease_owner, error_code, \
-         error_message, created_at, started_at, finished_at"
+         error_message, created_at, started_at, finished_at, owner"
     };
 }
 
@@ -104,8 +104,8 @@ impl JobStore {
             return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
         }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
-            "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at) \
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7) RETURNING ",
+            "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, owner) \
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8) RETURNING ",
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
@@ -115,14 +115,15 @@ impl JobStore {
         .bind(new.priority)
         .bind(i64::from(new.max_attempts))
         .bind(now_millis())
+        .bind(&new.owner)
         .fetch_all(&self.pool)
         .await?;
         one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))
     }
 
     /// Inserts a job under a client's `Idempotency-Key`, or returns the job that key created within the last
-    /// `window` (then `false`: nothing was inserted). One `BEGIN IMMEDIATE` transaction, so two racing
-    /// requests with the same key get the same job.
+    /// `window` (then `false`: nothing was inserted). Keys are per owner: another API key's job is never
+    /// returned. One `BEGIN IMMEDIATE` transaction, so two racing requests with the same key get the same job.
     pub async fn insert_idempotent(&self, new: NewJob, key: &str, window: Duration) -> Result<(Job, bool), StoreError> {
         if new.max_attempts == 0 {
             return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
@@ -130,23 +131,31 @@ impl JobStore {
         let now = now_millis();
         let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key = ?1 AND created_at < ?2")
-            .bind(key)
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?;
-        let existing: Option<JobRow> =
-            sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE idempotency_key = ?1"))
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
+        sqlx::query(
+            "UPDATE jobs SET idempotency_key = NULL \
+             WHERE COALESCE(owner, '') = COALESCE(?3, '') AND idempotency_key = ?1 AND created_at < ?2",
+        )
+        .bind(key)
+        .bind(cutoff)
+        .bind(&new.owner)
+        .execute(&mut *tx)
+        .await?;
+        let existing: Option<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1"
+        ))
+        .bind(key)
+        .bind(&new.owner)
+        .fetch_optional(&mut *tx)
+        .await?;
         if let Some(row) = existing {
             tx.commit().await?;
             return Ok((Job::try_from(row)?, false));
         }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-             idempotency_key) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8) RETURNING ",
+             idempotency_key, owner) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9) RETURNING ",
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
@@ -157,6 +166,7 @@ impl JobStore {
         .bind(i64::from(new.max_attempts))
         .bind(now)
         .bind(key)
+        .bind(&new.owner)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -392,22 +402,26 @@ impl JobStore {
         Ok(result.rows_affected() == 1)
     }
 
-    /// Jobs newest first, optionally only those in `status`, starting after the job `before` (the cursor of
-    /// the previous page: ids are UUID v7, so they sort by creation time). At most `limit` rows.
+    /// Jobs newest first, optionally only those in `status` and only those of `owner`, starting after the job
+    /// `before` (the cursor of the previous page: ids are UUID v7, so they sort by creation time). At most
+    /// `limit` rows.
     pub async fn list(
         &self,
         status: Option<JobStatus>,
+        owner: Option<&str>,
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "SELECT ",
             job_columns!(),
-            " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+            " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) AND (?4 IS NULL OR owner = ?4) \
+             ORDER BY id DESC LIMIT ?3"
         ))
         .bind(status.map(JobStatus::as_str))
         .bind(before.map(|id| id.to_string()))
         .bind(i64::from(limit))
+        .bind(owner)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(Job::try_from).collect()
@@ -455,6 +469,21 @@ impl JobStore {
         .fetch_optional(&self.pool)
         .await?;
         ahead.map(|(n,)| non_negative("jobs", "queue position", n)).transpose()
+    }
+
+    /// Jobs of `owner` that are queued or running, for the per-key limit on outstanding jobs.
+    pub async fn count_outstanding(&self, owner: &str) -> Result<u64, StoreError> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running')")
+                .bind(owner)
+                .fetch_one(&self.pool)
+                .await?;
+        non_negative("jobs", "count", n)
+    }
+
+    /// The connection pool, for the other tables of this database (API keys).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
     /// The number of jobs in each status, for the queue-depth gauges.
@@ -540,6 +569,7 @@ struct JobRow {
     created_at: i64,
     started_at: Option<i64>,
     finished_at: Option<i64>,
+    owner: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -563,6 +593,7 @@ impl TryFrom<JobRow> for Job {
             created_at: row.created_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
+            owner: row.owner,
         })
     }
 }

@@ -29,6 +29,7 @@ fn new_job(priority: i32) -> NewJob {
         params: json!({"prompt": "a red fox", "steps": 4, "size": [64, 64]}),
         priority,
         max_attempts: 3,
+        owner: None,
     }
 }
 
@@ -487,13 +488,13 @@ async fn list_is_newest_first_filterable_and_paginated() {
     }
     let owner = "worker-a";
     let claimed = store.claim(owner, LEASE).await.unwrap().unwrap();
-    let all = store.list(None, None, 10).await.unwrap();
+    let all = store.list(None, None, None, 10).await.unwrap();
     assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), ids.iter().rev().copied().collect::<Vec<_>>());
-    let page1 = store.list(None, None, 2).await.unwrap();
-    let page2 = store.list(None, Some(page1[1].id), 2).await.unwrap();
+    let page1 = store.list(None, None, None, 2).await.unwrap();
+    let page2 = store.list(None, None, Some(page1[1].id), 2).await.unwrap();
     assert_eq!(page1.len(), 2);
     assert_eq!(page2[0].id, ids[2]);
-    let running = store.list(Some(JobStatus::Running), None, 10).await.unwrap();
+    let running = store.list(Some(JobStatus::Running), None, None, 10).await.unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].id, claimed.id);
 }
@@ -547,6 +548,37 @@ async fn idempotency_keys_return_the_same_job_within_the_window() {
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(creations, 1);
+}
+
+fn owned_by(owner: &str) -> NewJob {
+    NewJob { owner: Some(owner.into()), ..new_job(0) }
+}
+
+#[tokio::test]
+async fn owners_keep_their_own_idempotency_keys_listings_and_counts() {
+    let dir = TempDir::new().unwrap();
+    let store = store(&dir).await;
+    let window = Duration::from_secs(3600);
+    let (a, created_a) = store.insert_idempotent(owned_by("alice"), "same", window).await.unwrap();
+    let (b, created_b) = store.insert_idempotent(owned_by("bob"), "same", window).await.unwrap();
+    assert!(created_a && created_b, "one tenant's Idempotency-Key must not return another tenant's job");
+    assert_ne!(a.id, b.id);
+    let (anonymous, created) = store.insert_idempotent(new_job(0), "same", window).await.unwrap();
+    assert!(created);
+    assert_ne!(anonymous.id, a.id);
+    let (again, created) = store.insert_idempotent(owned_by("alice"), "same", window).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, a.id);
+    assert_eq!(again.owner.as_deref(), Some("alice"));
+
+    let second = store.insert(owned_by("alice")).await.unwrap();
+    let listed: Vec<_> = store.list(None, Some("alice"), None, 10).await.unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(listed, vec![second.id, a.id]);
+    assert_eq!(store.list(None, None, None, 10).await.unwrap().len(), 4);
+    assert_eq!(store.count_outstanding("alice").await.unwrap(), 2);
+    assert!(store.cancel_queued(second.id).await.unwrap());
+    assert_eq!(store.count_outstanding("alice").await.unwrap(), 1);
+    assert_eq!(store.count_outstanding("nobody").await.unwrap(), 0);
 }
 
 #[tokio::test]

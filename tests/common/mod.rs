@@ -135,3 +135,18 @@ pub async fn wait_for_job(client: &reqwest::Client, url: &str, timeout: std::tim
 pub fn extra_models(names: &[&str]) -> String {
     names.iter().map(|n| format!("[[models]]\nname = \"{n}\"\npath = \"{}\"\n", fixture(n).display())).collect()
 }
+
+impl TestServer {
+    /// Makes an API key in this server's database (what `denoised keys create` does) and returns it.
+    pub async fn create_key(&self, name: &str, admin: bool) -> String {
+        let url = format!("sqlite://{}/denoised.db", self.dir.path().display());
+        let store = denoised::jobs::JobStore::connect(&url).await.expect("open the server's database");
+        let keys = denoised::auth::KeyStore::new(store.pool().clone());
+        let (_, key) = keys.create(name, admin).await.expect("create key");
+        store.close().await;
+        key
+    }
+}
+
+/// The `[auth]` section that turns keys on, for `TestServer::start`.
+pub const AUTH_ON: &str = "[auth]\nenabled = true\n";
