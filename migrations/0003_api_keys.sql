@@ -20,3 +20,6 @@ CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (COALESCE(owner, ''), idempoten
 
 -- Per-key listings and the outstanding-jobs limit.
 CREATE INDEX jobs_owner ON jobs (owner, id) WHERE owner IS NOT NULL;
+
+-- The per-key limit counts a key's outstanding jobs without reading its history.
+CREATE INDEX jobs_owner_outstanding ON jobs (owner) WHERE status IN ('queued', 'running') AND owner IS NOT NULL;

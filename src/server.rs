@@ -15,7 +15,7 @@ use crate::api::{self, AppState, AuthState};
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::engine::runtime::{Device, Runtime};
-use crate::jobs::JobStore;
+use crate::jobs::{JobStore, QueuePositions};
 use crate::models::ModelRegistry;
 use crate::storage::ImageFiles;
 use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
@@ -98,6 +98,7 @@ impl Server {
             max_body_bytes: config.server.max_body_bytes,
             workers_ready: pool.ready_flag(),
             auth: AuthState { enabled: config.auth.enabled, keys },
+            positions: Arc::new(QueuePositions::new(store.clone())),
         };
         let dispatcher = Dispatcher {
             store,

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 struct Binary {
     child: Child,
     base: String,
+    /// Every log line so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Starts `denoised serve` on port 0 and reads the bound address from its log.
@@ -29,16 +31,19 @@ fn start(config: &Path) -> Binary {
         .expect("starting denoised");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(pos) = line.find("addr=") {
                 let addr: String = line[pos + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
                 let _ = tx.send(addr);
             }
+            lines.lock().unwrap().push(line);
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
-    Binary { child, base: format!("http://{addr}") }
+    Binary { child, base: format!("http://{addr}"), log }
 }
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
@@ -169,4 +174,64 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_on_one_database_never_run_a_job_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let client = reqwest::Client::new();
+    let mut servers = [start(&config), start(&config)];
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        // Submissions alternate between the two processes; either may claim any job.
+        let base = &servers[i % 2].base;
+        let response = client
+            .post(format!("{base}/v1/images"))
+            .json(&json!({"prompt": format!("job {i}"), "steps": 3, "seed": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let body = job(&client, &servers[0].base, id).await;
+            if body["status"] == "succeeded" {
+                assert_eq!(body["attempts"], 1, "{body}");
+                let image = body["images"][0]["url"].as_str().unwrap();
+                let bytes =
+                    client.get(format!("{}{image}", servers[1].base)).send().await.unwrap().bytes().await.unwrap();
+                image::load_from_memory(&bytes).expect("a readable image");
+                break;
+            }
+            assert!(body["status"] == "queued" || body["status"] == "running", "{body}");
+            assert!(Instant::now() < deadline, "job {id} did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut started_by = Vec::new();
+    for server in &mut servers {
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        let log = server.log.lock().unwrap();
+        started_by.push(
+            ids.iter()
+                .map(|id| log.iter().filter(|l| l.contains("job started") && l.contains(id.as_str())).count())
+                .collect::<Vec<_>>(),
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            started_by[0][i] + started_by[1][i],
+            1,
+            "job {id} started {} + {} times",
+            started_by[0][i],
+            started_by[1][i]
+        );
+    }
+    let first: usize = started_by[0].iter().sum();
+    assert!(first > 0 && first < ids.len(), "both processes should have taken jobs ({first} of {})", ids.len());
 }

@@ -29,7 +29,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::auth::KeyStore;
 use crate::config::{LimitsConfig, QueueConfig};
-use crate::jobs::JobStore;
+use crate::jobs::{JobStore, QueuePositions};
 use crate::models::ModelRegistry;
 use crate::storage::ImageFiles;
 use crate::worker::events::EventBus;
@@ -65,6 +65,8 @@ pub struct AppState {
     pub workers_ready: Arc<AtomicBool>,
     /// API keys.
     pub auth: AuthState,
+    /// Shared, briefly cached queue positions (one query serves every reader).
+    pub positions: Arc<QueuePositions>,
 }
 
 /// Whether requests need a key, and where keys are checked.
@@ -112,22 +114,58 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics::metrics))
 }
 
-/// The OpenAPI document, generated from the handlers (what `denoised openapi` prints).
-pub fn openapi() -> utoipa::openapi::OpenApi {
+/// The OpenAPI document, generated from the handlers (what `denoised openapi` prints and `/openapi.json`
+/// serves): the routes' own annotations, plus the bearer scheme and the links between operations.
+pub fn openapi() -> serde_json::Value {
     let mut spec = api_router().split_for_parts().1;
     auth::document(&mut spec);
-    spec
+    let mut json = serde_json::to_value(&spec).unwrap_or_default();
+    document_links(&mut json);
+    json
+}
+
+/// OpenAPI links from each submission's `202` to the operations on the job it created, so that generated
+/// clients and stateful testers know that `id` in the answer is the `{id}` of `/v1/jobs/{id}…`. Written as
+/// JSON because utoipa 5.5 serialises `Link` with snake_case keys (`operation_id`), which is not OpenAPI.
+fn document_links(spec: &mut serde_json::Value) {
+    let targets = [
+        ("GetJob", "get_job"),
+        ("CancelJob", "cancel_job"),
+        ("DeleteJob", "delete_job"),
+        ("JobEvents", "job_events"),
+        ("FirstImage", "get_image"),
+    ];
+    for path in ["/v1/images", "/v1/edits"] {
+        let Some(accepted) = spec.pointer_mut(&format!("/paths/{}/post/responses/202", path.replace('/', "~1"))) else {
+            continue;
+        };
+        let links: serde_json::Map<String, serde_json::Value> = targets
+            .iter()
+            .map(|(name, operation)| {
+                let mut parameters = serde_json::json!({"id": "$response.body#/id"});
+                if *operation == "get_image" {
+                    parameters["index"] = 0.into();
+                }
+                let link = serde_json::json!({
+                    "operationId": operation,
+                    "parameters": parameters,
+                    "description": format!("`{operation}` on the job this request created"),
+                });
+                (name.to_string(), link)
+            })
+            .collect();
+        accepted["links"] = serde_json::Value::Object(links);
+    }
 }
 
 /// The complete HTTP application.
 pub fn app(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    let (router, mut spec) = api_router().split_for_parts();
-    auth::document(&mut spec);
+    let router = api_router().split_for_parts().0;
     router
         .merge(
             SwaggerUi::new("/docs")
-                .url("/openapi.json", spec)
+                .external_url_unchecked("/openapi.json", openapi())
                 .config(utoipa_swagger_ui::Config::default().validator_url("none")),
         )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::jobs::visible_steps;
 use super::AppState;
 use crate::auth::Principal;
-use crate::jobs::{Job, JobStatus, NewJob};
+use crate::jobs::{Job, NewJob};
 use crate::worker::events::EventKind;
 
 /// Header whose repeat within [`IDEMPOTENCY_WINDOW`] returns the job the first request created.
@@ -56,7 +56,7 @@ pub async fn enqueue(
             return Err(ApiError::TooManyOutstanding { outstanding, limit });
         }
     }
-    let queued = state.store.count_by_status().await?.get(JobStatus::Queued);
+    let queued = state.store.count_queued().await?;
     if queued >= state.queue.max_queued {
         let per_job = state.progress.queued_eta_ms(20, 0, state.workers).unwrap_or(1000);
         let retry_after = (per_job * queued.min(100) / 1000 / state.workers.max(1) as u64).clamp(1, 300);
@@ -77,7 +77,7 @@ pub async fn enqueue(
     if created {
         state.wake.notify_one();
         metrics::counter!("denoised_jobs_submitted_total").increment(1);
-        let position = state.store.queue_position(job.id).await?.unwrap_or(0);
+        let position = state.positions.get(job.id).await?.unwrap_or(0);
         let eta_ms = state.progress.queued_eta_ms(visible_steps(&job), position, state.workers);
         state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
     }

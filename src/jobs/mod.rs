@@ -8,9 +8,11 @@
 mod error;
 mod model;
 pub mod params;
+mod positions;
 mod store;
 pub mod time;
 
 pub use error::StoreError;
 pub use model::{ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, UnknownJobStatus};
+pub use positions::QueuePositions;
 pub use store::{JobStore, MAX_ATTEMPTS_EXCEEDED};

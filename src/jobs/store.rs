@@ -471,6 +471,23 @@ impl JobStore {
         ahead.map(|(n,)| non_negative("jobs", "queue position", n)).transpose()
     }
 
+    /// Every queued job's id in claim order (priority, then age), for [`QueuePositions`](super::QueuePositions).
+    pub async fn queued_order(&self) -> Result<Vec<Uuid>, StoreError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, id")
+                .fetch_all(&self.pool)
+                .await?;
+        parse_ids(rows)
+    }
+
+    /// The number of queued jobs, for the queue-depth limit (an index count, unlike
+    /// [`count_by_status`](Self::count_by_status)).
+    pub async fn count_queued(&self) -> Result<u64, StoreError> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&self.pool).await?;
+        non_negative("jobs", "count", n)
+    }
+
     /// Jobs of `owner` that are queued or running, for the per-key limit on outstanding jobs.
     pub async fn count_outstanding(&self, owner: &str) -> Result<u64, StoreError> {
         let (n,): (i64,) =

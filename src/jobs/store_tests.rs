@@ -550,6 +550,26 @@ async fn idempotency_keys_return_the_same_job_within_the_window() {
     assert_eq!(creations, 1);
 }
 
+#[tokio::test]
+async fn the_queue_order_and_count_follow_claim_order() {
+    let dir = TempDir::new().unwrap();
+    let store = store(&dir).await;
+    let low = store.insert(new_job(0)).await.unwrap();
+    let high = store.insert(new_job(5)).await.unwrap();
+    let later = store.insert(new_job(0)).await.unwrap();
+    assert_eq!(store.queued_order().await.unwrap(), vec![high.id, low.id, later.id]);
+    assert_eq!(store.count_queued().await.unwrap(), 3);
+    let positions = crate::jobs::QueuePositions::new(store.clone());
+    assert_eq!(positions.get(later.id).await.unwrap(), Some(2));
+    assert_eq!(store.claim("w", LEASE).await.unwrap().unwrap().id, high.id);
+    assert_eq!(store.count_queued().await.unwrap(), 2);
+    assert_eq!(store.queued_order().await.unwrap(), vec![low.id, later.id]);
+    // A job that is no longer queued has no position once the snapshot is re-read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(positions.get(high.id).await.unwrap(), None);
+    assert_eq!(positions.get(later.id).await.unwrap(), Some(1));
+}
+
 fn owned_by(owner: &str) -> NewJob {
     NewJob { owner: Some(owner.into()), ..new_job(0) }
 }

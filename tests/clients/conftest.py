@@ -1,8 +1,10 @@
-"""Starts the real `denoised` binary on 127.0.0.1:0 with the tiny test fixtures, for the client tests.
+"""Starts the real `denoised` binary on 127.0.0.1:0 with the tiny test fixtures and API keys on, for the
+client tests; makes an admin key with `denoised keys create` first (the `api_key` fixture).
 
 The binary comes from SERVER_BINARY (default: target/debug/denoised, which `cargo test` builds).
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -36,6 +38,8 @@ onnxruntime_library = "{ort}"
 [queue]
 lease_seconds = 5
 poll_millis = 100
+[auth]
+enabled = true
 {models}
 [[workers]]
 device = "cpu"
@@ -44,15 +48,45 @@ threads = 1
 
 
 @pytest.fixture(scope="session")
-def server():
-    """Base URL of a running server; stopped with SIGTERM at the end."""
+def api_key(_running):
+    """An admin key of the running server."""
+    return _running[1]
+
+
+@pytest.fixture(scope="session")
+def auth(api_key):
+    """The header that carries `api_key`."""
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def server(_running):
+    """Base URL of a running server."""
+    return _running[0]
+
+
+@pytest.fixture(scope="session")
+def _running():
+    """(base URL, admin key) of a server started for the session; stopped with SIGTERM at the end."""
+    with running_server() as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running_server(extra_toml: str = ""):
+    """Starts the binary with the client-test config plus `extra_toml`; yields (base URL, admin key)."""
     binary = Path(os.environ.get("SERVER_BINARY", ROOT / "target" / "debug" / "denoised"))
     assert binary.exists(), f"{binary} is missing: run `cargo build` first"
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.toml"
-        config.write_text(_config(Path(tmp) / "data"))
+        config.write_text(_config(Path(tmp) / "data") + extra_toml)
         env = dict(os.environ, RUST_LOG="info,ort=warn")
         env.pop("ORT_DYLIB_PATH", None)
+        created = subprocess.run(
+            [str(binary), "keys", "create", "--name", "clients", "--admin", "--config", str(config)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        key = created.stdout.strip().splitlines()[-1]
         process = subprocess.Popen(
             [str(binary), "serve", "--config", str(config)],
             stderr=subprocess.PIPE,
@@ -78,6 +112,6 @@ def server():
         while httpx.get(f"{base}/readyz").status_code != 200:
             assert time.time() < deadline, "the server never became ready"
             time.sleep(0.1)
-        yield base
+        yield base, key
         process.terminate()
         assert process.wait(30) == 0

@@ -12,14 +12,20 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "target" / "clients"))
 
-from denoised_client import Client  # noqa: E402
+from denoised_client import AuthenticatedClient, Client  # noqa: E402
 from denoised_client.api.images import create_image_job  # noqa: E402
 from denoised_client.api.jobs import get_image, get_job  # noqa: E402
 from denoised_client.models import GenerateImageRequest  # noqa: E402
 
 
-def test_submit_follow_and_download(server):
-    client = Client(base_url=server, timeout=60)
+def test_without_a_key_the_generated_client_gets_401(server):
+    anonymous = Client(base_url=server, timeout=60)
+    refused = create_image_job.sync_detailed(client=anonymous, body=GenerateImageRequest(prompt="a green circle"))
+    assert refused.status_code == 401
+
+
+def test_submit_follow_and_download(server, api_key):
+    client = AuthenticatedClient(base_url=server, token=api_key, timeout=60)
     accepted = create_image_job.sync_detailed(client=client, body=GenerateImageRequest(prompt="a green circle", steps=4, seed=3))
     assert accepted.status_code == 202
     job_id = accepted.parsed.id

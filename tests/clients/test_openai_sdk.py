@@ -12,8 +12,16 @@ FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures
 
 
 @pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+def client(server, api_key):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+def test_a_wrong_key_is_an_authentication_error(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-not-a-denoised-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        wrong.images.generate(model="tiny-sd", prompt="a red circle", size="64x64")
+    assert raised.value.status_code == 401
+    assert raised.value.code == "invalid_api_key"
 
 
 def decode(b64: str) -> Image.Image:
@@ -31,12 +39,13 @@ def test_generate_returns_images_in_the_requested_size(client):
     assert decode(again.data[0].b64_json).tobytes() == pictures[0].tobytes(), "same seed, same picture"
 
 
-def test_url_response_and_formats(client, server):
+def test_url_response_and_formats(client, server, auth):
     result = client.images.generate(model="tiny-sd", prompt="a square", size="96x64", response_format="url",
                                     output_format="webp", extra_body={"steps": 2})
     url = result.data[0].url
     assert url.startswith("http://")
-    body = httpx.get(url)
+    assert httpx.get(url).status_code == 401, "image URLs need the key too"
+    body = httpx.get(url, headers=auth)
     assert body.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(body.content)).size == (96, 64)
 
@@ -87,7 +96,8 @@ def test_edit_with_a_mask_inpaints_and_without_one_does_img2img(client):
     assert kinds == ["image_edit.partial_image", "image_edit.completed"], kinds
 
 
-def test_non_json_bodies_get_openai_shaped_415(server):
-    response = httpx.post(f"{server}/v1/images/generations", content=b"prompt=x", headers={"content-type": "text/plain"})
+def test_non_json_bodies_get_openai_shaped_415(server, auth):
+    response = httpx.post(f"{server}/v1/images/generations", content=b"prompt=x",
+                          headers={"content-type": "text/plain", **auth})
     assert response.status_code == 415
     assert response.json()["error"]["type"] == "invalid_request_error"
