@@ -164,7 +164,7 @@ async fn follow_job(state: AppState, job: Job, mut rx: watch::Receiver<Snapshot>
             }
             match current.status {
                 JobStatus::Queued => {
-                    let now = state.positions.get(id).await.ok().flatten();
+                    let now = state.positions.get(id, state.bus.last_lifecycle_id()).await.ok().flatten();
                     if now.is_some() && now != position {
                         position = now;
                         let p = now.unwrap_or(0);

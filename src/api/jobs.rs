@@ -108,7 +108,7 @@ pub fn visible_steps(job: &Job) -> u32 {
 pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) -> Result<JobResponse, ApiError> {
     let total_steps = visible_steps(&job);
     let queue_position = match job.status {
-        JobStatus::Queued => state.positions.get(job.id).await?,
+        JobStatus::Queued => state.positions.get(job.id, state.bus.last_lifecycle_id()).await?,
         _ => None,
     };
     let progress = match job.status {

@@ -77,7 +77,7 @@ pub async fn enqueue(
     if created {
         state.wake.notify_one();
         metrics::counter!("denoised_jobs_submitted_total").increment(1);
-        let position = state.positions.get(job.id).await?.unwrap_or(0);
+        let position = state.positions.get(job.id, state.bus.last_lifecycle_id()).await?.unwrap_or(0);
         let eta_ms = state.progress.queued_eta_ms(visible_steps(&job), position, state.workers);
         state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
     }

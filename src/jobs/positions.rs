@@ -1,6 +1,11 @@
 //! Queue positions for many readers at once: one query for the whole queue order, shared by every status
-//! read and event stream for a short while, instead of one counting query per reader per poll (which grows
-//! as followers × queued jobs and was the main cost of submissions under load).
+//! read and event stream until the queue changes, instead of one counting query per reader per poll (which
+//! grows as followers × queued jobs and was the main cost of submissions under load).
+//!
+//! The snapshot is re-read when this process has seen a lifecycle event since it was taken (the caller
+//! passes the event bus's newest lifecycle id), when the asked-for job is missing from it (callers only ask
+//! about jobs they just read as queued), and otherwise at least every [`MAX_AGE`] for changes made by other
+//! processes.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -13,9 +18,6 @@ use super::{JobStore, StoreError};
 /// A snapshot older than this is re-read before answering.
 const MAX_AGE: Duration = Duration::from_millis(250);
 
-/// A job missing from a snapshot at least this old triggers a re-read (it may have been queued since).
-const MISS_REFRESH_AGE: Duration = Duration::from_millis(50);
-
 /// Cached queue order, refreshed by one caller at a time (the others wait and share its answer).
 #[derive(Debug)]
 pub struct QueuePositions {
@@ -26,6 +28,7 @@ pub struct QueuePositions {
 #[derive(Debug, Default)]
 struct Snapshot {
     taken: Option<Instant>,
+    generation: u64,
     positions: HashMap<Uuid, u64>,
 }
 
@@ -35,16 +38,16 @@ impl QueuePositions {
         Self { store, snapshot: Mutex::new(Snapshot::default()) }
     }
 
-    /// Jobs ahead of `id` in claim order (0 = next), or `None` if it is not queued; at most [`MAX_AGE`] old.
-    pub async fn get(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+    /// Jobs ahead of `id` in claim order (0 = next), or `None` if it is not queued. `generation` is the
+    /// event bus's newest lifecycle id: a snapshot taken under another generation is re-read.
+    pub async fn get(&self, id: Uuid, generation: u64) -> Result<Option<u64>, StoreError> {
         let mut snapshot = self.snapshot.lock().await;
-        let age = snapshot.taken.map(|t| t.elapsed());
-        let stale = age.is_none_or(|a| a > MAX_AGE);
-        let missing_and_old = !snapshot.positions.contains_key(&id) && age.is_none_or(|a| a > MISS_REFRESH_AGE);
-        if stale || missing_and_old {
+        let fresh = snapshot.taken.is_some_and(|t| t.elapsed() <= MAX_AGE) && snapshot.generation == generation;
+        if !fresh || !snapshot.positions.contains_key(&id) {
             let order = self.store.queued_order().await?;
             snapshot.positions = order.into_iter().zip(0u64..).collect();
             snapshot.taken = Some(Instant::now());
+            snapshot.generation = generation;
         }
         Ok(snapshot.positions.get(&id).copied())
     }

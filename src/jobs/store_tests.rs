@@ -560,14 +560,21 @@ async fn the_queue_order_and_count_follow_claim_order() {
     assert_eq!(store.queued_order().await.unwrap(), vec![high.id, low.id, later.id]);
     assert_eq!(store.count_queued().await.unwrap(), 3);
     let positions = crate::jobs::QueuePositions::new(store.clone());
-    assert_eq!(positions.get(later.id).await.unwrap(), Some(2));
+    assert_eq!(positions.get(later.id, 1).await.unwrap(), Some(2));
     assert_eq!(store.claim("w", LEASE).await.unwrap().unwrap().id, high.id);
     assert_eq!(store.count_queued().await.unwrap(), 2);
     assert_eq!(store.queued_order().await.unwrap(), vec![low.id, later.id]);
-    // A job that is no longer queued has no position once the snapshot is re-read.
+    // Same generation, shortly after: the shared snapshot answers (stale by design).
+    assert_eq!(positions.get(later.id, 1).await.unwrap(), Some(2));
+    // A new lifecycle generation re-reads it.
+    assert_eq!(positions.get(later.id, 2).await.unwrap(), Some(1));
+    // A job missing from the snapshot (queued since) re-reads it too.
+    let newest = store.insert(new_job(0)).await.unwrap();
+    assert_eq!(positions.get(newest.id, 2).await.unwrap(), Some(2));
+    // Past the maximum age, changes by other processes show without a new generation.
+    assert!(store.cancel_queued(low.id).await.unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(positions.get(high.id).await.unwrap(), None);
-    assert_eq!(positions.get(later.id).await.unwrap(), Some(1));
+    assert_eq!(positions.get(later.id, 2).await.unwrap(), Some(0));
 }
 
 fn owned_by(owner: &str) -> NewJob {

@@ -191,6 +191,12 @@ impl EventBus {
         JobEvent { id: self.next_id(), job_id, kind }
     }
 
+    /// Id of the newest lifecycle event (0 before any): it changes whenever a job is queued, starts or ends in
+    /// this process, so readers of cached queue state know when to re-read it.
+    pub fn last_lifecycle_id(&self) -> u64 {
+        self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner).back().map_or(0, |e| e.id)
+    }
+
     /// Publishes an event: into the job's snapshot and onto the all-jobs stream. After a terminal event the
     /// job's entry is dropped; followers still hold the final snapshot.
     pub fn publish(&self, job_id: Uuid, kind: EventKind) -> JobEvent {
