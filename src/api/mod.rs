@@ -144,7 +144,7 @@ fn document_links(spec: &mut serde_json::Value) {
             .map(|(name, operation)| {
                 let mut parameters = serde_json::json!({"id": "$response.body#/id"});
                 if *operation == "get_image" {
-                    parameters["index"] = 0.into();
+                    parameters["index"] = "0".into();
                 }
                 let link = serde_json::json!({
                     "operationId": operation,

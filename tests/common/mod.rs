@@ -52,7 +52,7 @@ database_url = "sqlite://{data}/denoised.db"
 [runtime]
 onnxruntime_library = "{ort}"
 [queue]
-lease_seconds = 2
+lease_seconds = 5
 poll_millis = 100
 {extra}
 [[models]]
