@@ -123,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
     let store = denoised::jobs::JobStore::connect(&config.storage.database_url).await?;
-    let keys = denoised::auth::KeyStore::new(store.pool().clone());
+    let keys = denoised::auth::KeyStore::new(&store);
     let result = match action {
         KeysAction::Create { name, admin } => {
             let (info, key) = keys.create(&name, admin).await?;

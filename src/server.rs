@@ -53,7 +53,7 @@ impl Server {
         if !recovered.is_empty() {
             info!(?recovered, "recovered jobs whose lease expired while no server ran them");
         }
-        let keys = KeyStore::new(store.pool().clone());
+        let keys = KeyStore::new(&store);
         if config.auth.enabled {
             if !keys.any_live().await? {
                 tracing::warn!("[auth] is enabled but no API key exists: create one with `denoised keys create`");

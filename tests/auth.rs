@@ -53,6 +53,10 @@ async fn submit(client: &reqwest::Client, server: &TestServer, key: &str, seed: 
     response.json().await.unwrap()
 }
 
+async fn get_json(client: &reqwest::Client, url: String, key: &str) -> Value {
+    client.get(url).header("authorization", bearer(key)).send().await.unwrap().json().await.unwrap()
+}
+
 async fn status_of(client: &reqwest::Client, method: reqwest::Method, url: String, key: Option<&str>) -> u16 {
     let mut request = client.request(method, url);
     if let Some(key) = key {
@@ -167,29 +171,13 @@ async fn tenants_never_see_each_others_jobs_images_or_events() {
     ] {
         assert_eq!(status_of(&client, method.clone(), target.clone(), Some(&bob)).await, 404, "{method} {target}");
     }
-    let listed: Value = client
-        .get(server.url("/v1/jobs"))
-        .header("authorization", bearer(&bob))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = get_json(&client, server.url("/v1/jobs"), &bob).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
     // Alice and the admin see it.
     assert_eq!(status_of(&client, Method::GET, image.clone(), Some(&alice)).await, 200);
     assert_eq!(status_of(&client, Method::GET, image.clone(), Some(&admin)).await, 200);
     for (key, expected) in [(&alice, 1), (&admin, 1)] {
-        let listed: Value = client
-            .get(server.url("/v1/jobs"))
-            .header("authorization", bearer(key))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed = get_json(&client, server.url("/v1/jobs"), key).await;
         assert_eq!(listed["data"].as_array().unwrap().len(), expected, "{listed}");
     }
 
@@ -389,4 +377,53 @@ async fn keys_never_appear_in_the_logs() {
 fn sigterm(child: &std::process::Child) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_key_ends_its_open_streams_and_owners_see_their_deletions() {
+    let server = TestServer::start(AUTH_ON).await;
+    let client = reqwest::Client::new();
+    let alice = server.create_key("alice", false).await;
+    let carol = server.create_key("carol", false).await;
+
+    // Carol follows everything she may see, then deletes a job of hers that is still queued or running.
+    let carol_all = client.get(server.url("/v1/events")).bearer_auth(&carol).send().await.unwrap();
+    let mut carol_events = carol_all.bytes_stream().eventsource();
+    let long = json!({"prompt": "x", "steps": 150, "n": 8, "preview_every": 0});
+    let doomed = client.post(server.url("/v1/images")).bearer_auth(&carol).json(&long).send().await.unwrap();
+    let doomed = doomed.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let deleted = client.delete(server.url(&format!("/v1/jobs/{doomed}"))).bearer_auth(&carol).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let event = tokio::time::timeout_at(deadline, carol_events.next()).await.expect("the deletion event").unwrap();
+        let event = event.unwrap();
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        if data["job_id"] == doomed.as_str() && event.event == "cancelled" {
+            break;
+        }
+    }
+
+    // Alice has a long job and two open streams; revoking her key closes both.
+    let job = client.post(server.url("/v1/images")).bearer_auth(&alice).json(&long).send().await.unwrap();
+    let id = job.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let mut streams = Vec::new();
+    for path in ["/v1/events".to_string(), format!("/v1/jobs/{id}/events")] {
+        let response = client.get(server.url(&path)).bearer_auth(&alice).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        streams.push(response.bytes_stream().eventsource());
+    }
+    server.revoke_key("alice").await;
+    for mut stream in streams {
+        let ended = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(event) = stream.next().await {
+                if event.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a stream of a revoked key must end");
+    }
+    server.shutdown().await;
 }

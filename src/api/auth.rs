@@ -47,6 +47,18 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
     next.run(request).await
 }
 
+/// How often an open event stream re-checks that its key has not been revoked.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `who` may still be served: `false` once its key has been revoked (a database error counts as
+/// still allowed, so a hiccup does not cut every stream).
+pub async fn still_allowed(state: &AppState, who: &Principal) -> bool {
+    match &who.key_id {
+        Some(id) if state.auth.enabled => state.auth.keys.is_live(id).await.unwrap_or(true),
+        _ => true,
+    }
+}
+
 async fn caller(state: &AppState, authorization: Option<header::HeaderValue>) -> Result<Principal, ApiError> {
     let Some(value) = authorization else {
         return Err(ApiError::Unauthorized("missing API key: send `Authorization: Bearer <key>`".into()));

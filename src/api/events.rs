@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::auth::Principal;
 use crate::jobs::{Job, JobStatus};
-use crate::worker::events::{EventImage, EventKind, JobEvent, Snapshot};
+use crate::worker::events::{EventImage, EventKind, EventOwner, JobEvent, Snapshot};
 
 /// How often a stream re-reads a queued job's position (and notices jobs finished by another process).
 const POLL: Duration = Duration::from_millis(500);
@@ -86,7 +86,7 @@ pub async fn job_events(
         }
     };
     let (tx, out) = mpsc::channel(16);
-    tokio::spawn(follow_job(state, job, rx, last_event_id(&headers), tx));
+    tokio::spawn(follow_job(state, who, job, rx, last_event_id(&headers), tx));
     Ok(sse_response(out))
 }
 
@@ -118,9 +118,18 @@ async fn terminal_from_store(state: &AppState, job: &Job) -> Option<EventKind> {
     }
 }
 
-async fn follow_job(state: AppState, job: Job, mut rx: watch::Receiver<Snapshot>, mut last: u64, tx: Sender) {
+async fn follow_job(
+    state: AppState,
+    who: Principal,
+    job: Job,
+    mut rx: watch::Receiver<Snapshot>,
+    mut last: u64,
+    tx: Sender,
+) {
     let id = job.id;
     let mut shutdown = state.shutdown.clone();
+    let mut recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + super::auth::RECHECK, super::auth::RECHECK);
     let mut position: Option<u64> = None;
     let mut started_seen = false;
     let mut bus_open = true;
@@ -197,6 +206,7 @@ async fn follow_job(state: AppState, job: Job, mut rx: watch::Receiver<Snapshot>
                 }
             }
             _ = poll.tick() => check_store = true,
+            _ = recheck.tick() => if !super::auth::still_allowed(&state, &who).await { break },
             _ = shutdown.changed() => break,
             _ = tx.closed() => break,
         }
@@ -243,10 +253,14 @@ impl Visibility {
         Self { who, known: HashMap::new() }
     }
 
-    async fn allows(&mut self, state: &AppState, job: Uuid) -> bool {
+    async fn allows(&mut self, state: &AppState, event: &JobEvent) -> bool {
         if self.who.admin {
             return true;
         }
+        if let EventOwner::Known(owner) = &event.owner {
+            return self.who.can_see(owner.as_deref());
+        }
+        let job = event.job_id;
         if let Some(&known) = self.known.get(&job) {
             return known;
         }
@@ -272,9 +286,11 @@ async fn follow_all(
     tx: Sender,
 ) {
     let mut shutdown = state.shutdown.clone();
+    let mut recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + super::auth::RECHECK, super::auth::RECHECK);
     let mut last_lifecycle = 0;
     for event in replay {
-        if visibility.allows(&state, event.job_id).await && !send(&tx, &event).await {
+        if visibility.allows(&state, &event).await && !send(&tx, &event).await {
             return;
         }
         last_lifecycle = event.id;
@@ -285,7 +301,7 @@ async fn follow_all(
                 Ok(event) if event.id <= last_lifecycle => {}
                 Ok(event) => {
                     last_lifecycle = event.id;
-                    if visibility.allows(&state, event.job_id).await && !send(&tx, &event).await { return; }
+                    if visibility.allows(&state, &event).await && !send(&tx, &event).await { return; }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     // Too far behind to keep the no-loss promise: say so and end; the client reconnects with
@@ -297,10 +313,11 @@ async fn follow_all(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             event = progress.recv() => match event {
-                Ok(event) => if visibility.allows(&state, event.job_id).await && !send(&tx, &event).await { return; },
+                Ok(event) => if visibility.allows(&state, &event).await && !send(&tx, &event).await { return; },
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            _ = recheck.tick() => if !super::auth::still_allowed(&state, &visibility.who).await { return },
             _ = shutdown.changed() => return,
             _ = tx.closed() => return,
         }

@@ -378,6 +378,7 @@ pub async fn delete_job(
         return Err(ApiError::NotFound(format!("no job `{id}`")));
     }
     if !job.status.is_terminal() {
+        state.bus.note_owner(id, job.owner.as_deref());
         state.bus.publish(id, EventKind::Cancelled);
     }
     state.bus.forget(id);

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::jobs::visible_steps;
 use super::AppState;
 use crate::auth::Principal;
-use crate::jobs::{Job, NewJob};
+use crate::jobs::{Job, NewJob, Submission, SubmitLimits};
 use crate::worker::events::EventKind;
 
 /// Header whose repeat within [`IDEMPOTENCY_WINDOW`] returns the job the first request created.
@@ -40,7 +40,7 @@ pub struct Submitted {
 }
 
 /// Commits a job of `kind` for `model` with `params`, owned by `who` (or finds the one `who`'s `key`
-/// created) and announces it.
+/// created: a replay is answered even when the queue or the key is at its limit) and announces it.
 pub async fn enqueue(
     state: &AppState,
     who: &Principal,
@@ -49,19 +49,6 @@ pub async fn enqueue(
     params: serde_json::Value,
     key: Option<&str>,
 ) -> Result<Submitted, ApiError> {
-    if let Some(owner) = who.owner() {
-        let outstanding = state.store.count_outstanding(owner).await?;
-        let limit = state.limits.max_outstanding_per_key;
-        if outstanding >= limit {
-            return Err(ApiError::TooManyOutstanding { outstanding, limit });
-        }
-    }
-    let queued = state.store.count_queued().await?;
-    if queued >= state.queue.max_queued {
-        let per_job = state.progress.queued_eta_ms(20, 0, state.workers).unwrap_or(1000);
-        let retry_after = (per_job * queued.min(100) / 1000 / state.workers.max(1) as u64).clamp(1, 300);
-        return Err(ApiError::QueueFull { queued, retry_after });
-    }
     let new = NewJob {
         kind: kind.into(),
         model,
@@ -70,15 +57,28 @@ pub async fn enqueue(
         max_attempts: state.queue.max_attempts,
         owner: who.owner().map(str::to_string),
     };
-    let (job, created) = match key {
-        Some(key) => state.store.insert_idempotent(new, key, IDEMPOTENCY_WINDOW).await?,
-        None => (state.store.insert(new).await?, true),
+    let limits = SubmitLimits {
+        max_queued: state.queue.max_queued,
+        max_outstanding_per_owner: state.limits.max_outstanding_per_key,
+    };
+    let (job, created) = match state.store.submit(new, key.map(|k| (k, IDEMPOTENCY_WINDOW)), limits).await? {
+        Submission::Created(job) => (job, true),
+        Submission::Replayed(job) => (job, false),
+        Submission::QueueFull { queued } => {
+            let per_job = state.progress.queued_eta_ms(20, 0, state.workers).unwrap_or(1000);
+            let retry_after = (per_job * queued.min(100) / 1000 / state.workers.max(1) as u64).clamp(1, 300);
+            return Err(ApiError::QueueFull { queued, retry_after });
+        }
+        Submission::OwnerBusy { outstanding } => {
+            return Err(ApiError::TooManyOutstanding { outstanding, limit: state.limits.max_outstanding_per_key });
+        }
     };
     if created {
         state.wake.notify_one();
         metrics::counter!("denoised_jobs_submitted_total").increment(1);
         let position = state.positions.get(job.id, state.bus.last_lifecycle_id()).await?.unwrap_or(0);
         let eta_ms = state.progress.queued_eta_ms(visible_steps(&job), position, state.workers);
+        state.bus.note_owner(job.id, job.owner.as_deref());
         state.bus.publish(job.id, EventKind::Queued { position, eta_ms });
     }
     Ok(Submitted { job, created })

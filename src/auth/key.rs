@@ -8,8 +8,8 @@ const PREFIX: &str = "dn_";
 const ID_BYTES: usize = 6;
 const SECRET_BYTES: usize = 32;
 
-/// A freshly made key: the string to hand to its user once, and what the database keeps.
-#[derive(Debug)]
+/// A freshly made key: the string to hand to its user once, and what the database keeps. Its `Debug` leaves
+/// the key out, so it cannot reach a log by accident.
 pub struct GeneratedKey {
     /// `dn_<id>_<secret>`: shown once, never stored.
     pub key: String,
@@ -17,6 +17,12 @@ pub struct GeneratedKey {
     pub id: String,
     /// Lowercase hex SHA-256 of `key`.
     pub hash: String,
+}
+
+impl std::fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratedKey").field("id", &self.id).field("key", &"<redacted>").finish()
+    }
 }
 
 /// Makes a key from the operating system's CSPRNG.
@@ -64,6 +70,7 @@ mod tests {
         assert!(matches(&a.key, &a.hash));
         assert!(!matches(&b.key, &a.hash));
         assert!(!a.hash.contains(&a.key) && a.hash.len() == 64);
+        assert!(!format!("{a:?}").contains(&a.key), "Debug must not show the key");
     }
 
     #[test]

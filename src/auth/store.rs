@@ -5,7 +5,7 @@ use sqlx::SqlitePool;
 use super::key::{self, GeneratedKey};
 use super::Principal;
 use crate::jobs::time::now_millis;
-use crate::jobs::StoreError;
+use crate::jobs::{JobStore, StoreError};
 
 /// Why a key operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum KeyError {
     NotFound(String),
     /// The operating system's random source failed.
     #[error("cannot read random bytes: {0}")]
-    Random(String),
+    Random(#[from] getrandom::Error),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -48,16 +48,18 @@ pub struct KeyInfo {
     pub revoked_at: Option<i64>,
 }
 
-/// Handle on the `api_keys` table (shares the job store's pool).
+/// Handle on the `api_keys` table (shares the job store's connections: reads on its read pool, writes on its
+/// single write connection).
 #[derive(Debug, Clone)]
 pub struct KeyStore {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
 impl KeyStore {
-    /// Uses `pool`, whose database has had the migrations applied (see `JobStore::connect`).
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    /// Uses the database of `store`, which has had the migrations applied.
+    pub fn new(store: &JobStore) -> Self {
+        Self { pool: store.pool().clone(), writer: store.writer().clone() }
     }
 
     /// Makes a key named `name`; returns the key string, which is shown once and never stored.
@@ -67,7 +69,7 @@ impl KeyStore {
         if !valid {
             return Err(KeyError::InvalidName(name.into()));
         }
-        let GeneratedKey { key, id, hash } = key::generate().map_err(|e| KeyError::Random(e.to_string()))?;
+        let GeneratedKey { key, id, hash } = key::generate()?;
         let created_at = now_millis();
         let result =
             sqlx::query("INSERT INTO api_keys (id, name, secret_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
@@ -76,7 +78,7 @@ impl KeyStore {
                 .bind(&hash)
                 .bind(i64::from(admin))
                 .bind(created_at)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await;
         match result {
             Ok(_) => Ok((KeyInfo { id, name: name.into(), admin, created_at, revoked_at: None }, key)),
@@ -111,7 +113,7 @@ impl KeyStore {
         )
         .bind(name)
         .bind(now_millis())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         let (id, name_, admin, created_at, revoked_at) = row.ok_or_else(|| KeyError::NotFound(name.into()))?;
         Ok(KeyInfo { id, name: name_, admin: admin != 0, created_at, revoked_at })
@@ -122,6 +124,15 @@ impl KeyStore {
         let (n,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.pool).await?;
         Ok(n > 0)
+    }
+
+    /// Whether the key with this id exists and is not revoked (open event streams re-check their key with it).
+    pub async fn is_live(&self, id: &str) -> Result<bool, KeyError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM api_keys WHERE id = ?1 AND revoked_at IS NULL")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// The caller a key string belongs to; `None` for a malformed, unknown or revoked key.
@@ -143,13 +154,12 @@ impl KeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::JobStore;
 
     async fn keys() -> (tempfile::TempDir, KeyStore) {
         let dir = tempfile::TempDir::new().unwrap();
         let url = format!("sqlite://{}", dir.path().join("k.db").display());
         let store = JobStore::connect(&url).await.unwrap();
-        (dir, KeyStore::new(store.pool().clone()))
+        (dir, KeyStore::new(&store))
     }
 
     #[tokio::test]

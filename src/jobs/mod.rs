@@ -13,6 +13,9 @@ mod store;
 pub mod time;
 
 pub use error::StoreError;
-pub use model::{ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, UnknownJobStatus};
+pub use model::{
+    ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits,
+    UnknownJobStatus,
+};
 pub use positions::QueuePositions;
 pub use store::{JobStore, MAX_ATTEMPTS_EXCEEDED};

@@ -245,3 +245,36 @@ mod tests {
         assert!(JobStatus::Cancelled.is_terminal());
     }
 }
+
+/// Limits that [`JobStore::submit`](super::JobStore::submit) checks inside its write transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmitLimits {
+    /// Queued jobs at most (`u64::MAX`: unchecked).
+    pub max_queued: u64,
+    /// Queued plus running jobs per owner at most (`u64::MAX`: unchecked; ownerless jobs are never counted).
+    pub max_outstanding_per_owner: u64,
+}
+
+impl SubmitLimits {
+    /// No limits.
+    pub const NONE: SubmitLimits = SubmitLimits { max_queued: u64::MAX, max_outstanding_per_owner: u64::MAX };
+}
+
+/// What [`JobStore::submit`](super::JobStore::submit) did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submission {
+    /// A new job.
+    Created(Job),
+    /// The job the same `Idempotency-Key` created earlier; nothing was inserted.
+    Replayed(Job),
+    /// Refused: `queued` jobs are already waiting.
+    QueueFull {
+        /// Jobs waiting.
+        queued: u64,
+    },
+    /// Refused: the owner already has `outstanding` jobs queued or running.
+    OwnerBusy {
+        /// The owner's queued plus running jobs.
+        outstanding: u64,
+    },
+}

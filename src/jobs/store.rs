@@ -24,7 +24,9 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::error::StoreError;
-use super::model::{ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts};
+use super::model::{
+    ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits,
+};
 use super::time::now_millis;
 
 /// The `error_code` of a job that failed because its lease expired on its last allowed attempt.
@@ -135,36 +137,76 @@ impl JobStore {
     }
 
     /// Inserts a job under a client's `Idempotency-Key`, or returns the job that key created within the last
-    /// `window` (then `false`: nothing was inserted). Keys are per owner: another API key's job is never
-    /// returned. One `BEGIN IMMEDIATE` transaction, so two racing requests with the same key get the same job.
+    /// `window` (then `false`: nothing was inserted), with no queue limits: [`submit`](Self::submit) without
+    /// [`SubmitLimits`].
     pub async fn insert_idempotent(&self, new: NewJob, key: &str, window: Duration) -> Result<(Job, bool), StoreError> {
+        match self.submit(new, Some((key, window)), SubmitLimits::NONE).await? {
+            Submission::Created(job) => Ok((job, true)),
+            Submission::Replayed(job) => Ok((job, false)),
+            other => Err(StoreError::InvalidArgument(format!("unexpected refusal without limits: {other:?}"))),
+        }
+    }
+
+    /// Submits a job in one `BEGIN IMMEDIATE` transaction: first the job an `Idempotency-Key` created within
+    /// its window (keys are per owner: another API key's job is never returned), then the queue-depth and
+    /// per-owner limits, then the insert. Because the limits are counted inside the write transaction,
+    /// concurrent submissions (in this process or another one on the same database) cannot overshoot them,
+    /// and two racing requests with the same key get the same job.
+    pub async fn submit(
+        &self,
+        new: NewJob,
+        idempotency: Option<(&str, Duration)>,
+        limits: SubmitLimits,
+    ) -> Result<Submission, StoreError> {
         if new.max_attempts == 0 {
             return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
         }
         let now = now_millis();
-        let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "UPDATE jobs SET idempotency_key = NULL \
-             WHERE COALESCE(owner, '') = COALESCE(?3, '') AND idempotency_key = ?1 AND created_at < ?2",
-        )
-        .bind(key)
-        .bind(cutoff)
-        .bind(&new.owner)
-        .execute(&mut *tx)
-        .await?;
-        let existing: Option<JobRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1"
-        ))
-        .bind(key)
-        .bind(&new.owner)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = existing {
-            tx.commit().await?;
-            return Ok((Job::try_from(row)?, false));
+        if let Some((key, window)) = idempotency {
+            let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+            sqlx::query(
+                "UPDATE jobs SET idempotency_key = NULL \
+                 WHERE COALESCE(owner, '') = COALESCE(?3, '') AND idempotency_key = ?1 AND created_at < ?2",
+            )
+            .bind(key)
+            .bind(cutoff)
+            .bind(&new.owner)
+            .execute(&mut *tx)
+            .await?;
+            let existing: Option<JobRow> = sqlx::query_as(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1"
+            ))
+            .bind(key)
+            .bind(&new.owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                tx.commit().await?;
+                return Ok(Submission::Replayed(Job::try_from(row)?));
+            }
+        }
+        if limits.max_queued != u64::MAX {
+            let (queued,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *tx).await?;
+            let queued = non_negative("jobs", "count", queued)?;
+            if queued >= limits.max_queued {
+                return Ok(Submission::QueueFull { queued });
+            }
+        }
+        if let (Some(owner), true) = (&new.owner, limits.max_outstanding_per_owner != u64::MAX) {
+            let (outstanding,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running') AND owner IS NOT NULL",
+            )
+            .bind(owner)
+            .fetch_one(&mut *tx)
+            .await?;
+            let outstanding = non_negative("jobs", "count", outstanding)?;
+            if outstanding >= limits.max_outstanding_per_owner {
+                return Ok(Submission::OwnerBusy { outstanding });
+            }
         }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
@@ -178,13 +220,13 @@ impl JobStore {
         .bind(new.priority)
         .bind(i64::from(new.max_attempts))
         .bind(now)
-        .bind(key)
+        .bind(idempotency.map(|(key, _)| key))
         .bind(&new.owner)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
         let job = one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))?;
-        Ok((job, true))
+        Ok(Submission::Created(job))
     }
 
     /// Deletes up to `limit` jobs that ended before `cutoff_millis` (with their image records), returning
@@ -425,18 +467,30 @@ impl JobStore {
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<Job>, StoreError> {
-        let rows: Vec<JobRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) AND (?4 IS NULL OR owner = ?4) \
-             ORDER BY id DESC LIMIT ?3"
-        ))
-        .bind(status.map(JobStatus::as_str))
-        .bind(before.map(|id| id.to_string()))
-        .bind(i64::from(limit))
-        .bind(owner)
-        .fetch_all(&self.pool)
-        .await?;
+        // Two statements, so that a tenant's listing can use the `jobs_owner` index (an `?4 IS NULL OR …`
+        // condition cannot).
+        let sql = if owner.is_some() {
+            concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE owner = ?4 AND (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
+                 ORDER BY id DESC LIMIT ?3"
+            )
+        } else {
+            concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) AND ?4 IS NULL \
+                 ORDER BY id DESC LIMIT ?3"
+            )
+        };
+        let rows: Vec<JobRow> = sqlx::query_as(sql)
+            .bind(status.map(JobStatus::as_str))
+            .bind(before.map(|id| id.to_string()))
+            .bind(i64::from(limit))
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(Job::try_from).collect()
     }
 
@@ -493,27 +547,21 @@ impl JobStore {
         parse_ids(rows)
     }
 
-    /// The number of queued jobs, for the queue-depth limit (an index count, unlike
-    /// [`count_by_status`](Self::count_by_status)).
+    /// The number of queued jobs (an index count, unlike [`count_by_status`](Self::count_by_status)).
     pub async fn count_queued(&self) -> Result<u64, StoreError> {
         let (n,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&self.pool).await?;
         non_negative("jobs", "count", n)
     }
 
-    /// Jobs of `owner` that are queued or running, for the per-key limit on outstanding jobs.
-    pub async fn count_outstanding(&self, owner: &str) -> Result<u64, StoreError> {
-        let (n,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running')")
-                .bind(owner)
-                .fetch_one(&self.pool)
-                .await?;
-        non_negative("jobs", "count", n)
-    }
-
-    /// The connection pool, for the other tables of this database (API keys).
+    /// The read pool, for the other tables of this database (API keys).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The write connection, for writes to the other tables of this database (API keys).
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 
     /// The number of jobs in each status, for the queue-depth gauges.

@@ -602,10 +602,48 @@ async fn owners_keep_their_own_idempotency_keys_listings_and_counts() {
     let listed: Vec<_> = store.list(None, Some("alice"), None, 10).await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(listed, vec![second.id, a.id]);
     assert_eq!(store.list(None, None, None, 10).await.unwrap().len(), 4);
-    assert_eq!(store.count_outstanding("alice").await.unwrap(), 2);
-    assert!(store.cancel_queued(second.id).await.unwrap());
-    assert_eq!(store.count_outstanding("alice").await.unwrap(), 1);
-    assert_eq!(store.count_outstanding("nobody").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn limits_are_checked_inside_the_write_and_replays_pass_them() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(store(&dir).await);
+    let limits = SubmitLimits { max_queued: 100, max_outstanding_per_owner: 3 };
+    // Twenty racing submissions from one owner: exactly three get in.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.submit(owned_by("alice"), None, limits).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    for handle in handles {
+        match handle.await.unwrap() {
+            Submission::Created(_) => created += 1,
+            Submission::OwnerBusy { outstanding } => assert_eq!(outstanding, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 3);
+    // Another owner is not held back; a replay of an existing key is answered even at the limit.
+    let window = Duration::from_secs(60);
+    let first = store.submit(owned_by("bob"), Some(("k", window)), limits).await.unwrap();
+    let Submission::Created(job) = first else { panic!("{first:?}") };
+    for _ in 0..2 {
+        store.submit(owned_by("bob"), None, limits).await.unwrap();
+    }
+    assert_eq!(store.submit(owned_by("bob"), Some(("k", window)), limits).await.unwrap(), Submission::Replayed(job));
+    assert!(matches!(
+        store.submit(owned_by("bob"), Some(("k2", window)), limits).await.unwrap(),
+        Submission::OwnerBusy { .. }
+    ));
+    // The queue-depth limit counts every owner.
+    let tight = SubmitLimits { max_queued: 6, max_outstanding_per_owner: u64::MAX };
+    assert_eq!(store.submit(new_job(0), None, tight).await.unwrap(), Submission::QueueFull { queued: 6 });
+    // Cancelling frees a slot.
+    let listed = store.list(None, Some("alice"), None, 10).await.unwrap();
+    assert!(store.cancel_queued(listed[0].id).await.unwrap());
+    assert!(matches!(store.submit(owned_by("alice"), None, limits).await.unwrap(), Submission::Created(_)));
 }
 
 #[tokio::test]

@@ -136,6 +136,7 @@ impl Dispatcher {
             return;
         }
         info!(%id, worker, attempt = job.attempts, "job started");
+        self.bus.note_owner(id, job.owner.as_deref());
         self.bus.publish(id, EventKind::Started { attempt: job.attempts });
         let outcome = self.wait_renewing(id, &owner, outcome).await;
         self.progress.finish(id);

@@ -29,10 +29,27 @@ pub struct JobEvent {
     pub id: u64,
     /// The job.
     pub job_id: Uuid,
+    /// Who the job belongs to, when this process knows (for filtering per-tenant streams without a lookup;
+    /// never sent to clients).
+    #[serde(skip)]
+    pub owner: EventOwner,
     /// What happened, with its fields at the top level of the JSON next to `type`.
     #[serde(flatten)]
     pub kind: EventKind,
 }
+
+/// The owner of an event's job as the bus knew it when the event was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EventOwner {
+    /// Not recorded in this process (the job came from another process or an earlier run): ask the store.
+    #[default]
+    Unknown,
+    /// The submitting API key's id, or `None` for a job submitted without authentication.
+    Known(Option<Arc<str>>),
+}
+
+/// Owners remembered at most; past it the memory starts over (events then fall back to store lookups).
+const OWNER_MEMORY: usize = 65_536;
 
 /// A picture of a finished job, as events report it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -145,6 +162,7 @@ struct Inner {
     lifecycle: broadcast::Sender<JobEvent>,
     progress: broadcast::Sender<JobEvent>,
     ring: Mutex<VecDeque<JobEvent>>,
+    owners: Mutex<HashMap<Uuid, Option<Arc<str>>>>,
 }
 
 /// The process-wide progress bus. Cheap to clone.
@@ -177,6 +195,7 @@ impl EventBus {
                 lifecycle: broadcast::channel(REPLAY_RING).0,
                 progress: broadcast::channel(64).0,
                 ring: Mutex::new(VecDeque::with_capacity(REPLAY_RING)),
+                owners: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -188,7 +207,23 @@ impl EventBus {
 
     /// Builds an event with a fresh id without publishing it (for state read back from the database).
     pub fn event(&self, job_id: Uuid, kind: EventKind) -> JobEvent {
-        JobEvent { id: self.next_id(), job_id, kind }
+        let owner = self
+            .inner
+            .owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&job_id)
+            .map_or(EventOwner::Unknown, |owner| EventOwner::Known(owner.clone()));
+        JobEvent { id: self.next_id(), job_id, owner, kind }
+    }
+
+    /// Records who `job` belongs to, so that its events carry it (call on submission and on claim).
+    pub fn note_owner(&self, job: Uuid, owner: Option<&str>) {
+        let mut owners = self.inner.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        if owners.len() >= OWNER_MEMORY && !owners.contains_key(&job) {
+            owners.clear();
+        }
+        owners.insert(job, owner.map(Arc::from));
     }
 
     /// Id of the newest lifecycle event (0 before any): it changes whenever a job is queued, starts or ends in
@@ -215,6 +250,7 @@ impl EventBus {
             });
             if terminal {
                 jobs.remove(&job_id);
+                self.inner.owners.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);
             }
         }
         if progress {

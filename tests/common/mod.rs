@@ -141,7 +141,7 @@ impl TestServer {
     pub async fn create_key(&self, name: &str, admin: bool) -> String {
         let url = format!("sqlite://{}/denoised.db", self.dir.path().display());
         let store = denoised::jobs::JobStore::connect(&url).await.expect("open the server's database");
-        let keys = denoised::auth::KeyStore::new(store.pool().clone());
+        let keys = denoised::auth::KeyStore::new(&store);
         let (_, key) = keys.create(name, admin).await.expect("create key");
         store.close().await;
         key
@@ -150,3 +150,13 @@ impl TestServer {
 
 /// The `[auth]` section that turns keys on, for `TestServer::start`.
 pub const AUTH_ON: &str = "[auth]\nenabled = true\n";
+
+impl TestServer {
+    /// Revokes the key named `name` in this server's database (what `denoised keys revoke` does).
+    pub async fn revoke_key(&self, name: &str) {
+        let url = format!("sqlite://{}/denoised.db", self.dir.path().display());
+        let store = denoised::jobs::JobStore::connect(&url).await.expect("open the server's database");
+        denoised::auth::KeyStore::new(&store).revoke(name).await.expect("revoke key");
+        store.close().await;
+    }
+}
