@@ -136,3 +136,32 @@ def test_img2img_at_strength_0_3_keeps_the_composition(shapes_server):
     assert kept_low["size"] >= 5, kept_low
     assert kept_full["background"] <= 2 and kept_full["position"] <= 2, kept_full
     assert change_low < 0.5 * change_full, (change_low, change_full)
+
+
+def test_outpainting_as_multipart_extends_the_canvas_and_keeps_the_picture(shapes_server):
+    base, key = shapes_server
+    scene = world.Scene(shape="circle", size="large", color="red", background="blue", position="center")
+    original = world.render(scene)
+    out = io.BytesIO()
+    Image.fromarray(original).save(out, format="PNG")
+    headers = {"Authorization": f"Bearer {key}"}
+    response = httpx.post(
+        f"{base}/v1/edits", headers=headers, timeout=60,
+        files={"image": ("in.png", out.getvalue(), "image/png")},
+        data={"mode": "outpaint", "model": "tiny-shapes", "right": "32", "seed": "5",
+              "prompt": "a large red circle left on a blue background"},
+    )
+    assert response.status_code == 202, response.text
+    url = f"{base}/v1/jobs/{response.json()['id']}"
+    deadline = time.time() + 120
+    while (job := httpx.get(url, headers=headers).json())["status"] in ("queued", "running"):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert job["status"] == "succeeded", job
+    picture = np.asarray(Image.open(io.BytesIO(httpx.get(base + job["images"][0]["url"], headers=headers).content)).convert("RGB"))
+    assert picture.shape == (64, 96, 3)
+    worst = np.abs(picture[:, :64].astype(int) - original.astype(int)).max()
+    assert worst <= 2, f"the original picture moved by {worst}/255"
+    # The new strip continues the blue background.
+    strip = picture[:, 72:].reshape(-1, 3).mean(axis=0)
+    assert np.abs(strip - np.array(world.COLORS["blue"])).max() < 40, strip
