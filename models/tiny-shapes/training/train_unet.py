@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -151,6 +152,11 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--decay-from", type=int, default=None,
+                    help="anneal the learning rate with a cosine from this step to --steps, down to a tenth")
+    ap.add_argument("--init-ckpt", default=None,
+                    help="when WORK/unet has no checkpoint, start from the weights (not the optimiser) of this one, "
+                         "e.g. to adapt a trained U-Net to a retrained VAE's latents")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--snr-gamma", type=float, default=5.0)
@@ -196,6 +202,14 @@ def main():
         opt.load_state_dict(st["opt"])
         step = st["step"]
         log(f"resumed from {ck} at step {step}")
+    elif a.init_ckpt:
+        st = torch.load(a.init_ckpt, map_location=dev)
+        unet.load_state_dict(st["unet"])
+        te.load_state_dict(st["te"])
+        ema.shadow["unet"].load_state_dict(st["ema_unet"])
+        ema.shadow["te"].load_state_dict(st["ema_te"])
+        heads.load_state_dict(st["heads"])
+        log(f"initialised from the weights of {a.init_ckpt}")
     log(f"device {dev} latents {tuple(lat.shape)} unet {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M "
         f"text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.3f} M")
     ev_scenes = eval_scenes(a.eval_n)
@@ -217,6 +231,9 @@ def main():
         a_t = ac[t].view(-1, 1, 1, 1)
         xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
         lr = a.lr * min(1.0, (step + 1) / a.warmup)
+        if a.decay_from is not None and step >= a.decay_from:
+            p = min(1.0, (step - a.decay_from) / max(1, a.steps - a.decay_from))
+            lr = a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
         for pg in opt.param_groups:
             pg["lr"] = lr
         te_out = te(ids)

@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--decoder-only", action="store_true",
                     help="fine-tune only the decoder of WORK/vae/final on the pre-encoded latent pool (the latent space "
                          "stays fixed, so this can run while the U-Net trains); writes WORK/vae/<--ft-name>")
+    ap.add_argument("--init", default=None,
+                    help="start the full training from this saved AutoencoderKL folder instead of random weights "
+                         "(e.g. to retrain the encoder of an existing VAE with --fg-weight)")
     ap.add_argument("--ft-init", default="final", help="decoder fine-tune: start from WORK/vae/<this>")
     ap.add_argument("--ft-name", default="final_ft", help="decoder fine-tune: output WORK/vae/<this>")
     ap.add_argument("--fg-weight", type=float, default=0.0,
@@ -71,11 +74,15 @@ def main():
     imgs = pool["images"]
     log(f"pool {imgs.shape}, device {dev}")
 
-    vae = AutoencoderKL(**VAE_CONFIG).to(dev)
+    if a.init:
+        vae = AutoencoderKL.from_pretrained(a.init).to(dev)
+        vae.register_to_config(scaling_factor=1.0)  # encode_latents.py sets it again from the new latents
+    else:
+        vae = AutoencoderKL(**VAE_CONFIG).to(dev)
+        with torch.no_grad():  # start with a nearly deterministic posterior (std ~0.02): decoding learns much faster
+            vae.encoder.conv_out.weight[4:].mul_(0.1)
+            vae.encoder.conv_out.bias[4:].fill_(-8.0)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
-    with torch.no_grad():  # start with a nearly deterministic posterior (std ~0.02): decoding learns much faster
-        vae.encoder.conv_out.weight[4:].mul_(0.1)
-        vae.encoder.conv_out.bias[4:].fill_(-8.0)
     step = 0
     ck = common.latest_ckpt(out)
     if ck:
@@ -109,7 +116,12 @@ def main():
         z = post.sample()
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x) + a.kl * post.kl().mean()
+        if a.fg_weight > 0:
+            weight = 1.0 + a.fg_weight * foreground_ring(x)
+            err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
+            loss = (weight * err).sum() / (weight.sum() * 3) + a.kl * post.kl().mean()
+        else:
+            loss = mse + 0.5 * F.l1_loss(rec, x) + a.kl * post.kl().mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
