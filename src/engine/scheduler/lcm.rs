@@ -73,14 +73,6 @@ impl Scheduler for Lcm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: ArrayViewD<'_, f32>, _call: usize) -> ArrayD<f32> {
-        sample.to_owned()
-    }
-
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

@@ -60,10 +60,15 @@ pub struct StepOutput {
 pub trait Scheduler: Send {
     /// Timestep passed to the U-Net for each denoiser call, in call order (Heun: 2N-1 entries).
     fn timesteps(&self) -> &[f64];
-    /// Factor applied to unit-Gaussian noise to form the starting sample.
-    fn init_noise_sigma(&self) -> f64;
-    /// `scale_model_input` for call index `call`.
-    fn scale_model_input(&self, sample: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32>;
+    /// Factor applied to unit-Gaussian noise to form the starting sample (1 for the variance-preserving
+    /// families; the sigma-parameterised ones override it).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// `scale_model_input` for call index `call` (the identity unless the family scales its input).
+    fn scale_model_input(&self, sample: ArrayViewD<'_, f32>, _call: usize) -> ArrayD<f32> {
+        sample.to_owned()
+    }
     /// Advances the sample through call index `call` given the U-Net output.
     fn step(
         &mut self,
