@@ -543,6 +543,10 @@ threads = 2
         assert!(load(&MINIMAL.replace("\"cpu\"", "\"tpu\""), &[]).unwrap_err().to_string().contains("workers[0]"));
         assert!(load(&MINIMAL.replace("127.0.0.1:8080", "nope"), &[]).is_err());
         assert!(load(&MINIMAL.replace("threads = 2", "threads = 0"), &[]).is_err());
+        let zero_outstanding = load(MINIMAL, &[("DENOISED_LIMITS__MAX_OUTSTANDING_PER_KEY", "0")]).unwrap_err();
+        assert!(zero_outstanding.to_string().contains("max_outstanding_per_key"), "{zero_outstanding}");
+        let unknown_auth_key = load(MINIMAL, &[("DENOISED_AUTH__ENABLE", "true")]).unwrap_err();
+        assert!(unknown_auth_key.to_string().contains("enable"), "{unknown_auth_key}");
     }
 
     #[test]

@@ -198,6 +198,7 @@ impl JobStore {
         }
         if let (Some(owner), true) = (&new.owner, limits.max_outstanding_per_owner != u64::MAX) {
             let (outstanding,): (i64,) = sqlx::query_as(
+                // `owner IS NOT NULL` repeats the partial index's condition so the planner can pick it.
                 "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running') AND owner IS NOT NULL",
             )
             .bind(owner)
@@ -545,13 +546,6 @@ impl JobStore {
                 .fetch_all(&self.pool)
                 .await?;
         parse_ids(rows)
-    }
-
-    /// The number of queued jobs (an index count, unlike [`count_by_status`](Self::count_by_status)).
-    pub async fn count_queued(&self) -> Result<u64, StoreError> {
-        let (n,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&self.pool).await?;
-        non_negative("jobs", "count", n)
     }
 
     /// The read pool, for the other tables of this database (API keys).

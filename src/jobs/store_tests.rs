@@ -551,18 +551,18 @@ async fn idempotency_keys_return_the_same_job_within_the_window() {
 }
 
 #[tokio::test]
-async fn the_queue_order_and_count_follow_claim_order() {
+async fn the_queue_order_follows_claim_order() {
     let dir = TempDir::new().unwrap();
     let store = store(&dir).await;
     let low = store.insert(new_job(0)).await.unwrap();
     let high = store.insert(new_job(5)).await.unwrap();
     let later = store.insert(new_job(0)).await.unwrap();
     assert_eq!(store.queued_order().await.unwrap(), vec![high.id, low.id, later.id]);
-    assert_eq!(store.count_queued().await.unwrap(), 3);
+    assert_eq!(store.queued_order().await.unwrap().len(), 3);
     let positions = crate::jobs::QueuePositions::new(store.clone());
     assert_eq!(positions.get(later.id, 1).await.unwrap(), Some(2));
     assert_eq!(store.claim("w", LEASE).await.unwrap().unwrap().id, high.id);
-    assert_eq!(store.count_queued().await.unwrap(), 2);
+    assert_eq!(store.queued_order().await.unwrap().len(), 2);
     assert_eq!(store.queued_order().await.unwrap(), vec![low.id, later.id]);
     // Same generation, shortly after: the shared snapshot answers (stale by design).
     assert_eq!(positions.get(later.id, 1).await.unwrap(), Some(2));

@@ -20,6 +20,13 @@ pub(crate) struct BetaSpec {
     pub rescale: Rescale,
 }
 
+impl BetaSpec {
+    /// diffusers' default schedule (`linear`, 0.0001 to 0.02, no extra schedule names), which most classes use.
+    pub(crate) fn linear(class: &'static str, rescale: Rescale) -> Self {
+        BetaSpec { class, start: 0.0001, end: 0.02, schedule: "linear", extra: &[], rescale }
+    }
+}
+
 /// How a class handles `rescale_betas_zero_snr`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rescale {
@@ -139,14 +146,7 @@ mod tests {
     use super::*;
 
     fn spec() -> BetaSpec {
-        BetaSpec {
-            class: "DDIMScheduler",
-            start: 0.0001,
-            end: 0.02,
-            schedule: "linear",
-            extra: &[],
-            rescale: Rescale::Plain,
-        }
+        BetaSpec::linear("DDIMScheduler", Rescale::Plain)
     }
 
     #[test]

@@ -78,14 +78,7 @@ pub(crate) fn x0_and_eps(
 impl Ddim {
     /// `DDIMScheduler.from_config(cfg)` then `set_timesteps(n)`.
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self, SchedulerError> {
-        let spec = BetaSpec {
-            class: CLASS,
-            start: 0.0001,
-            end: 0.02,
-            schedule: "linear",
-            extra: &[],
-            rescale: Rescale::Plain,
-        };
+        let spec = BetaSpec::linear(CLASS, Rescale::Plain);
         let acp = alphas_cumprod(cfg, &spec)?;
         let train = cfg.train_steps();
         let spacing = cfg.spacing(TimestepSpacing::Leading, CLASS)?;

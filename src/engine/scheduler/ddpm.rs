@@ -37,14 +37,7 @@ pub struct Ddpm {
 impl Ddpm {
     /// `DDPMScheduler.from_config(cfg)` then `set_timesteps(n)`.
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self, SchedulerError> {
-        let spec = BetaSpec {
-            class: CLASS,
-            start: 0.0001,
-            end: 0.02,
-            schedule: "linear",
-            extra: &["sigmoid"],
-            rescale: Rescale::Plain,
-        };
+        let spec = BetaSpec { extra: &["sigmoid"], ..BetaSpec::linear(CLASS, Rescale::Plain) };
         let acp = alphas_cumprod(cfg, &spec)?;
         let train = cfg.train_steps();
         let spacing = cfg.spacing(TimestepSpacing::Leading, CLASS)?;

@@ -98,14 +98,7 @@ impl DpmSolverMultistep {
         }
         let prediction =
             cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
-        let spec = BetaSpec {
-            class: CLASS,
-            start: 0.0001,
-            end: 0.02,
-            schedule: "linear",
-            extra: &[],
-            rescale: Rescale::TerminalEpsilon,
-        };
+        let spec = BetaSpec::linear(CLASS, Rescale::TerminalEpsilon);
         let acp = alphas_cumprod(cfg, &spec)?;
         let train = cfg.checked_train_steps(n, CLASS)?;
         let spacing = cfg.spacing(TimestepSpacing::Linspace, CLASS)?;

@@ -130,14 +130,7 @@ impl Euler {
             cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
         let opts = SigmaOptions {
             class: CLASS,
-            beta: BetaSpec {
-                class: CLASS,
-                start: 0.0001,
-                end: 0.02,
-                schedule: "linear",
-                extra: &[],
-                rescale: Rescale::TerminalEpsilon,
-            },
+            beta: BetaSpec::linear(CLASS, Rescale::TerminalEpsilon),
             karras: true,
             final_sigmas: true,
             sigma_bounds: true,

@@ -28,14 +28,7 @@ impl EulerAncestral {
         let prediction = cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction])?;
         let opts = SigmaOptions {
             class: CLASS,
-            beta: BetaSpec {
-                class: CLASS,
-                start: 0.0001,
-                end: 0.02,
-                schedule: "linear",
-                extra: &[],
-                rescale: Rescale::TerminalEpsilon,
-            },
+            beta: BetaSpec::linear(CLASS, Rescale::TerminalEpsilon),
             karras: false,
             final_sigmas: false,
             sigma_bounds: false,

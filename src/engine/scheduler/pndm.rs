@@ -35,14 +35,7 @@ pub struct Pndm {
 impl Pndm {
     /// `PNDMScheduler.from_config(cfg)` then `set_timesteps(n)`.
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self, SchedulerError> {
-        let spec = BetaSpec {
-            class: CLASS,
-            start: 0.0001,
-            end: 0.02,
-            schedule: "linear",
-            extra: &[],
-            rescale: Rescale::Ignored,
-        };
+        let spec = BetaSpec::linear(CLASS, Rescale::Ignored);
         let acp = alphas_cumprod(cfg, &spec)?;
         let train = cfg.train_steps();
         let spacing = cfg.spacing(TimestepSpacing::Leading, CLASS)?;
