@@ -35,7 +35,8 @@ def main():
     vae = AutoencoderKL.from_pretrained(vdir).to(dev).eval()
     pool = world.ensure_pool(a.work_dir)
     imgs = pool["images"]
-    lat = np.empty((len(imgs), 4, 8, 8), np.float32)
+    side = imgs.shape[1] // 2 ** (len(vae.config.block_out_channels) - 1)
+    lat = np.empty((len(imgs), vae.config.latent_channels, side, side), np.float32)
     with torch.no_grad():
         for i in range(0, len(imgs), a.batch):
             x = to_tensor(imgs[i:i + a.batch], dev)

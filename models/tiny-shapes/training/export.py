@@ -37,7 +37,7 @@ def build_pipeline(work_dir: str, ckpt: str | None) -> tuple[StableDiffusionPipe
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     te = CLIPTextModel(train_unet.text_config(len(tok), tok.bos_token_id, tok.eos_token_id))
     te.load_state_dict(st["ema_te"])
-    unet = UNet2DConditionModel(**st.get("unet_config", train_unet.UNET_CONFIG))
+    unet = UNet2DConditionModel(**st["unet_config"])  # the checkpoint records its architecture
     unet.load_state_dict(st["ema_unet"])
     vdir = os.path.join(work_dir, "vae", "final_ft")  # decoder fine-tuned on the fixed latent space, when done
     if not os.path.isdir(vdir):

@@ -1,9 +1,9 @@
 """Fit the cheap preview decoders for step previews: diffusion latents (VAE latents x scaling_factor, the tensor
 the U-Net sees) -> RGB.
 
-1. A linear latent->RGB matrix (4x3 + bias, least squares per pixel, nearest-upsampled x8): R^2 per channel.
+1. A linear latent->RGB matrix (4x3 + bias, least squares per pixel, nearest-upsampled to 64x64): R^2 per channel.
 2. A tiny convolutional decoder (TAESD in spirit) trained on the latent pool against the pool's images,
-   exported as ONNX: input `latent_sample` float32 [b, 4, 8, 8] (diffusion latents, NOT divided by
+   exported as ONNX: input `latent_sample` float32 [b, 4, h, w] (diffusion latents, NOT divided by
    scaling_factor), output `sample` float32 [b, 3, 64, 64] in [-1, 1].
 Writes WORK/preview/{linear.json, report.json, ckpt.pt, preview_decoder/model.onnx + config.json}.
     nice -n 19 python train_preview.py --work-dir /root/shapes-work --steps 1500
@@ -26,15 +26,18 @@ import world
 
 
 class PreviewDecoder(nn.Module):
-    def __init__(self, ch: int = 32):
+    """Conv 4->ch, then one conv + nearest x2 upsampling per factor of two between latent and image (two for
+    16x16 latents, three for 8x8), the last at ch/2 channels, then a conv to RGB and tanh."""
+
+    def __init__(self, factor: int, ch: int = 32):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(4, ch, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(ch, ch // 2, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(ch // 2, 3, 3, padding=1),
-        )
+        ups = factor.bit_length() - 1
+        layers: list[nn.Module] = [nn.Conv2d(4, ch, 3, padding=1), nn.ReLU()]
+        for i in range(ups):
+            out = ch // 2 if i == ups - 1 else ch
+            layers += [nn.Conv2d(ch, out, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest")]
+        layers.append(nn.Conv2d(ch // 2, 3, 3, padding=1))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z):
         return torch.tanh(self.net(z))
@@ -68,23 +71,25 @@ def main():
     imgs = world.ensure_pool(a.work_dir)["images"]
     tgt = lambda idx: torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     n_val = 500
+    side = lat.shape[-1]
+    factor = imgs.shape[1] // side
     tr, va = np.arange(n_val, len(lat)), np.arange(n_val)
     # 1. linear fit on 4000 training latents
     sub = tr[:4000]
-    z = np.repeat(np.repeat(lat[sub], 8, axis=2), 8, axis=3)  # [n,4,64,64]
+    z = np.repeat(np.repeat(lat[sub], factor, axis=2), factor, axis=3)  # [n,4,64,64]
     X = np.concatenate([z.transpose(0, 2, 3, 1).reshape(-1, 4), np.ones((z.shape[0] * 4096, 1), np.float32)], 1)
     Y = tgt(sub).numpy().transpose(0, 2, 3, 1).reshape(-1, 3)
     W, *_ = np.linalg.lstsq(X, Y, rcond=None)
-    zv = np.repeat(np.repeat(lat[va], 8, axis=2), 8, axis=3)
+    zv = np.repeat(np.repeat(lat[va], factor, axis=2), factor, axis=3)
     Xv = np.concatenate([zv.transpose(0, 2, 3, 1).reshape(-1, 4), np.ones((zv.shape[0] * 4096, 1), np.float32)], 1)
     pv = (Xv @ W).reshape(len(va), 64, 64, 3).transpose(0, 3, 1, 2)
     lin_r2 = r2(pv, tgt(va).numpy())
     with open(os.path.join(out, "linear.json"), "w") as f:
         json.dump({"weights_4x3": W[:4].tolist(), "bias_3": W[4].tolist(), "r2_rgb": lin_r2,
-                   "note": "rgb[-1,1] = latents(scaled) @ weights + bias, per latent pixel, nearest-upsampled x8"}, f, indent=1)
+                   "note": "rgb[-1,1] = latents(scaled) @ weights + bias, per latent pixel, nearest-upsampled x" + str(factor)}, f, indent=1)
     log(f"linear latent->RGB R^2 (val) R {lin_r2[0]:.3f} G {lin_r2[1]:.3f} B {lin_r2[2]:.3f}")
     # 2. tiny conv decoder
-    m = PreviewDecoder().to(dev)
+    m = PreviewDecoder(factor).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr)
     step = 0
     ckp = os.path.join(out, "ckpt.pt")
@@ -135,11 +140,11 @@ def main():
         json.dump(rep, f, indent=1)
     pdir = os.path.join(out, "preview_decoder")
     os.makedirs(pdir, exist_ok=True)
-    torch.onnx.export(m, (torch.zeros(1, 4, 8, 8),), os.path.join(pdir, "model.onnx"), input_names=["latent_sample"],
+    torch.onnx.export(m, (torch.zeros(1, 4, side, side),), os.path.join(pdir, "model.onnx"), input_names=["latent_sample"],
                       output_names=["sample"], dynamic_axes={"latent_sample": {0: "batch"}, "sample": {0: "batch"}},
                       opset_version=17, dynamo=False)
     with open(os.path.join(pdir, "config.json"), "w") as f:
-        json.dump({"kind": "tiny-conv-preview", "input": "latent_sample float32 [b,4,8,8]: diffusion latents (VAE latents x scaling_factor, not divided)",
+        json.dump({"kind": "tiny-conv-preview", "input": f"latent_sample float32 [b,4,{side},{side}]: diffusion latents (VAE latents x scaling_factor, not divided)",
                    "output": "sample float32 [b,3,64,64] in [-1,1]", "r2_rgb": conv_r2, "psnr_db": psnr,
                    "linear_fallback": {"weights_4x3": W[:4].tolist(), "bias_3": W[4].tolist(), "r2_rgb": lin_r2}}, f, indent=1)
     log("exported preview decoder")

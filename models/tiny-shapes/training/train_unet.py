@@ -36,27 +36,36 @@ def text_config(vocab_size: int, bos: int, eos: int) -> CLIPTextConfig:
                           projection_dim=TEXT_HIDDEN, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
 
-UNET_CONFIG = dict(
-    sample_size=8,
+# The architecture per latent size (64x64 images; sample_size = the latent side). Every weight is independent of
+# the latent size, so a U-Net trained on one latent space can initialise one for another (--init-ckpt).
+UNET_COMMON = dict(
     in_channels=4,
     out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
     cross_attention_dim=TEXT_HIDDEN,
     attention_head_dim=2,  # diffusers' legacy name: the number of heads (head size 16 / 32)
     norm_num_groups=8,  # 4-8 channels per group
 )
+UNET_CONFIGS = {
+    # no attention at the full latent resolution (16x16: a third of the step time); text enters at 8x8, 4x4 and
+    # the mid block, fine enough for a 3x3 grid of positions
+    16: dict(UNET_COMMON, sample_size=16,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # the first version (4x8x8 latents): cross-attention in every block
+    8: dict(UNET_COMMON, sample_size=8, down_block_types=("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3),
+}
 
 SCHEDULER_KW = dict(num_train_timesteps=1000, timestep_spacing="trailing", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def build_models(tok_dir: str):
+def build_models(tok_dir: str, unet_config: dict):
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     te = CLIPTextModel(text_config(len(tok), tok.bos_token_id, tok.eos_token_id))
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**unet_config)
     return tok, te, unet
 
 
@@ -179,7 +188,8 @@ def main():
     lat, scene_idx = torch.from_numpy(d["latents"]), d["scene"]
     train_scenes, _ = world.split_scenes()
     ids_of = FastIds(tok_dir)
-    tok, te, unet = build_models(tok_dir)
+    unet_config = UNET_CONFIGS[int(lat.shape[-1])]
+    tok, te, unet = build_models(tok_dir, unet_config)
     te.to(dev).train()
     unet.to(dev).train()
     vae = AutoencoderKL.from_pretrained(os.path.join(a.work_dir, "vae", "final")).eval()
@@ -203,13 +213,18 @@ def main():
         step = st["step"]
         log(f"resumed from {ck} at step {step}")
     elif a.init_ckpt:
+        # U-Net weights by name where the shapes agree (an older U-Net may have attention where this one has none);
+        # the text encoder and its attribute heads carry over whole
         st = torch.load(a.init_ckpt, map_location=dev)
-        unet.load_state_dict(st["unet"])
-        te.load_state_dict(st["te"])
-        ema.shadow["unet"].load_state_dict(st["ema_unet"])
+        own = unet.state_dict()
+        take = {k: v for k, v in st["ema_unet"].items() if k in own and own[k].shape == v.shape}
+        unet.load_state_dict(take, strict=False)
+        ema.shadow["unet"].load_state_dict(take, strict=False)
+        te.load_state_dict(st["ema_te"])
         ema.shadow["te"].load_state_dict(st["ema_te"])
         heads.load_state_dict(st["heads"])
-        log(f"initialised from the weights of {a.init_ckpt}")
+        log(f"initialised from the EMA weights of {a.init_ckpt}: {len(take)} of {len(own)} U-Net tensors, "
+            "text encoder and heads whole")
     log(f"device {dev} latents {tuple(lat.shape)} unet {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M "
         f"text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.3f} M")
     ev_scenes = eval_scenes(a.eval_n)
@@ -261,7 +276,7 @@ def main():
             common.save_ckpt(os.path.join(out, f"step_{step:07d}.pt"),
                              {"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema.shadow["unet"].state_dict(),
                               "ema_te": ema.shadow["te"].state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": step,
-                              "unet_config": UNET_CONFIG, "args": vars(a)})
+                              "unet_config": unet_config, "args": vars(a)})
         if step % a.eval_every == 0:
             te0 = time.time()
             pipe = make_pipeline(ema.shadow["te"], tok, ema.shadow["unet"], vae)

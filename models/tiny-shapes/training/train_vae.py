@@ -1,4 +1,5 @@
-"""Train the tiny-shapes VAE (diffusers AutoencoderKL, 64x64 RGB -> 4x8x8 latents, factor 8 with 4 blocks).
+"""Train the tiny-shapes VAE (diffusers AutoencoderKL, 64x64 RGB -> 4x16x16 latents, factor 4 with 3 blocks;
+--latent-size 8 gives the earlier 4x8x8 variant, factor 8 with 4 blocks).
 
 Deterministic given --seed; resumes from the newest checkpoint in WORK/vae/.
     nice -n 19 python train_vae.py --work-dir /root/shapes-work --steps 6000
@@ -20,20 +21,27 @@ from diffusers import AutoencoderKL
 import common
 import world
 
-VAE_CONFIG = dict(
+VAE_COMMON = dict(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 32, 32),
     layers_per_block=1,
     act_fn="silu",
     latent_channels=4,
-    norm_num_groups=2,  # >= 4 channels per group: plain colours survive GroupNorm as channel contrast
     mid_block_add_attention=False,
     sample_size=64,
     scaling_factor=1.0,  # replaced by 1/std of the latent pool in encode_latents.py
 )
+
+# Architecture per latent size (64x64 images). 16x16 keeps a 14 px shape's outline (about 3.5 latent pixels
+# across); 8x8 (the first shipped model) lost small triangles entirely.
+VAE_CONFIGS = {
+    16: dict(VAE_COMMON, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+             block_out_channels=(16, 32, 64), norm_num_groups=4),
+    8: dict(VAE_COMMON, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            norm_num_groups=2),  # >= 4 channels per group: plain colours survive GroupNorm as channel contrast
+}
+
 
 
 def to_tensor(imgs: np.ndarray, device) -> torch.Tensor:
@@ -52,6 +60,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--latent-size", type=int, choices=sorted(VAE_CONFIGS), default=16,
+                    help="latent height and width for 64x64 images (picks the architecture in VAE_CONFIGS)")
     ap.add_argument("--decoder-only", action="store_true",
                     help="fine-tune only the decoder of WORK/vae/final on the pre-encoded latent pool (the latent space "
                          "stays fixed, so this can run while the U-Net trains); writes WORK/vae/<--ft-name>")
@@ -78,7 +88,7 @@ def main():
         vae = AutoencoderKL.from_pretrained(a.init).to(dev)
         vae.register_to_config(scaling_factor=1.0)  # encode_latents.py sets it again from the new latents
     else:
-        vae = AutoencoderKL(**VAE_CONFIG).to(dev)
+        vae = AutoencoderKL(**VAE_CONFIGS[a.latent_size]).to(dev)
         with torch.no_grad():  # start with a nearly deterministic posterior (std ~0.02): decoding learns much faster
             vae.encoder.conv_out.weight[4:].mul_(0.1)
             vae.encoder.conv_out.bias[4:].fill_(-8.0)
