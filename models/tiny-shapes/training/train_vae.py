@@ -2,7 +2,7 @@
 --latent-size 8 gives the earlier 4x8x8 variant, factor 8 with 4 blocks).
 
 Deterministic given --seed; resumes from the newest checkpoint in WORK/vae/.
-    nice -n 19 python train_vae.py --work-dir /root/shapes-work --steps 6000
+    python train_vae.py --work-dir /root/shapes-work16/base --steps 1500 --lr 5e-4
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ VAE_CONFIGS = {
 }
 
 
-
 def to_tensor(imgs: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -71,7 +70,7 @@ def main():
     ap.add_argument("--ft-init", default="final", help="decoder fine-tune: start from WORK/vae/<this>")
     ap.add_argument("--ft-name", default="final_ft", help="decoder fine-tune: output WORK/vae/<this>")
     ap.add_argument("--fg-weight", type=float, default=0.0,
-                    help="decoder fine-tune: extra loss weight on the shape's pixels and a 1 px ring around them "
+                    help="extra loss weight on the shape's pixels and a 1 px ring around them "
                          "(small shapes cover 4 %% of the image, so plain MSE lets their outline blur)")
     a = ap.parse_args()
     if a.decoder_only:
