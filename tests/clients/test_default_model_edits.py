@@ -136,6 +136,7 @@ def test_img2img_at_strength_0_3_keeps_the_composition(shapes_server):
     assert kept_low["size"] >= 7, kept_low
     assert kept_low["shape"] >= 5, kept_low
     assert kept_full["position"] <= 2 and kept_full["size"] <= 2, kept_full
+    assert kept_full["background"] <= 2, kept_full
 
 
 def test_outpainting_as_multipart_extends_the_canvas_and_keeps_the_picture(shapes_server):
