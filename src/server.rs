@@ -8,20 +8,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tracing::info;
 
 use crate::api::{self, AppState, AuthState};
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::engine::runtime::{Device, Runtime};
-use crate::jobs::{JobStore, QueuePositions};
+use crate::jobs::{JobRules, JobStore, Jobs};
 use crate::models::ModelRegistry;
 use crate::storage::ImageFiles;
 use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
-use crate::worker::events::EventBus;
 use crate::worker::pool::{WorkerPool, WorkerSpec};
-use crate::worker::progress::ProgressBoard;
 
 /// A server that has bound its socket and loaded its models, ready to run.
 pub struct Server {
@@ -68,45 +66,34 @@ impl Server {
                 Ok(WorkerSpec { device: Device::parse(&w.device).map_err(anyhow::Error::msg)?, threads: w.threads })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let progress = ProgressBoard::default();
-        let bus = EventBus::new();
-        let runtime_for_pool = runtime.clone();
-        let registry_for_pool = registry.clone();
-        let progress_for_pool = progress.clone();
-        let bus_for_pool = bus.clone();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let rules = JobRules {
+            max_attempts: config.queue.max_attempts,
+            max_queued: config.queue.max_queued,
+            max_outstanding_per_key: config.limits.max_outstanding_per_key,
+            workers: specs.len(),
+        };
+        let jobs = Jobs::new(store, ImageFiles::new(&config.storage.data_dir), rules, stop_rx.clone());
+        let (runtime_for_pool, registry_for_pool) = (runtime.clone(), registry.clone());
+        let (progress, bus) = (jobs.progress().clone(), jobs.bus().clone());
         let pool = tokio::task::spawn_blocking(move || {
-            WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress_for_pool, bus_for_pool)
+            WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress, bus)
         })
         .await??;
         let pool = Arc::new(pool);
         let addr = config.bind_addr()?;
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        let files = ImageFiles::new(&config.storage.data_dir);
-        let wake = Arc::new(Notify::new());
-        let (stop_tx, stop_rx) = watch::channel(false);
         let state = AppState {
-            store: store.clone(),
+            jobs: jobs.clone(),
             models: registry,
-            progress: progress.clone(),
-            bus: bus.clone(),
-            workers: pool.len(),
-            shutdown: stop_rx.clone(),
-            files: files.clone(),
-            wake: wake.clone(),
             limits: config.limits.clone(),
-            queue: config.queue.clone(),
             max_body_bytes: config.server.max_body_bytes,
             workers_ready: pool.ready_flag(),
             auth: AuthState { enabled: config.auth.enabled, keys },
-            positions: Arc::new(QueuePositions::new(store.clone())),
         };
         let dispatcher = Dispatcher {
-            store,
+            jobs,
             pool: pool.clone(),
-            progress,
-            bus,
-            files,
-            wake,
             settings: DispatchSettings {
                 lease: Duration::from_secs(config.queue.lease_seconds),
                 poll: Duration::from_millis(config.queue.poll_millis.max(10)),
@@ -130,14 +117,9 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = (self.stop_tx, self.stop_rx);
         let dispatcher = tokio::spawn(self.dispatcher.run(stop_rx.clone()));
-        let sweeper = self.retention.map(|keep| {
-            tokio::spawn(crate::retention::run(
-                self.state.store.clone(),
-                self.state.files.clone(),
-                keep,
-                stop_rx.clone(),
-            ))
-        });
+        let sweeper = self
+            .retention
+            .map(|keep| tokio::spawn(crate::retention::run(self.state.jobs.clone(), keep, stop_rx.clone())));
         let ready = self.state.workers_ready.clone();
         let app = api::app(self.state);
         info!(addr = %self.listener.local_addr()?, "listening");

@@ -471,6 +471,44 @@ async fn every_bad_request_gets_its_documented_json_error() {
             );
         }
     }
+    // One multipart reader for both edit routes: a second image, a second mask or a nameless part is refused
+    // naming the field (422 natively, OpenAI's 400 with `param` on the OpenAI route).
+    let part = |name: &str, file: bool, bytes: &[u8]| {
+        let filename = if file { "; filename=\"x.png\"" } else { "" };
+        let mut out = format!("--X\r\nContent-Disposition: form-data; name=\"{name}\"{filename}\r\n\r\n").into_bytes();
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(b"\r\n");
+        out
+    };
+    let form = |parts: Vec<Vec<u8>>| {
+        let mut body: Vec<u8> = parts.concat();
+        body.extend_from_slice(b"--X--\r\n");
+        body
+    };
+    let text = |name: &str, value: &str| part(name, false, value.as_bytes());
+    let base =
+        || vec![text("mode", "img2img"), text("prompt", "x"), text("model", "tiny-sd"), part("image", true, &picture)];
+    let forms = [
+        ("a second image", [base(), vec![part("image[]", true, &picture)]].concat(), "image"),
+        ("a second mask", [base(), vec![part("mask", true, &picture), part("mask", true, &picture)]].concat(), "mask"),
+        ("a nameless part", [base(), vec![part("", false, b"x")]].concat(), "form"),
+    ];
+    for (what, parts, field) in forms {
+        let body = form(parts);
+        for (route, status, name) in [("/v1/edits", 422, "field"), ("/v1/images/edits", 400, "param")] {
+            let answer = client
+                .post(server.url(route))
+                .bearer_auth(&alice)
+                .header("content-type", "multipart/form-data; boundary=X")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status().as_u16(), status, "{route} with {what}");
+            let error: Value = answer.json().await.unwrap();
+            assert_eq!(error["error"][name], field, "{route} with {what}: {error}");
+        }
+    }
     // Still serving.
     assert_eq!(client.get(server.url("/healthz")).send().await.unwrap().status(), 200);
     let response = client

@@ -62,20 +62,6 @@ fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Largest per-pixel difference between our bytes and the reference floats in [0, 1].
-fn max_difference(images: &[RgbImage], reference: &ArrayD<f32>) -> f32 {
-    let mut worst = 0f32;
-    for (i, img) in images.iter().enumerate() {
-        for (x, y, px) in img.enumerate_pixels() {
-            for c in 0..3 {
-                let expected = reference[[i, y as usize, x as usize, c]];
-                worst = worst.max((px[c] as f32 / 255.0 - expected).abs());
-            }
-        }
-    }
-    worst
-}
-
 fn base_request(case: &Value, latents: Option<ArrayD<f32>>) -> GenerateRequest {
     GenerateRequest {
         prompt: case["prompt"].as_str().unwrap().into(),
@@ -120,7 +106,7 @@ fn run_case(name: &str, fixture: Option<&str>) -> f32 {
     let images = edit(&mut model, &request_for(&case), &mut NoObserver).unwrap();
     let reference = npy(case["output_npy"].as_str().unwrap());
     assert_eq!(images.len(), reference.shape()[0], "{name}: image count");
-    let worst = max_difference(&images, &reference);
+    let worst = common::max_difference(&images, &reference);
     eprintln!("{fixture}/{name}: max pixel difference {worst} ({:.2}/255)", worst * 255.0);
     assert!(worst <= TOLERANCE, "{fixture}/{name}: max pixel difference {worst} > {TOLERANCE}");
     worst
@@ -391,6 +377,6 @@ fn instruct_without_guidance_runs_one_branch() {
     let images = edit(&mut model, &request, &mut NoObserver).unwrap();
     assert_eq!(images.len(), 1);
     let reference = npy("instruct.npy");
-    assert!(max_difference(&images, &reference) > TOLERANCE, "guidance off must change the picture");
+    assert!(common::max_difference(&images, &reference) > TOLERANCE, "guidance off must change the picture");
     let _ = reference.into_dimensionality::<Ix4>().unwrap();
 }

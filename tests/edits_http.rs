@@ -154,14 +154,7 @@ fn reference_file(name: &str) -> Vec<u8> {
 
 /// Largest difference between a returned picture and a reference float array `[1, H, W, 3]` in [0, 1].
 fn max_difference(picture: &RgbImage, reference: &str) -> f32 {
-    let expected = common::read_npy(&reference_dir().join(reference));
-    let mut worst = 0f32;
-    for (x, y, px) in picture.enumerate_pixels() {
-        for c in 0..3 {
-            worst = worst.max((px[c] as f32 / 255.0 - expected[[0, y as usize, x as usize, c]]).abs());
-        }
-    }
-    worst
+    common::max_difference(std::slice::from_ref(picture), &common::read_npy(&reference_dir().join(reference)))
 }
 
 async fn result_picture(client: &reqwest::Client, server: &TestServer, accepted: (u16, Value)) -> (Value, RgbImage) {

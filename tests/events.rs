@@ -335,3 +335,45 @@ async fn delete_removes_jobs_and_images_and_the_list_pages_newest_first() {
     assert!(!server.dir.path().join("images").join(&running).exists());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_blocking_and_streaming_openai_requests_promptly() {
+    let mut server = TestServer::start("").await;
+    let client = reqwest::Client::new();
+    let running = submit(&client, &server, json!({"prompt": "long", "steps": 150, "n": 8, "preview_every": 0})).await;
+    wait_status(&client, &server, &running, "running").await;
+    // Both queue behind the long job: without the fix, each would hold the graceful shutdown for 600 s.
+    let blocking =
+        client.post(server.url("/v1/images/generations")).json(&json!({"prompt": "waits", "steps": 2})).send();
+    let blocking = tokio::spawn(blocking);
+    let streamed = client
+        .post(server.url("/v1/images/generations"))
+        .json(&json!({"prompt": "streams", "steps": 2, "stream": true, "partial_images": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    let mut streaming = streamed.bytes_stream().eventsource();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.begin_shutdown();
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(5), blocking)
+        .await
+        .expect("blocking OpenAI request still open 5 s after shutdown began")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    let mut last = None;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(event)) = streaming.next().await {
+            last = Some(event.event);
+        }
+    })
+    .await
+    .expect("OpenAI stream still open 5 s after shutdown began");
+    assert_eq!(last.as_deref(), Some("error"), "the stream says why it ended");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    server.shutdown().await;
+}

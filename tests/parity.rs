@@ -21,20 +21,6 @@ fn kind_for(class: &str) -> SchedulerKind {
     SchedulerKind::from_class_name(class).unwrap()
 }
 
-/// Largest per-pixel difference between our bytes and the reference floats in [0, 1].
-fn max_difference(images: &[image::RgbImage], reference: &ndarray::ArrayD<f32>) -> f32 {
-    let mut worst = 0f32;
-    for (i, img) in images.iter().enumerate() {
-        for (x, y, px) in img.enumerate_pixels() {
-            for c in 0..3 {
-                let expected = reference[[i, y as usize, x as usize, c]];
-                worst = worst.max((px[c] as f32 / 255.0 - expected).abs());
-            }
-        }
-    }
-    worst
-}
-
 fn check_fixture(fixture: &str) {
     let mut model = load(fixture);
     let reference_dir = common::fixture("reference");
@@ -61,7 +47,7 @@ fn check_fixture(fixture: &str) {
         let images = text_to_image(&mut model, &request, &mut NoObserver).unwrap();
         let reference = common::read_npy(&reference_dir.join(case["output_npy"].as_str().unwrap()));
         assert_eq!(images.len(), reference.shape()[0], "{fixture}/{name}: image count");
-        let worst = max_difference(&images, &reference);
+        let worst = common::max_difference(&images, &reference);
         assert!(worst <= TOLERANCE, "{fixture}/{name}: max pixel difference {worst} > {TOLERANCE}");
     }
 }

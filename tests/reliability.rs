@@ -102,10 +102,54 @@ async fn retention_deletes_finished_jobs_and_their_files() {
             .await
             .unwrap();
     let files = denoised::storage::ImageFiles::new(server.dir.path());
-    let deleted = denoised::retention::sweep(&store, &files, Duration::ZERO).await.unwrap();
+    let rules = denoised::jobs::JobRules { max_attempts: 1, max_queued: 10, max_outstanding_per_key: 10, workers: 1 };
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let jobs = denoised::jobs::Jobs::new(store, files, rules, stopped);
+    let deleted = denoised::retention::sweep(&jobs, Duration::ZERO).await.unwrap();
     assert_eq!(deleted, 1);
     assert!(!images.exists());
     assert_eq!(client.get(server.url(&format!("/v1/jobs/{id}"))).send().await.unwrap().status(), 404);
-    assert_eq!(denoised::retention::sweep(&store, &files, Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(denoised::retention::sweep(&jobs, Duration::from_secs(3600)).await.unwrap(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker() {
+    let server = TestServer::start("").await;
+    let client = reqwest::Client::new();
+    // Minutes of work on the one worker if it ran to the end.
+    let long = json!({"prompt": "long", "steps": 150, "n": 8, "width": 256, "height": 256, "preview_every": 0});
+    let id =
+        post(&client, &server, &long, None).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let url = server.url(&format!("/v1/jobs/{id}"));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while client.get(&url).send().await.unwrap().json::<Value>().await.unwrap()["status"] != "running" {
+        assert!(std::time::Instant::now() < deadline, "the long job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another process takes the job over, as a reaper would after a missed renewal.
+    let store =
+        denoised::jobs::JobStore::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+            .await
+            .unwrap();
+    sqlx::query("UPDATE jobs SET lease_owner = 'another-process' WHERE id = ?1")
+        .bind(&id)
+        .execute(store.writer())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let next =
+        post(&client, &server, &json!({"prompt": "quick", "steps": 2}), None).await.json::<Value>().await.unwrap();
+    let next = wait_for_job(&client, &server.url(&format!("/v1/jobs/{}", next["id"].as_str().unwrap())), TIMEOUT).await;
+    assert_eq!(next["status"], "succeeded");
+    // The lease is renewed every third of its 5 s: the next renewal notices, and the next step stops the job.
+    assert!(started.elapsed() < Duration::from_secs(15), "the worker was busy for {:?}", started.elapsed());
+    let stolen: (String, Option<String>) = sqlx::query_as("SELECT status, lease_owner FROM jobs WHERE id = ?1")
+        .bind(&id)
+        .fetch_one(store.writer())
+        .await
+        .unwrap();
+    assert_eq!(stolen, ("running".to_string(), Some("another-process".to_string())), "the loser wrote nothing");
+    store.close().await;
     server.shutdown().await;
 }

@@ -59,6 +59,21 @@ pub async fn still_allowed(state: &AppState, who: &Principal) -> bool {
     }
 }
 
+/// Resolves once `who`'s key has been revoked (checked every [`RECHECK`]); never without keys. Open streams
+/// end on it.
+pub async fn revoked(state: AppState, who: Principal) {
+    if who.key_id.is_none() || !state.auth.enabled {
+        return std::future::pending().await;
+    }
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+    loop {
+        recheck.tick().await;
+        if !still_allowed(&state, &who).await {
+            return;
+        }
+    }
+}
+
 async fn caller(state: &AppState, authorization: Option<header::HeaderValue>) -> Result<Principal, ApiError> {
     let Some(value) = authorization else {
         return Err(ApiError::Unauthorized("missing API key: send `Authorization: Bearer <key>`".into()));

@@ -1,64 +1,28 @@
 //! `POST /v1/edits`: img2img, inpainting, outpainting and instruction edits, as JSON (images as base64 or
 //! data URLs) or `multipart/form-data` (files `image` and `mask`, other fields as form values).
 //!
-//! Everything that can be checked is checked here — decoding under limits, mask size, the model's modes,
-//! sizes — so a bad upload is a 4xx naming the field, never an accepted job that fails later. The prepared
-//! picture and mask are stored beside the job, so a retried job edits exactly the same pixels.
+//! Everything that can be checked is checked at submission (`validation::edit`: decoding under limits, mask
+//! size, the model's modes, sizes), so a bad upload is a 4xx naming the field, never an accepted job that
+//! fails later. The prepared picture and mask are stored beside the job, so a retried job edits exactly the
+//! same pixels.
 
-use std::io::Cursor;
-
-use axum::extract::{FromRequest, Multipart, Request, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::response::Response;
 use axum::Extension;
 use base64::Engine as _;
-use image::{DynamicImage, GenericImageView, GrayImage, RgbImage};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::error::{parse_json, ApiError, ErrorBody};
-use super::images::{validate, GenerateImageRequest, ImageFormat, PreviewKind};
-use super::jobs::{job_response, JobResponse};
+use super::images::{ImageFormat, PreviewKind};
+use super::jobs::JobResponse;
+use super::validation;
 use super::AppState;
 use crate::auth::Principal;
-use crate::engine::input::{self, InputImageError, ResizeMode};
-use crate::engine::model::Capability;
-use crate::engine::pipeline::outpaint_canvas;
-use crate::jobs::params::{EditParams, KIND_EDIT};
-
-/// Edit modes clients ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EditModeParam {
-    /// SDEdit: keep the composition, redraw per the prompt.
-    Img2img,
-    /// Repaint the masked region.
-    Inpaint,
-    /// Extend the canvas by `left`/`right`/`top`/`bottom` pixels.
-    Outpaint,
-    /// InstructPix2Pix: the prompt is an instruction.
-    Instruct,
-}
-
-impl EditModeParam {
-    fn capability(self) -> Capability {
-        match self {
-            EditModeParam::Img2img => Capability::Img2img,
-            EditModeParam::Inpaint => Capability::Inpaint,
-            EditModeParam::Outpaint => Capability::Outpaint,
-            EditModeParam::Instruct => Capability::Instruct,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            EditModeParam::Img2img => "img2img",
-            EditModeParam::Inpaint => "inpaint",
-            EditModeParam::Outpaint => "outpaint",
-            EditModeParam::Instruct => "instruct",
-        }
-    }
-}
+use crate::engine::input::ResizeMode;
+use crate::jobs::params::EditKind;
+use crate::jobs::{JobParams, JobRequest, Submitted};
 
 /// An edit request. As JSON, `image` and `mask` are base64 or `data:` URLs; as multipart, they are files and
 /// every other field is a form value.
@@ -66,7 +30,7 @@ impl EditModeParam {
 #[serde(deny_unknown_fields)]
 pub struct EditImageRequest {
     /// `img2img`, `inpaint`, `outpaint` or `instruct` (see each model's `capabilities`).
-    pub mode: EditModeParam,
+    pub mode: EditKind,
     /// The picture to edit: PNG, JPEG or WebP.
     #[schema(format = Byte)]
     pub image: Option<String>,
@@ -160,33 +124,13 @@ pub struct EditImageForm {
     #[schema(value_type = Option<String>, format = Binary)]
     mask: Option<Vec<u8>>,
     /// Edit mode.
-    mode: EditModeParam,
+    mode: EditKind,
     /// Prompt or instruction.
     prompt: String,
     /// Every other field of the JSON form, as a form value.
     #[schema(value_type = Option<String>)]
     other_fields: Option<String>,
 }
-
-/// Fields whose multipart text is a number or boolean in the JSON form.
-const NUMERIC_FIELDS: &[&str] = &[
-    "strength",
-    "image_guidance_scale",
-    "mask_blur",
-    "width",
-    "height",
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "steps",
-    "guidance_scale",
-    "guidance_rescale",
-    "seed",
-    "n",
-    "preview_every",
-    "output_quality",
-];
 
 /// Submit an edit job.
 #[utoipa::path(
@@ -217,19 +161,11 @@ pub async fn create_edit_job(
     let key = super::submit::idempotency_key(request.headers())?;
     let (fields, image, mask) = read_body(&state, request).await?;
     let submitted = submit_edit(&state, &who, fields, image, mask, key.as_deref()).await?;
-    let replayed = !submitted.created;
-    let job = submitted.job;
-    let location = format!("/v1/jobs/{}", job.id);
-    let body = job_response(&state, job, Vec::new()).await?;
-    let mut response =
-        (StatusCode::ACCEPTED, [(header::LOCATION, location)], super::error::AppJson(body)).into_response();
-    if replayed {
-        response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    super::submit::accepted(&state, submitted).await
 }
 
-/// Validates an edit, stores its prepared picture and mask, and enqueues it.
+/// Validates an edit (off the async runtime: it decodes pictures) and submits it with its prepared
+/// pictures (the native and the OpenAI route).
 pub async fn submit_edit(
     state: &AppState,
     who: &Principal,
@@ -237,41 +173,15 @@ pub async fn submit_edit(
     image: Vec<u8>,
     mask: Option<Vec<u8>>,
     key: Option<&str>,
-) -> Result<super::submit::Submitted, ApiError> {
-    let limits = state.limits.clone();
-    let prepared = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || prepare(&state, fields, &image, mask.as_deref(), &limits)
-    })
-    .await
-    .map_err(ApiError::internal)??;
-    let inputs = state.files.clone();
-    let folder = uuid::Uuid::new_v4();
-    let Prepared { model, mut params, image_png, mask_png } = prepared;
-    let (image_path, mask_path) = tokio::task::spawn_blocking(move || -> std::io::Result<(String, Option<String>)> {
-        let image_path = inputs.write_input(folder, "image.png", &image_png)?;
-        let mask_path = mask_png.map(|m| inputs.write_input(folder, "mask.png", &m)).transpose()?;
-        Ok((image_path, mask_path))
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?;
-    params.image_path = image_path;
-    params.mask_path = mask_path;
-    let params_json = serde_json::to_value(&params).map_err(ApiError::internal)?;
-    match super::submit::enqueue(state, who, KIND_EDIT, model, params_json, key).await {
-        Ok(submitted) => {
-            if !submitted.created {
-                // A replay: the first request's job keeps its own stored inputs.
-                let _ = state.files.remove_input(folder);
-            }
-            Ok(submitted)
-        }
-        Err(e) => {
-            let _ = state.files.remove_input(folder);
-            Err(e)
-        }
-    }
+) -> Result<Submitted, ApiError> {
+    let (models, limits) = (state.models.clone(), state.limits.clone());
+    let prepared =
+        tokio::task::spawn_blocking(move || validation::edit(&models, &limits, fields, &image, mask.as_deref()))
+            .await
+            .map_err(ApiError::internal)??;
+    let request =
+        JobRequest { model: prepared.model, params: JobParams::Edit(prepared.params), inputs: Some(prepared.inputs) };
+    Ok(state.jobs.submit(who, request, key).await?)
 }
 
 /// Reads the body as JSON or multipart into the fields and the raw image and mask bytes.
@@ -286,10 +196,10 @@ async fn read_body(
         .unwrap_or_default()
         .to_ascii_lowercase();
     if content_type.starts_with("multipart/form-data") {
-        let limit = state.max_body_bytes;
-        let multipart =
-            Multipart::from_request(request, state).await.map_err(|e| ApiError::MalformedJson(e.body_text()))?;
-        return read_multipart(multipart, limit).await;
+        let form = super::form::read_form(request, state).await?;
+        let fields: EditImageRequest = parse_json(&serde_json::to_vec(&form.values).map_err(ApiError::internal)?)?;
+        let image = form.image.ok_or_else(|| ApiError::field("image", "image is required"))?;
+        return Ok((fields, image, form.mask));
     }
     if !content_type.starts_with("application/json") {
         return Err(ApiError::UnsupportedMediaType);
@@ -303,51 +213,6 @@ async fn read_body(
     Ok((fields, image, mask))
 }
 
-async fn read_multipart(
-    mut multipart: Multipart,
-    limit: usize,
-) -> Result<(EditImageRequest, Vec<u8>, Option<Vec<u8>>), ApiError> {
-    let mut values = serde_json::Map::new();
-    let mut image = None;
-    let mut mask = None;
-    let too_large = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::MalformedJson(format!("malformed multipart body: {}", e.body_text()))
-        }
-    };
-    while let Some(field) = multipart.next_field().await.map_err(too_large)? {
-        let name = field.name().unwrap_or_default().trim_end_matches("[]").to_string();
-        match name.as_str() {
-            "image" => image = Some(field.bytes().await.map_err(too_large)?.to_vec()),
-            "mask" => mask = Some(field.bytes().await.map_err(too_large)?.to_vec()),
-            "" => return Err(ApiError::MalformedJson("a multipart field has no name".into())),
-            _ => {
-                let text = field.text().await.map_err(too_large)?;
-                let value = form_value(&name, text);
-                values.insert(name, value);
-            }
-        }
-    }
-    let fields: EditImageRequest = parse_json(&serde_json::to_vec(&values).map_err(ApiError::internal)?)?;
-    let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
-    Ok((fields, image, mask))
-}
-
-/// A multipart text value as its JSON-form equivalent: numbers for numeric fields (when they parse; else
-/// left as text so the field error names them), text otherwise.
-pub fn form_value(name: &str, text: String) -> serde_json::Value {
-    if NUMERIC_FIELDS.contains(&name) {
-        if let Some(number) =
-            serde_json::from_str::<serde_json::Value>(text.trim()).ok().filter(serde_json::Value::is_number)
-        {
-            return number;
-        }
-    }
-    serde_json::Value::String(text)
-}
-
 /// Base64 or a `data:image/…;base64,` URL.
 fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     let payload = match text.trim().strip_prefix("data:") {
@@ -359,194 +224,4 @@ fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     base64::engine::general_purpose::STANDARD
         .decode(payload)
         .map_err(|e| ApiError::field(field, format!("{field} is not valid base64: {e}")))
-}
-
-struct Prepared {
-    model: String,
-    params: EditParams,
-    image_png: Vec<u8>,
-    mask_png: Option<Vec<u8>>,
-}
-
-fn image_error(field: &str, e: InputImageError) -> ApiError {
-    ApiError::field(field, format!("{field}: {e}"))
-}
-
-fn png(image: &DynamicImage) -> Result<Vec<u8>, ApiError> {
-    let mut out = Cursor::new(Vec::new());
-    image.write_to(&mut out, image::ImageFormat::Png).map_err(ApiError::internal)?;
-    Ok(out.into_inner())
-}
-
-/// Decodes, checks and fits the pictures, and resolves every parameter.
-fn prepare(
-    state: &AppState,
-    fields: EditImageRequest,
-    image_bytes: &[u8],
-    mask_bytes: Option<&[u8]>,
-    limits: &crate::config::LimitsConfig,
-) -> Result<Prepared, ApiError> {
-    let mode = fields.mode;
-    let served = match &fields.model {
-        Some(name) => state.models.get(name).ok_or_else(|| {
-            ApiError::field("model", format!("unknown model `{name}`; available: {}", state.models.names()))
-        })?,
-        None => state
-            .models
-            .all()
-            .iter()
-            .find(|m| m.info.capabilities.contains(&mode.capability()))
-            .or_else(|| state.models.default_model())
-            .ok_or_else(|| ApiError::internal("no model configured"))?,
-    };
-    if !served.info.capabilities.contains(&mode.capability()) {
-        let able: Vec<&str> = state
-            .models
-            .all()
-            .iter()
-            .filter(|m| m.info.capabilities.contains(&mode.capability()))
-            .map(|m| m.name.as_str())
-            .collect();
-        let which = if able.is_empty() {
-            "no configured model can".to_string()
-        } else {
-            format!("models that can: {}", able.join(", "))
-        };
-        return Err(ApiError::field("mode", format!("model `{}` cannot do `{}`; {which}", served.name, mode.name())));
-    }
-    let info = &served.info;
-    let multiple = info.size_multiple;
-
-    let decoded = input::decode(image_bytes, limits.max_input_side, limits.max_input_pixels)
-        .map_err(|e| image_error("image", e))?;
-    let mut mask = match mask_bytes {
-        Some(bytes) => {
-            if !matches!(mode, EditModeParam::Inpaint) {
-                return Err(ApiError::field(
-                    "mask",
-                    format!("mask is only used by mode `inpaint`, not `{}`", mode.name()),
-                ));
-            }
-            let mask = input::decode(bytes, limits.max_input_side, limits.max_input_pixels)
-                .map_err(|e| image_error("mask", e))?;
-            if mask.dimensions() != decoded.dimensions() {
-                return Err(ApiError::field(
-                    "mask",
-                    format!(
-                        "mask is {}x{} but the image is {}x{}; they must be the same size",
-                        mask.width(),
-                        mask.height(),
-                        decoded.width(),
-                        decoded.height()
-                    ),
-                ));
-            }
-            Some(input::mask_from(&mask))
-        }
-        None if matches!(mode, EditModeParam::Inpaint) => {
-            if input::has_transparency(&decoded) {
-                Some(input::mask_from(&decoded))
-            } else {
-                return Err(ApiError::field(
-                    "mask",
-                    "inpaint needs a mask (or an image with transparent pixels to repaint)",
-                ));
-            }
-        }
-        None => None,
-    };
-    let rgb: RgbImage = decoded.to_rgb8();
-    let width = fields.width.unwrap_or_else(|| input::round_to_multiple(rgb.width(), multiple));
-    let height = fields.height.unwrap_or_else(|| input::round_to_multiple(rgb.height(), multiple));
-    for (name, value) in [("width", width), ("height", height)] {
-        if value == 0 || value % multiple != 0 || value > limits.max_side {
-            return Err(ApiError::field(
-                name,
-                format!("{name} must be a multiple of {multiple} up to {}", limits.max_side),
-            ));
-        }
-    }
-    let resize = fields.resize_mode.map(ResizeMode::from).unwrap_or_default();
-    let mut picture = input::fit_rgb(&rgb, width, height, resize);
-    mask = mask.map(|m| input::fit_mask(&m, width, height, resize));
-
-    let margins = [("left", fields.left), ("right", fields.right), ("top", fields.top), ("bottom", fields.bottom)];
-    if matches!(mode, EditModeParam::Outpaint) {
-        for (name, value) in margins {
-            if value.unwrap_or(0) % 8 != 0 || value.unwrap_or(0) > limits.max_side {
-                return Err(ApiError::field(name, format!("{name} must be a multiple of 8")));
-            }
-        }
-        let [l, r, t, b] = margins.map(|(_, v)| v.unwrap_or(0));
-        if l + r + t + b == 0 {
-            return Err(ApiError::field("left", "outpaint needs at least one of left, right, top, bottom"));
-        }
-        let (cw, ch) = (width + l + r, height + t + b);
-        if cw % multiple != 0 || cw > limits.max_side {
-            return Err(ApiError::field(
-                if l > 0 { "left" } else { "right" },
-                format!("the canvas width {cw} must be a multiple of {multiple} up to {}", limits.max_side),
-            ));
-        }
-        if ch % multiple != 0 || ch > limits.max_side {
-            return Err(ApiError::field(
-                if t > 0 { "top" } else { "bottom" },
-                format!("the canvas height {ch} must be a multiple of {multiple} up to {}", limits.max_side),
-            ));
-        }
-        let (canvas, canvas_mask) = outpaint_canvas(&picture, l, r, t, b);
-        picture = canvas;
-        mask = Some(canvas_mask);
-    } else if let Some((name, _)) = margins.iter().find(|(_, v)| v.is_some()) {
-        return Err(ApiError::field(*name, format!("{name} is only used by mode `outpaint`")));
-    }
-    if let Some(m) = &mask {
-        if !m.pixels().any(|p| p[0] > 0) {
-            return Err(ApiError::field("mask", "the mask marks nothing to repaint"));
-        }
-    }
-    let strength = fields.strength.unwrap_or(if matches!(mode, EditModeParam::Img2img) { 0.75 } else { 1.0 });
-    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-        return Err(ApiError::field("strength", "strength must be in (0, 1]"));
-    }
-    let image_guidance_scale = fields.image_guidance_scale.unwrap_or(1.5);
-    if !image_guidance_scale.is_finite() || !(1.0..=20.0).contains(&image_guidance_scale) {
-        return Err(ApiError::field("image_guidance_scale", "image_guidance_scale must be between 1 and 20"));
-    }
-    let mask_blur = fields.mask_blur.unwrap_or(4);
-    if mask_blur > 64 {
-        return Err(ApiError::field("mask_blur", "mask_blur must be at most 64"));
-    }
-    let generation = GenerateImageRequest {
-        prompt: fields.prompt,
-        negative_prompt: fields.negative_prompt,
-        model: Some(served.name.clone()),
-        width: Some(picture.width()),
-        height: Some(picture.height()),
-        steps: fields.steps,
-        guidance_scale: fields.guidance_scale,
-        guidance_rescale: fields.guidance_rescale,
-        scheduler: fields.scheduler,
-        seed: fields.seed,
-        n: fields.n,
-        output_format: fields.output_format,
-        output_quality: fields.output_quality,
-        preview_every: fields.preview_every,
-        preview: fields.preview,
-        latents: fields.latents,
-    };
-    let (model, generate) = validate(state, generation)?;
-    let image_png = png(&DynamicImage::ImageRgb8(picture))?;
-    let mask_png = mask.map(|m: GrayImage| png(&DynamicImage::ImageLuma8(m))).transpose()?;
-    let params = EditParams {
-        generate,
-        mode: mode.name().to_string(),
-        strength,
-        image_guidance_scale,
-        mask_blur,
-        resize_mode: resize,
-        image_path: String::new(),
-        mask_path: None,
-    };
-    Ok(Prepared { model, params, image_png, mask_png })
 }

@@ -164,6 +164,33 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::api::validation::ValidationError> for ApiError {
+    fn from(e: crate::api::validation::ValidationError) -> Self {
+        use crate::api::validation::ValidationError;
+        match e {
+            ValidationError::Field { field, message } => ApiError::field(field, message),
+            ValidationError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::jobs::JobsError> for ApiError {
+    fn from(e: crate::jobs::JobsError) -> Self {
+        use crate::jobs::JobsError;
+        match e {
+            JobsError::NotFound(_) | JobsError::NoImage(..) | JobsError::Deleted(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            JobsError::WrongState { .. } | JobsError::RunningElsewhere(_) => ApiError::Conflict(e.to_string()),
+            JobsError::QueueFull { queued, retry_after } => ApiError::QueueFull { queued, retry_after },
+            JobsError::OwnerBusy { outstanding, limit } => ApiError::TooManyOutstanding { outstanding, limit },
+            JobsError::TimedOut(_) | JobsError::ShuttingDown(_) => ApiError::Unavailable(e.to_string()),
+            JobsError::Store(store) => store.into(),
+            JobsError::Files(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
 impl From<crate::jobs::StoreError> for ApiError {
     fn from(e: crate::jobs::StoreError) -> Self {
         ApiError::internal(e)

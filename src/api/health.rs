@@ -37,6 +37,6 @@ pub async fn readyz(State(state): State<AppState>) -> Result<AppJson<Health>, Ap
     if !state.workers_ready.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable("workers are not ready (models loading or shutting down)".into()));
     }
-    state.store.ping().await.map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
+    state.jobs.store().ping().await.map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
     Ok(AppJson(Health { status: "ready" }))
 }

@@ -1,7 +1,7 @@
 //! `GET /v1/jobs/{id}` and `GET /v1/jobs/{id}/images/{index}`: a job's state and its pictures.
 
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde::Serialize;
@@ -12,10 +12,10 @@ use super::error::{ApiError, AppJson, ErrorBody};
 use super::AppState;
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
+use crate::jobs::bus::ImageInfo;
+use crate::jobs::progress::Progress;
 use crate::jobs::time::rfc3339_from_millis;
-use crate::jobs::{ImageRecord, Job, JobStatus};
-use crate::worker::events::EventKind;
-use crate::worker::progress::{Progress, StopReason};
+use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus};
 
 /// A job as clients see it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -55,23 +55,6 @@ pub struct JobResponse {
     pub error: Option<JobError>,
 }
 
-/// One picture of a job.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ImageInfo {
-    /// Position in the job's output.
-    pub index: u32,
-    /// Where to download it.
-    pub url: String,
-    /// The seed that made it: send it back with `n = 1` to reproduce this picture alone.
-    pub seed: u64,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// `png`, `jpeg` or `webp`.
-    pub format: String,
-}
-
 /// A failed job's error.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobError {
@@ -81,84 +64,36 @@ pub struct JobError {
     pub message: String,
 }
 
-fn parse_id(text: &str) -> Result<Uuid, ApiError> {
+/// A job id from the path; anything that is not a UUID is simply no job.
+pub fn parse_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::NotFound(format!("no job `{text}`")))
 }
 
-/// The job `id` if it exists and `who` may see it; another tenant's job is "not found", exactly like a
-/// missing one, so ids reveal nothing.
-pub async fn find_job(state: &AppState, who: &Principal, id: Uuid) -> Result<Job, ApiError> {
-    match state.store.get(id).await? {
-        Some(job) if who.can_see(job.owner.as_deref()) => Ok(job),
-        _ => Err(ApiError::NotFound(format!("no job `{id}`"))),
-    }
-}
-
-/// Steps the client sees for `job` (edits at partial strength run fewer than `steps`).
-pub fn visible_steps(job: &Job) -> u32 {
-    if job.kind == crate::jobs::params::KIND_EDIT {
-        if let Ok(params) = serde_json::from_value::<crate::jobs::params::EditParams>(job.params.clone()) {
-            return params.visible_steps();
-        }
-    }
-    job.params.get("steps").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32
-}
-
-/// Builds the client view of `job`.
+/// Builds the client view of `job` (its images, when it has succeeded, passed in).
 pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) -> Result<JobResponse, ApiError> {
-    let total_steps = visible_steps(&job);
-    let queue_position = match job.status {
-        JobStatus::Queued => state.positions.get(job.id, state.bus.last_lifecycle_id()).await?,
-        _ => None,
-    };
-    let progress = match job.status {
-        JobStatus::Running => {
-            state.progress.get(job.id).unwrap_or(Progress { step: 0, total: total_steps, eta_ms: None })
-        }
-        JobStatus::Succeeded => Progress { step: total_steps, total: total_steps, eta_ms: Some(0) },
-        JobStatus::Queued => Progress {
-            step: 0,
-            total: total_steps,
-            eta_ms: state.progress.queued_eta_ms(total_steps, queue_position.unwrap_or(0), state.workers),
-        },
-        _ => Progress { step: 0, total: total_steps, eta_ms: None },
-    };
-    let mut params = job.params.clone();
-    if let Some(map) = params.as_object_mut() {
-        let had = map.remove("latents").is_some();
-        map.remove("image_path");
-        map.remove("mask_path");
-        map.insert("has_latents".into(), serde_json::Value::Bool(had));
-    }
-    let error = match (&job.error_code, &job.error_message) {
-        (Some(code), message) => Some(JobError { code: code.clone(), message: message.clone().unwrap_or_default() }),
-        _ => None,
-    };
+    let live = state.jobs.live_state(&job).await?;
+    let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
     Ok(JobResponse {
         id: job.id,
         status: job.status,
-        kind: job.kind,
+        kind: job.params.kind().to_string(),
         model: job.model,
-        params,
+        params: job.params.public_view(),
         created_at: rfc3339_from_millis(job.created_at),
         started_at: job.started_at.map(rfc3339_from_millis),
         finished_at: job.finished_at.map(rfc3339_from_millis),
-        progress,
-        queue_position,
+        progress: live.progress,
+        queue_position: live.queue_position,
         attempts: job.attempts,
-        images: images
-            .into_iter()
-            .map(|i| ImageInfo {
-                url: format!("/v1/jobs/{}/images/{}", job.id, i.index),
-                index: i.index,
-                seed: i.seed,
-                width: i.width,
-                height: i.height,
-                format: i.format,
-            })
-            .collect(),
+        images: images.iter().map(ImageInfo::from).collect(),
         error,
     })
+}
+
+/// The view of a job with its images.
+async fn full_response(state: &AppState, job: Job) -> Result<JobResponse, ApiError> {
+    let images = state.jobs.images(&job).await?;
+    job_response(state, job, images).await
 }
 
 /// A job's state, progress and images.
@@ -178,10 +113,8 @@ pub async fn get_job(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<AppJson<JobResponse>, ApiError> {
-    let id = parse_id(&id)?;
-    let job = find_job(&state, &who, id).await?;
-    let images = if job.status == JobStatus::Succeeded { state.store.images(id).await? } else { Vec::new() };
-    Ok(AppJson(job_response(&state, job, images).await?))
+    let job = state.jobs.find(&who, parse_id(&id)?).await?;
+    Ok(AppJson(full_response(&state, job).await?))
 }
 
 /// Downloads one picture of a succeeded job.
@@ -208,20 +141,7 @@ pub async fn get_image(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let index: u32 = index.parse().map_err(|_| ApiError::NotFound(format!("no image `{index}`")))?;
-    let job = find_job(&state, &who, id).await?;
-    if job.status != JobStatus::Succeeded {
-        return Err(ApiError::Conflict(format!(
-            "job `{id}` is {}; images exist once it has succeeded",
-            job.status.as_str()
-        )));
-    }
-    let record = state
-        .store
-        .image(id, index)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("job `{id}` has no image {index}")))?;
-    let path = state.files.resolve(&record.path).ok_or_else(|| ApiError::internal("stored image path is unsafe"))?;
-    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let (record, bytes) = state.jobs.image(&who, id, index).await?;
     let mime = OutputFormat::parse(&record.format).map_or("application/octet-stream", OutputFormat::mime);
     Ok((
         [
@@ -295,12 +215,11 @@ pub async fn list_jobs(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::field("limit", "limit must be between 1 and 100"));
     }
-    let jobs = state.store.list(status, who.list_scope(), cursor, limit + 1).await?;
+    let jobs = state.jobs.list(&who, status, cursor, limit + 1).await?;
     let more = jobs.len() > limit as usize;
     let mut data = Vec::with_capacity(limit as usize);
     for job in jobs.into_iter().take(limit as usize) {
-        let images = if job.status == JobStatus::Succeeded { state.store.images(job.id).await? } else { Vec::new() };
-        data.push(job_response(&state, job, images).await?);
+        data.push(full_response(&state, job).await?);
     }
     let next_cursor = if more { data.last().map(|j| j.id.to_string()) } else { None };
     Ok(AppJson(JobList { object: "list", data, next_cursor }))
@@ -324,31 +243,10 @@ pub async fn cancel_job(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let job = find_job(&state, &who, id).await?;
-    let status = match job.status {
-        JobStatus::Queued if state.store.cancel_queued(id).await? => {
-            state.bus.publish(id, EventKind::Cancelled);
-            axum::http::StatusCode::OK
-        }
-        JobStatus::Queued | JobStatus::Running => {
-            if state.progress.stop(id, StopReason::Client) {
-                axum::http::StatusCode::ACCEPTED
-            } else {
-                // Claimed between our read and the cancel, or running in another process.
-                let now = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
-                if now.status == JobStatus::Running && state.progress.stop(id, StopReason::Client) {
-                    axum::http::StatusCode::ACCEPTED
-                } else if now.status.is_terminal() {
-                    return Err(ApiError::Conflict(format!("job `{id}` has already ended ({})", now.status.as_str())));
-                } else {
-                    return Err(ApiError::Conflict(format!("job `{id}` runs in another server process")));
-                }
-            }
-        }
-        other => return Err(ApiError::Conflict(format!("job `{id}` has already ended ({})", other.as_str()))),
+    let (status, job) = match state.jobs.cancel(&who, parse_id(&id)?).await? {
+        Cancelled::AtOnce(job) => (StatusCode::OK, job),
+        Cancelled::Requested(job) => (StatusCode::ACCEPTED, job),
     };
-    let job = state.store.get(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
     let body = job_response(&state, job, Vec::new()).await?;
     Ok((status, AppJson(body)).into_response())
 }
@@ -369,29 +267,6 @@ pub async fn delete_job(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let job = find_job(&state, &who, id).await?;
-    if job.status == JobStatus::Running {
-        state.progress.stop(id, StopReason::Client);
-    }
-    if !state.store.delete(id).await? {
-        return Err(ApiError::NotFound(format!("no job `{id}`")));
-    }
-    if !job.status.is_terminal() {
-        state.bus.note_owner(id, job.owner.as_deref());
-        state.bus.publish(id, EventKind::Cancelled);
-    }
-    state.bus.forget(id);
-    let files = state.files.clone();
-    let input = job.params.get("image_path").and_then(serde_json::Value::as_str).map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        if let Some(input) = input {
-            files.remove_input_of(&input)?;
-        }
-        files.remove_job(id)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::internal(format!("removing images of {id}: {e}")))?;
-    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
+    state.jobs.delete(&who, parse_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -20,7 +20,7 @@ use crate::jobs::JobStatus;
     )
 )]
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let counts = state.store.count_by_status().await?;
+    let counts = state.jobs.store().count_by_status().await?;
     for status in JobStatus::ALL {
         metrics::gauge!("denoised_jobs", "status" => status.as_str()).set(counts.get(status) as f64);
     }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod edits;
 pub mod error;
 pub mod events;
+pub mod form;
 pub mod health;
 pub mod images;
 pub mod jobs;
@@ -13,6 +14,7 @@ pub mod models;
 pub mod openai;
 pub mod schedulers;
 pub mod submit;
+pub mod validation;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -20,7 +22,6 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
 use axum::{Extension, Router};
-use tokio::sync::{watch, Notify};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -28,45 +29,26 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::auth::KeyStore;
-use crate::config::{LimitsConfig, QueueConfig};
-use crate::jobs::{JobStore, QueuePositions};
+use crate::config::LimitsConfig;
+use crate::jobs::Jobs;
 use crate::models::ModelRegistry;
-use crate::storage::ImageFiles;
-use crate::worker::events::EventBus;
-use crate::worker::progress::ProgressBoard;
 use error::{ApiError, BodyLimit};
 
-/// What every handler can reach.
+/// What every handler can reach beside the jobs service.
 #[derive(Clone)]
 pub struct AppState {
-    /// The job store.
-    pub store: JobStore,
+    /// A job's life: submit, find, cancel, delete, follow, wait.
+    pub jobs: Jobs,
     /// Served models.
     pub models: Arc<ModelRegistry>,
-    /// Live progress of running jobs.
-    pub progress: ProgressBoard,
-    /// Events for followers of jobs.
-    pub bus: EventBus,
-    /// Number of worker threads (for wait estimates).
-    pub workers: usize,
-    /// Turns true when the server shuts down; open event streams end then.
-    pub shutdown: watch::Receiver<bool>,
-    /// Stored image files.
-    pub files: ImageFiles,
-    /// Wakes the dispatcher when a job is submitted.
-    pub wake: Arc<Notify>,
     /// Request limits.
     pub limits: LimitsConfig,
-    /// Queue settings (attempts per job).
-    pub queue: QueueConfig,
     /// Largest accepted body.
     pub max_body_bytes: usize,
     /// True while every worker has its models loaded.
     pub workers_ready: Arc<AtomicBool>,
     /// API keys.
     pub auth: AuthState,
-    /// Shared, briefly cached queue positions (one query serves every reader).
-    pub positions: Arc<QueuePositions>,
 }
 
 /// Whether requests need a key, and where keys are checked.

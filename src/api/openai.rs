@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,15 +17,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use super::edits::{submit_edit, EditImageRequest};
 use super::error::{parse_json, ApiError};
 use super::images::{submit_generate, GenerateImageRequest, ImageFormat};
 use super::AppState;
 use crate::auth::Principal;
-use crate::jobs::{Job, JobStatus};
-use crate::worker::events::EventKind;
+use crate::jobs::bus::{EventKind, ImageInfo, JobEvent, ProgressEvent};
+use crate::jobs::{forever, Job, JobStatus, JobsError};
 
 /// An error in OpenAI's shape.
 #[derive(Debug)]
@@ -263,16 +262,16 @@ pub async fn generations(
     };
     let mut generation = generation;
     if body.stream.unwrap_or(false) && partial > 0 {
-        let total = steps.unwrap_or(super::images::DEFAULT_STEPS);
+        let total = steps.unwrap_or(super::validation::DEFAULT_STEPS);
         generation.preview_every = Some(total.div_ceil(partial + 1).max(1));
     }
     let key = super::submit::idempotency_key(&headers)?;
     let job = submit_generate(&state, &who, generation, key.as_deref()).await?.job;
     let format = body.response_format.unwrap_or_default();
     if body.stream.unwrap_or(false) {
-        return Ok(stream(state, job, partial, "image_generation"));
+        return Ok(stream(state, who, job, partial, "image_generation"));
     }
-    respond(&state, &headers, job, format).await
+    respond(&state, &who, &headers, job, format).await
 }
 
 fn partial_images(value: Option<u32>) -> Result<u32, ApiError> {
@@ -283,36 +282,36 @@ fn partial_images(value: Option<u32>) -> Result<u32, ApiError> {
     Ok(partial)
 }
 
-/// Waits for the job, then builds OpenAI's answer.
+/// Waits for the job (ending early at shutdown), then builds OpenAI's answer.
 async fn respond(
     state: &AppState,
+    who: &Principal,
     headers: &HeaderMap,
     job: Job,
     format: ResponseFormat,
 ) -> Result<Response, OpenAiError> {
     let id = job.id;
-    let finished = wait_for_end(state, id).await?;
+    let finished = state.jobs.wait(who, id, WAIT_LIMIT).await.map_err(ApiError::from)?;
     match finished.status {
         JobStatus::Succeeded => {}
         JobStatus::Cancelled => return Err(ApiError::Conflict(format!("job `{id}` was cancelled")).into()),
         _ => {
-            let message = finished.error_message.unwrap_or_else(|| "the job failed".into());
+            let message = finished.error_message.clone().unwrap_or_else(|| "the job failed".into());
             return Err(ApiError::Internal(format!("job {id} failed: {message}")).into());
         }
     }
-    let records = state.store.images(id).await?;
+    let records = state.jobs.images(&finished).await.map_err(ApiError::from)?;
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
     let mut data = Vec::with_capacity(records.len());
     for record in &records {
         let image = match format {
             ResponseFormat::Url => OpenAiImage {
                 b64_json: None,
-                url: Some(format!("http://{host}/v1/jobs/{id}/images/{}", record.index)),
+                url: Some(format!("http://{host}{}", ImageInfo::url(id, record.index))),
                 revised_prompt: None,
             },
             ResponseFormat::B64Json => {
-                let path = state.files.resolve(&record.path).ok_or_else(|| ApiError::internal("unsafe image path"))?;
-                let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
+                let bytes = state.jobs.image_bytes(record).await.map_err(ApiError::from)?;
                 OpenAiImage {
                     b64_json: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
                     url: None,
@@ -332,114 +331,90 @@ async fn respond(
     Ok(Json(body).into_response())
 }
 
-/// Follows a job to its end (through the bus, with the store as the source of truth).
-async fn wait_for_end(state: &AppState, id: Uuid) -> Result<Job, ApiError> {
-    let mut rx = state.bus.subscribe(id);
-    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
-    let result = loop {
-        match state.store.get(id).await? {
-            Some(job) if job.status.is_terminal() => break Ok(job),
-            Some(_) => {}
-            None => break Err(ApiError::NotFound(format!("job `{id}` was deleted"))),
-        }
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = tokio::time::sleep_until(deadline) => break Err(ApiError::Unavailable(format!("job `{id}` did not finish in time; follow /v1/jobs/{id}"))),
-        }
-    };
-    drop(rx);
-    state.bus.release(id);
-    result
-}
-
-/// OpenAI's image stream: partial images from previews, then one completed event per image.
-fn stream(state: AppState, job: Job, partial: u32, prefix: &'static str) -> Response {
+/// OpenAI's image stream: partial images from previews, then one completed event per image (or an `error`
+/// event when the job fails, is cancelled, or the server shuts down first).
+fn stream(state: AppState, who: Principal, job: Job, partial: u32, prefix: &'static str) -> Response {
     let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(16);
-    tokio::spawn(async move {
-        let id = job.id;
-        let format = job.params.get("output_format").and_then(|v| v.as_str()).unwrap_or("png").to_string();
-        let size = format!(
-            "{}x{}",
-            job.params.get("width").and_then(|v| v.as_u64()).unwrap_or(0),
-            job.params.get("height").and_then(|v| v.as_u64()).unwrap_or(0)
-        );
-        let mut rx = state.bus.subscribe(id);
-        let mut sent_partials = 0;
-        let mut last = 0;
-        loop {
-            let snapshot = rx.borrow_and_update().clone();
-            for event in snapshot.after(last) {
-                last = event.id;
-                if let EventKind::Progress { preview: Some(url), .. } = &event.kind {
-                    if sent_partials < partial {
-                        let b64 = url.split_once(',').map_or("", |(_, d)| d).to_string();
-                        let data = serde_json::json!({
-                            "type": format!("{prefix}.partial_image"),
-                            "b64_json": b64,
-                            "created_at": now_secs(),
-                            "size": size,
-                            "quality": "auto",
-                            "background": "opaque",
-                            "output_format": "jpeg",
-                            "partial_image_index": sent_partials,
-                        });
-                        sent_partials += 1;
-                        if tx
-                            .send(Ok(Event::default().event(format!("{prefix}.partial_image")).data(data.to_string())))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-            if snapshot.is_terminal() || matches!(state.store.get(id).await, Ok(Some(ref j)) if j.status.is_terminal())
-            {
-                break;
-            }
-            tokio::select! {
-                changed = rx.changed() => if changed.is_err() { tokio::time::sleep(Duration::from_millis(100)).await },
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = tx.closed() => return,
-            }
-        }
-        drop(rx);
-        state.bus.release(id);
-        let done = match state.store.get(id).await {
-            Ok(Some(job)) => job,
-            _ => return,
-        };
-        if done.status != JobStatus::Succeeded {
-            let message = done.error_message.unwrap_or_else(|| format!("the job ended {}", done.status.as_str()));
-            let error = serde_json::json!({"type": "error", "error": {"message": message, "type": "server_error", "code": done.error_code}});
-            let _ = tx.send(Ok(Event::default().event("error").data(error.to_string()))).await;
-            return;
-        }
-        let Ok(records) = state.store.images(id).await else { return };
-        for record in records {
-            let Some(path) = state.files.resolve(&record.path) else { return };
-            let Ok(bytes) = tokio::fs::read(&path).await else { return };
-            let data = serde_json::json!({
-                "type": format!("{prefix}.completed"),
-                "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
-                "created_at": now_secs(),
-                "size": format!("{}x{}", record.width, record.height),
-                "quality": "auto",
-                "background": "opaque",
-                "output_format": format,
-                "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0, "total_tokens": 0},
-            });
-            if tx.send(Ok(Event::default().event(format!("{prefix}.completed")).data(data.to_string()))).await.is_err()
-            {
-                return;
-            }
-        }
-    });
+    tokio::spawn(stream_job(state, who, job, partial, prefix, tx));
     let mut response = Sse::new(ReceiverStream::new(out)).keep_alive(KeepAlive::default()).into_response();
     response.headers_mut().insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     response
+}
+
+type Sender = mpsc::Sender<Result<Event, Infallible>>;
+
+async fn send_json(tx: &Sender, name: String, data: serde_json::Value) -> bool {
+    tx.send(Ok(Event::default().event(name).data(data.to_string()))).await.is_ok()
+}
+
+async fn stream_job(state: AppState, who: Principal, job: Job, partial: u32, prefix: &'static str, tx: Sender) {
+    let id = job.id;
+    let Some(params) = job.params.generation() else { return };
+    let (size, format) = (format!("{}x{}", params.width, params.height), params.output_format.as_str());
+    let Ok(mut follow) = state.jobs.follow(&who, id, 0, forever()).await else { return };
+    let mut sent_partials = 0;
+    loop {
+        let item = tokio::select! {
+            item = follow.next() => item,
+            _ = tx.closed() => return,
+        };
+        let Some(item) = item else { break };
+        let Ok(JobEvent { kind: EventKind::Progress(ProgressEvent { preview: Some(url), .. }), .. }) = item else {
+            continue;
+        };
+        if sent_partials < partial {
+            let data = serde_json::json!({
+                "type": format!("{prefix}.partial_image"),
+                "b64_json": url.split_once(',').map_or("", |(_, d)| d),
+                "created_at": now_secs(),
+                "size": size,
+                "quality": "auto",
+                "background": "opaque",
+                "output_format": "jpeg",
+                "partial_image_index": sent_partials,
+            });
+            sent_partials += 1;
+            if !send_json(&tx, format!("{prefix}.partial_image"), data).await {
+                return;
+            }
+        }
+    }
+    drop(follow);
+    let done = match state.jobs.find(&who, id).await {
+        Ok(job) => job,
+        Err(e) => {
+            let error =
+                serde_json::json!({"type": "error", "error": {"message": e.to_string(), "type": "server_error"}});
+            let _ = send_json(&tx, "error".into(), error).await;
+            return;
+        }
+    };
+    if done.status != JobStatus::Succeeded {
+        let message = match done.status {
+            JobStatus::Queued | JobStatus::Running => ApiError::from(JobsError::ShuttingDown(id)).to_string(),
+            status => done.error_message.clone().unwrap_or_else(|| format!("the job ended {status}")),
+        };
+        let error = serde_json::json!({"type": "error", "error": {"message": message, "type": "server_error", "code": done.error_code}});
+        let _ = send_json(&tx, "error".into(), error).await;
+        return;
+    }
+    let Ok(records) = state.jobs.images(&done).await else { return };
+    for record in records {
+        let Ok(bytes) = state.jobs.image_bytes(&record).await else { return };
+        let data = serde_json::json!({
+            "type": format!("{prefix}.completed"),
+            "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
+            "created_at": now_secs(),
+            "size": format!("{}x{}", record.width, record.height),
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": format,
+            "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0, "total_tokens": 0},
+        });
+        if !send_json(&tx, format!("{prefix}.completed"), data).await {
+            return;
+        }
+    }
 }
 
 /// The multipart form of `POST /v1/images/edits`, for the OpenAPI document.
@@ -509,38 +484,35 @@ pub async fn edits(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, OpenAiError> {
-    let limit = state.max_body_bytes;
-    let multipart =
-        Multipart::from_request(request, &state).await.map_err(|e| ApiError::MalformedJson(e.body_text()))?;
-    let (mut values, image, mask) = read_form(multipart, limit).await?;
-    let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
-    let text = |values: &mut serde_json::Map<String, serde_json::Value>, key: &str| {
-        values.remove(key).and_then(|v| v.as_str().map(str::to_string))
-    };
-    let size = text(&mut values, "size");
-    let format = match text(&mut values, "response_format").as_deref() {
+    let mut form = super::form::read_form(request, &state).await?;
+    let image = form.image.take().ok_or_else(|| ApiError::field("image", "image is required"))?;
+    let mask = form.mask.take();
+    let size = form.take_text("size");
+    let format = match form.take_text("response_format").as_deref() {
         None | Some("b64_json") => ResponseFormat::B64Json,
         Some("url") => ResponseFormat::Url,
         Some(other) => {
             return Err(ApiError::field("response_format", format!("unknown response_format `{other}`")).into())
         }
     };
-    let streaming = matches!(text(&mut values, "stream").as_deref(), Some("true") | Some("True") | Some("1"));
-    let partial = match text(&mut values, "partial_images") {
+    let streaming = matches!(form.take_text("stream").as_deref(), Some("true") | Some("True") | Some("1"));
+    let partial = match form.values.remove("partial_images") {
         None => 0,
         Some(v) => partial_images(Some(
-            v.trim().parse().map_err(|_| ApiError::field("partial_images", "partial_images must be a number"))?,
+            v.as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| ApiError::field("partial_images", "partial_images must be a number"))?,
         ))?,
     };
+    let mut values = form.values;
     for key in OPENAI_ONLY {
         values.remove(*key);
     }
     if let Some(compression) = values.remove("output_compression") {
-        let text = compression.as_str().map_or_else(|| compression.to_string(), str::to_string);
-        let quality: u8 = text
-            .trim()
-            .parse()
-            .map_err(|_| ApiError::field("output_compression", "output_compression must be 0-100"))?;
+        let quality = compression
+            .as_u64()
+            .filter(|q| *q <= 100)
+            .ok_or_else(|| ApiError::field("output_compression", "output_compression must be 0-100"))?;
         values.insert("output_quality".into(), quality.max(1).into());
     }
     let (width, height) = parse_size(size.as_deref())?;
@@ -552,7 +524,7 @@ pub async fn edits(
     }
     if streaming && partial > 0 {
         let steps =
-            values.get("steps").and_then(|v| v.as_u64()).unwrap_or(u64::from(super::images::DEFAULT_STEPS)) as u32;
+            values.get("steps").and_then(|v| v.as_u64()).unwrap_or(u64::from(super::validation::DEFAULT_STEPS)) as u32;
         values.insert("preview_every".into(), steps.div_ceil(partial + 1).max(1).into());
     } else {
         values.insert("preview_every".into(), 0.into());
@@ -561,37 +533,9 @@ pub async fn edits(
     let key = super::submit::idempotency_key(&headers)?;
     let job = submit_edit(&state, &who, fields, image, mask, key.as_deref()).await?.job;
     if streaming {
-        return Ok(stream(state, job, partial, "image_edit"));
+        return Ok(stream(state, who, job, partial, "image_edit"));
     }
-    respond(&state, &headers, job, format).await
-}
-
-type Form = (serde_json::Map<String, serde_json::Value>, Option<Vec<u8>>, Option<Vec<u8>>);
-
-async fn read_form(mut multipart: Multipart, limit: usize) -> Result<Form, ApiError> {
-    let mut values = serde_json::Map::new();
-    let (mut image, mut mask) = (None, None);
-    let failed = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::MalformedJson(format!("malformed multipart body: {}", e.body_text()))
-        }
-    };
-    while let Some(field) = multipart.next_field().await.map_err(failed)? {
-        let name = field.name().unwrap_or_default().trim_end_matches("[]").to_string();
-        match name.as_str() {
-            "image" if image.is_none() => image = Some(field.bytes().await.map_err(failed)?.to_vec()),
-            "image" => return Err(ApiError::field("image", "only one input image is supported")),
-            "mask" => mask = Some(field.bytes().await.map_err(failed)?.to_vec()),
-            _ => {
-                let text = field.text().await.map_err(failed)?;
-                let value = super::edits::form_value(&name, text);
-                values.insert(name, value);
-            }
-        }
-    }
-    Ok((values, image, mask))
+    respond(&state, &who, &headers, job, format).await
 }
 
 #[cfg(test)]

@@ -18,11 +18,16 @@ use tokio::sync::{broadcast, watch};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::model::ImageRecord;
+
 /// Lifecycle events kept for replay on the all-jobs stream.
 const REPLAY_RING: usize = 4096;
 
-/// One event about one job. Serialised as the SSE `data:` JSON; `id` goes on the SSE `id:` line.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+/// One event about one job. Serialised as the SSE `data:` JSON (`type`, `job_id` and the event's fields at
+/// the top level); `id` goes on the SSE `id:` line. Its OpenAPI schema is a `oneOf` of one plain object per
+/// event type with `type` as the discriminator, which generated clients turn into
+/// typed classes.
+#[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
     /// Position in the process-wide event sequence.
     #[serde(skip)]
@@ -51,14 +56,14 @@ pub enum EventOwner {
 /// Owners remembered at most; past it the memory starts over (events then fall back to store lookups).
 const OWNER_MEMORY: usize = 65_536;
 
-/// A picture of a finished job, as events report it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct EventImage {
+/// A picture of a finished job, as job views and `completed` events describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ImageInfo {
     /// Position in the job's output.
     pub index: u32,
     /// Where to download it.
     pub url: String,
-    /// The seed that made it.
+    /// The seed that made it: send it back with `n = 1` to reproduce this picture alone.
     pub seed: u64,
     /// Width in pixels.
     pub width: u32,
@@ -68,67 +73,194 @@ pub struct EventImage {
     pub format: String,
 }
 
+impl ImageInfo {
+    /// The download path of image `index` of `job`: the one place that spells it.
+    pub fn url(job: Uuid, index: u32) -> String {
+        format!("/v1/jobs/{job}/images/{index}")
+    }
+}
+
+impl From<&ImageRecord> for ImageInfo {
+    fn from(r: &ImageRecord) -> Self {
+        Self {
+            index: r.index,
+            url: Self::url(r.job_id, r.index),
+            seed: r.seed,
+            width: r.width,
+            height: r.height,
+            format: r.format.clone(),
+        }
+    }
+}
+
+/// Waiting; `position` jobs are ahead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct QueuedEvent {
+    /// Jobs ahead of this one.
+    pub position: u64,
+    /// Rough wait estimate from measured step times, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+}
+
+/// A worker took the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct StartedEvent {
+    /// Attempt number (1 unless a crash re-queued it).
+    pub attempt: u32,
+}
+
+/// A denoiser call finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ProgressEvent {
+    /// Calls done.
+    pub step: u32,
+    /// Calls in all.
+    pub total: u32,
+    /// Estimated time to the last call, from this job's measured step times.
+    pub eta_ms: u64,
+    /// `data:image/jpeg;base64,…` picture of the predicted result, when one was due.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+}
+
+/// Done; the images are stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CompletedEvent {
+    /// The pictures.
+    pub images: Vec<ImageInfo>,
+}
+
+/// Failed for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FailedEvent {
+    /// Stable error code.
+    pub code: String,
+    /// Detail.
+    pub message: String,
+}
+
+/// Cancelled by a client (or deleted while it ran).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CancelledEvent {}
+
 /// What happened.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
-    /// Waiting; `position` jobs are ahead.
-    Queued {
-        /// Jobs ahead of this one.
-        position: u64,
-        /// Rough wait estimate from measured step times, when there is one.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        eta_ms: Option<u64>,
-    },
-    /// A worker took the job.
-    Started {
-        /// Attempt number (1 unless a crash re-queued it).
-        attempt: u32,
-    },
-    /// A denoiser call finished.
-    Progress {
-        /// Calls done.
-        step: u32,
-        /// Calls in all.
-        total: u32,
-        /// Estimated time to the last call, from this job's measured step times.
-        eta_ms: u64,
-        /// `data:image/jpeg;base64,…` picture of the predicted result, when one was due.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        preview: Option<String>,
-    },
-    /// Done; the images are stored.
-    Completed {
-        /// The pictures.
-        images: Vec<EventImage>,
-    },
-    /// Failed for good.
-    Failed {
-        /// Stable error code.
-        code: String,
-        /// Detail.
-        message: String,
-    },
-    /// Cancelled by a client.
-    Cancelled,
+    /// See [`QueuedEvent`].
+    Queued(QueuedEvent),
+    /// See [`StartedEvent`].
+    Started(StartedEvent),
+    /// See [`ProgressEvent`].
+    Progress(ProgressEvent),
+    /// See [`CompletedEvent`].
+    Completed(CompletedEvent),
+    /// See [`FailedEvent`].
+    Failed(FailedEvent),
+    /// See [`CancelledEvent`].
+    Cancelled(CancelledEvent),
 }
 
 impl EventKind {
-    /// The SSE event name (`queued`, `progress`, …).
+    /// A `cancelled` event.
+    pub const CANCELLED: EventKind = EventKind::Cancelled(CancelledEvent {});
+
+    /// The SSE event name (`queued`, `progress`, …), also the JSON `type`.
     pub fn name(&self) -> &'static str {
         match self {
-            EventKind::Queued { .. } => "queued",
-            EventKind::Started { .. } => "started",
-            EventKind::Progress { .. } => "progress",
-            EventKind::Completed { .. } => "completed",
-            EventKind::Failed { .. } => "failed",
-            EventKind::Cancelled => "cancelled",
+            EventKind::Queued(_) => "queued",
+            EventKind::Started(_) => "started",
+            EventKind::Progress(_) => "progress",
+            EventKind::Completed(_) => "completed",
+            EventKind::Failed(_) => "failed",
+            EventKind::Cancelled(_) => "cancelled",
         }
     }
 
     /// Whether the job ends with this event.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, EventKind::Completed { .. } | EventKind::Failed { .. } | EventKind::Cancelled)
+        matches!(self, EventKind::Completed(_) | EventKind::Failed(_) | EventKind::Cancelled(_))
+    }
+
+    /// A `queued` event.
+    pub fn queued(position: u64, eta_ms: Option<u64>) -> Self {
+        EventKind::Queued(QueuedEvent { position, eta_ms })
+    }
+
+    /// A `failed` event.
+    pub fn failed(code: impl Into<String>, message: impl Into<String>) -> Self {
+        EventKind::Failed(FailedEvent { code: code.into(), message: message.into() })
+    }
+}
+
+/// Each event type's OpenAPI schema: a plain object with `type` (a one-value enum, the discriminator),
+/// `job_id` and that event's own fields, named `QueuedEvent`, `StartedEvent`, … in the components.
+fn event_variant_schemas() -> Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)> {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type};
+    use utoipa::openapi::RefOr;
+    use utoipa::PartialSchema;
+    let variants: [(&str, RefOr<Schema>); 6] = [
+        ("queued", QueuedEvent::schema()),
+        ("started", StartedEvent::schema()),
+        ("progress", ProgressEvent::schema()),
+        ("completed", CompletedEvent::schema()),
+        ("failed", FailedEvent::schema()),
+        ("cancelled", CancelledEvent::schema()),
+    ];
+    let string = || ObjectBuilder::new().schema_type(SchemaType::new(Type::String));
+    variants
+        .into_iter()
+        .filter_map(|(name, schema)| {
+            let RefOr::T(Schema::Object(fields)) = schema else { return None };
+            let mut object = ObjectBuilder::new()
+                .description(fields.description.clone())
+                .property("type", string().enum_values(Some([name])).description(Some("The event type.")))
+                .required("type")
+                .property(
+                    "job_id",
+                    string().format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid))).description(Some("The job.")),
+                )
+                .required("job_id");
+            for (property, schema) in fields.properties {
+                object = object.property(property, schema);
+            }
+            for required in fields.required {
+                object = object.required(required);
+            }
+            Some((event_schema_name(name), RefOr::T(Schema::Object(object.build()))))
+        })
+        .collect()
+}
+
+/// `queued` → `QueuedEvent`.
+fn event_schema_name(name: &str) -> String {
+    let mut chars = name.chars();
+    chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str() + "Event").unwrap_or_default()
+}
+
+/// [`JobEvent`]'s schema is a discriminated `oneOf` of references to the event types' objects.
+impl utoipa::PartialSchema for JobEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{Discriminator, OneOfBuilder, Schema};
+        use utoipa::openapi::{Ref, RefOr};
+        let names = ["queued", "started", "progress", "completed", "failed", "cancelled"];
+        let reference = |name: &str| format!("#/components/schemas/{}", event_schema_name(name));
+        let discriminator =
+            Discriminator::with_mapping("type", names.iter().map(|name| (name.to_string(), reference(name))));
+        let one_of = names
+            .iter()
+            .fold(OneOfBuilder::new(), |one_of, name| one_of.item(Ref::new(reference(name))))
+            .discriminator(Some(discriminator))
+            .description(Some("One event; `type` says which."));
+        RefOr::T(Schema::OneOf(one_of.build()))
+    }
+}
+
+impl ToSchema for JobEvent {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push(("ImageInfo".into(), <ImageInfo as utoipa::PartialSchema>::schema()));
+        schemas.extend(event_variant_schemas());
     }
 }
 
@@ -237,7 +369,7 @@ impl EventBus {
     pub fn publish(&self, job_id: Uuid, kind: EventKind) -> JobEvent {
         let event = self.event(job_id, kind);
         let terminal = event.kind.is_terminal();
-        let progress = matches!(event.kind, EventKind::Progress { .. });
+        let progress = matches!(event.kind, EventKind::Progress(_));
         {
             let mut jobs = self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner);
             let sender = jobs.entry(job_id).or_insert_with(|| watch::channel(Snapshot::default()).0);
@@ -313,7 +445,7 @@ mod tests {
     use super::*;
 
     fn progress(step: u32) -> EventKind {
-        EventKind::Progress { step, total: 10, eta_ms: 0, preview: None }
+        EventKind::Progress(ProgressEvent { step, total: 10, eta_ms: 0, preview: None })
     }
 
     #[test]
@@ -321,14 +453,14 @@ mod tests {
         let bus = EventBus::new();
         let job = Uuid::now_v7();
         let rx = bus.subscribe(job);
-        let queued = bus.publish(job, EventKind::Queued { position: 0, eta_ms: None });
-        bus.publish(job, EventKind::Started { attempt: 1 });
+        let queued = bus.publish(job, EventKind::queued(0, None));
+        bus.publish(job, EventKind::Started(StartedEvent { attempt: 1 }));
         for step in 1..=5 {
             bus.publish(job, progress(step));
         }
         let snap = rx.borrow().clone();
         assert_eq!(snap.lifecycle.len(), 2);
-        assert!(matches!(snap.progress.as_ref().unwrap().kind, EventKind::Progress { step: 5, .. }));
+        assert!(matches!(snap.progress.as_ref().unwrap().kind, EventKind::Progress(ProgressEvent { step: 5, .. })));
         let after = snap.after(queued.id);
         assert_eq!(after.len(), 2, "started and the latest progress");
         assert!(after[0].id < after[1].id);
@@ -340,7 +472,7 @@ mod tests {
         let bus = EventBus::new();
         let job = Uuid::now_v7();
         let mut rx = bus.subscribe(job);
-        bus.publish(job, EventKind::Cancelled);
+        bus.publish(job, EventKind::CANCELLED);
         assert!(rx.has_changed().unwrap_or(true));
         assert!(rx.borrow_and_update().is_terminal());
         assert!(!bus.has_followers(job));

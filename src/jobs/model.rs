@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::params::JobParams;
+
 /// Where a job is in its life: `queued → running → succeeded | failed | cancelled`, with `running → queued`
 /// when a lease expires or a worker releases the job at shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -70,12 +72,10 @@ impl FromStr for JobStatus {
 /// A job to enqueue, as the HTTP layer builds it from a validated request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
-    /// What kind of work this is, e.g. `"generate"` or `"edit"`; lets the dispatcher pick a pipeline.
-    pub kind: String,
     /// The model that must run it.
     pub model: String,
-    /// The validated request parameters, stored as JSON and handed back to the worker unchanged.
-    pub params: serde_json::Value,
+    /// The validated request parameters, typed by kind, handed back to the worker unchanged.
+    pub params: JobParams,
     /// Higher runs first; jobs of equal priority run oldest first.
     pub priority: i32,
     /// How many claims the job may use before an expired lease fails it (at least 1).
@@ -90,14 +90,12 @@ pub struct NewJob {
 pub struct Job {
     /// UUID v7, so ids sort by creation time.
     pub id: Uuid,
-    /// See [`NewJob::kind`].
-    pub kind: String,
     /// Where the job is in its life cycle.
     pub status: JobStatus,
     /// See [`NewJob::model`].
     pub model: String,
     /// See [`NewJob::params`].
-    pub params: serde_json::Value,
+    pub params: JobParams,
     /// See [`NewJob::priority`].
     pub priority: i32,
     /// Claims charged so far, including the current one while running (a graceful release gives it back).

@@ -1,5 +1,9 @@
 //! The parameters stored with a job: what the API validated and what a worker needs to run it again,
 //! identically, after any number of restarts.
+//!
+//! [`JobParams`] is a serde enum tagged by kind. In the database the tag is the `kind` column and the
+//! variant's fields are the JSON of the `params` column — the layout every release has written — so rows
+//! written before the enum existed read back unchanged (`tests/stored_rows.rs` opens such a database).
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -10,11 +14,140 @@ use crate::engine::pipeline::{EditMode, EditRequest, GenerateRequest};
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::SchedulerKind;
 
-/// Job kind of text-to-image jobs in the store.
-pub const KIND_GENERATE: &str = "generate";
+/// A job's parameters, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "params", rename_all = "lowercase")]
+pub enum JobParams {
+    /// Text to image.
+    Generate(GenerateParams),
+    /// An edit of a stored input picture.
+    Edit(EditParams),
+    /// A stored row this release cannot read (hand-edited, or written by a newer release). Kept as it was so
+    /// the job can still be listed, shown and failed with a clear error instead of being lost.
+    #[serde(skip)]
+    Unreadable {
+        /// The stored kind.
+        kind: String,
+        /// The stored parameters.
+        raw: serde_json::Value,
+        /// Why they do not read.
+        error: String,
+    },
+}
 
-/// Job kind of edit jobs in the store.
-pub const KIND_EDIT: &str = "edit";
+impl JobParams {
+    /// The stored `kind` column.
+    pub fn kind(&self) -> &str {
+        match self {
+            JobParams::Generate(_) => "generate",
+            JobParams::Edit(_) => "edit",
+            JobParams::Unreadable { kind, .. } => kind,
+        }
+    }
+
+    /// The stored `params` column.
+    pub fn encode(&self) -> String {
+        match self {
+            JobParams::Unreadable { raw, .. } => raw.to_string(),
+            typed => serde_json::to_value(typed)
+                .ok()
+                .and_then(|mut v| v.get_mut("params").map(serde_json::Value::take))
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+
+    /// Reads the `kind` and `params` columns back. Text that is not JSON at all is an error (the row is
+    /// corrupt); JSON that does not fit the kind becomes [`JobParams::Unreadable`].
+    pub fn decode(kind: &str, params: &str) -> Result<Self, serde_json::Error> {
+        let raw: serde_json::Value = serde_json::from_str(params)?;
+        let tagged = serde_json::json!({"kind": kind, "params": raw});
+        Ok(serde_json::from_value(tagged).unwrap_or_else(|e| JobParams::Unreadable {
+            kind: kind.to_string(),
+            raw,
+            error: e.to_string(),
+        }))
+    }
+
+    /// The generation fields every readable kind has.
+    pub fn generation(&self) -> Option<&GenerateParams> {
+        match self {
+            JobParams::Generate(p) => Some(p),
+            JobParams::Edit(p) => Some(&p.generate),
+            JobParams::Unreadable { .. } => None,
+        }
+    }
+
+    /// Steps a client sees for the job (edits at partial strength run fewer than `steps`).
+    pub fn visible_steps(&self) -> u32 {
+        match self {
+            JobParams::Generate(p) => p.steps,
+            JobParams::Edit(p) => p.visible_steps(),
+            JobParams::Unreadable { .. } => 0,
+        }
+    }
+
+    /// The stored input picture of an edit (relative to `data_dir`), whose folder goes with the job.
+    pub fn input_path(&self) -> Option<&str> {
+        match self {
+            JobParams::Edit(p) => Some(&p.image_path),
+            _ => None,
+        }
+    }
+
+    /// The parameters as clients see them: every field, except that `latents` becomes its presence flag
+    /// `has_latents` and the stored input paths are left out.
+    pub fn public_view(&self) -> serde_json::Value {
+        let mut view = match self {
+            JobParams::Generate(p) => serde_json::to_value(p),
+            JobParams::Edit(p) => serde_json::to_value(p),
+            JobParams::Unreadable { raw, .. } => Ok(raw.clone()),
+        }
+        .unwrap_or_default();
+        if let Some(map) = view.as_object_mut() {
+            let had = map.remove("latents").is_some();
+            map.remove("image_path");
+            map.remove("mask_path");
+            map.insert("has_latents".into(), serde_json::Value::Bool(had));
+        }
+        view
+    }
+}
+
+/// Edit modes, as clients name them and as jobs store them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EditKind {
+    /// SDEdit: keep the composition, redraw per the prompt.
+    Img2img,
+    /// Repaint the masked region.
+    Inpaint,
+    /// Extend the canvas by `left`/`right`/`top`/`bottom` pixels.
+    Outpaint,
+    /// InstructPix2Pix: the prompt is an instruction.
+    Instruct,
+}
+
+impl EditKind {
+    /// The name clients send and jobs store.
+    pub fn name(self) -> &'static str {
+        match self {
+            EditKind::Img2img => "img2img",
+            EditKind::Inpaint => "inpaint",
+            EditKind::Outpaint => "outpaint",
+            EditKind::Instruct => "instruct",
+        }
+    }
+
+    /// The engine pipeline that runs it (outpainting is inpainting of a padded canvas).
+    pub fn pipeline(self) -> EditMode {
+        match self {
+            EditKind::Img2img => EditMode::Img2img,
+            EditKind::Inpaint | EditKind::Outpaint => EditMode::Inpaint,
+            EditKind::Instruct => EditMode::Instruct,
+        }
+    }
+}
 
 /// Stored parameters of a text-to-image job. Every default is resolved before storing (the seed too), so a
 /// retried job produces the same pictures.
@@ -94,8 +227,8 @@ pub struct EditParams {
     /// Prompt, size (of the final canvas), steps, guidance, scheduler, seed, images, format, previews.
     #[serde(flatten)]
     pub generate: GenerateParams,
-    /// `img2img`, `inpaint`, `outpaint` or `instruct`.
-    pub mode: String,
+    /// The edit mode.
+    pub mode: EditKind,
     /// How much of the picture is redrawn.
     pub strength: f32,
     /// InstructPix2Pix image guidance.
@@ -114,15 +247,9 @@ pub struct EditParams {
 impl EditParams {
     /// Rebuilds the engine request with the stored picture and mask (already decoded by the caller).
     pub fn to_request(&self, image: image::RgbImage, mask: Option<image::GrayImage>) -> Result<EditRequest, String> {
-        let mode = match self.mode.as_str() {
-            "img2img" => EditMode::Img2img,
-            "inpaint" | "outpaint" => EditMode::Inpaint,
-            "instruct" => EditMode::Instruct,
-            other => return Err(format!("unknown edit mode `{other}`")),
-        };
         Ok(EditRequest {
             base: self.generate.to_request()?,
-            mode,
+            mode: self.mode.pipeline(),
             image,
             mask,
             strength: self.strength,
@@ -135,7 +262,7 @@ impl EditParams {
     /// as diffusers counts them.
     pub fn visible_steps(&self) -> u32 {
         let steps = self.generate.steps;
-        if self.mode == "instruct" {
+        if self.mode == EditKind::Instruct {
             return steps;
         }
         ((steps as f32 * self.strength) as u32).clamp(1, steps)

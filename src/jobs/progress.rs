@@ -29,6 +29,8 @@ pub enum StopReason {
     Shutdown,
     /// It ran past `queue.job_timeout_seconds`: it fails with `timeout`.
     Timeout,
+    /// Its lease was lost (another process re-queued it): its result would be discarded, so it stops.
+    LeaseLost,
 }
 
 /// A running job's stop request, shared between the HTTP side and the worker thread.
@@ -42,6 +44,7 @@ impl StopFlag {
             StopReason::Client => 1,
             StopReason::Shutdown => 2,
             StopReason::Timeout => 3,
+            StopReason::LeaseLost => 4,
         };
         let _ = self.0.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
     }
@@ -57,6 +60,7 @@ impl StopFlag {
             1 => Some(StopReason::Client),
             2 => Some(StopReason::Shutdown),
             3 => Some(StopReason::Timeout),
+            4 => Some(StopReason::LeaseLost),
             _ => None,
         }
     }

@@ -27,6 +27,7 @@ use super::error::StoreError;
 use super::model::{
     ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits,
 };
+use super::params::JobParams;
 use super::time::now_millis;
 
 /// The `error_code` of a job that failed because its lease expired on its last allowed attempt.
@@ -124,9 +125,9 @@ impl JobStore {
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
-        .bind(&new.kind)
+        .bind(new.params.kind())
         .bind(&new.model)
-        .bind(new.params.to_string())
+        .bind(new.params.encode())
         .bind(new.priority)
         .bind(i64::from(new.max_attempts))
         .bind(now_millis())
@@ -215,9 +216,9 @@ impl JobStore {
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
-        .bind(&new.kind)
+        .bind(new.params.kind())
         .bind(&new.model)
-        .bind(new.params.to_string())
+        .bind(new.params.encode())
         .bind(new.priority)
         .bind(i64::from(new.max_attempts))
         .bind(now)
@@ -650,10 +651,9 @@ impl TryFrom<JobRow> for Job {
     fn try_from(row: JobRow) -> Result<Self, StoreError> {
         Ok(Job {
             id: parse_uuid("jobs", &row.id)?,
-            kind: row.kind,
             status: parse_status(&row.status)?,
             model: row.model,
-            params: serde_json::from_str(&row.params)
+            params: JobParams::decode(&row.kind, &row.params)
                 .map_err(|e| StoreError::corrupt("jobs", format!("params of {}: {e}", row.id)))?,
             priority: i32::try_from(row.priority)
                 .map_err(|_| StoreError::corrupt("jobs", format!("priority {} does not fit an i32", row.priority)))?,

@@ -9,6 +9,7 @@ use tempfile::TempDir;
 use uuid::Uuid;
 
 use super::*;
+use crate::jobs::params::JobParams;
 use crate::jobs::time;
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -22,15 +23,16 @@ async fn store(dir: &TempDir) -> JobStore {
     JobStore::connect(&url(dir)).await.expect("connect")
 }
 
+fn params() -> JobParams {
+    let stored = json!({
+        "prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": 4,
+        "guidance_scale": 7.5, "scheduler": "euler", "seed": 1, "n": 1, "output_format": "png"
+    });
+    JobParams::decode("generate", &stored.to_string()).unwrap()
+}
+
 fn new_job(priority: i32) -> NewJob {
-    NewJob {
-        kind: "generate".into(),
-        model: "tiny-sd".into(),
-        params: json!({"prompt": "a red fox", "steps": 4, "size": [64, 64]}),
-        priority,
-        max_attempts: 3,
-        owner: None,
-    }
+    NewJob { model: "tiny-sd".into(), params: params(), priority, max_attempts: 3, owner: None }
 }
 
 fn image(index: u32, seed: u64) -> NewImage {
@@ -91,7 +93,8 @@ async fn insert_then_get() {
     let before = time::now_millis();
     let job = store.insert(new_job(7)).await.unwrap();
     assert_eq!(job.id.get_version_num(), 7);
-    assert_eq!(job.kind, "generate");
+    assert_eq!(job.params.kind(), "generate");
+    assert!(matches!(job.params, JobParams::Generate(_)));
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.model, "tiny-sd");
     assert_eq!(job.params, new_job(7).params);

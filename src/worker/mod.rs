@@ -1,7 +1,5 @@
-//! The bridge between the async server and the synchronous engine: worker threads, the dispatcher that
-//! feeds them from the job store, and the live progress board.
+//! The bridge between the async server and the synchronous engine: worker threads and the dispatcher that
+//! feeds them from the job store.
 
 pub mod dispatcher;
-pub mod events;
 pub mod pool;
-pub mod progress;

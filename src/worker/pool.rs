@@ -12,14 +12,14 @@ use tokio::sync::oneshot;
 use tracing::{error, info, info_span, warn};
 use uuid::Uuid;
 
-use super::events::{EventBus, EventKind};
-use super::progress::{ProgressBoard, StopFlag};
 use crate::engine::image::{encode, OutputFormat};
 use crate::engine::model::LoadedModel;
 use crate::engine::pipeline::{edit, text_to_image, EditRequest, GenerateRequest, StepObserver};
 use crate::engine::preview::PreviewMode;
 use crate::engine::runtime::{Device, Runtime};
 use crate::engine::EngineError;
+use crate::jobs::bus::{EventBus, EventKind, ProgressEvent};
+use crate::jobs::progress::{ProgressBoard, StopFlag};
 use crate::models::ModelRegistry;
 
 /// One job handed to a worker thread.
@@ -304,8 +304,10 @@ impl StepObserver for JobObserver<'_> {
         let total = self.item.steps;
         let progress = self.board.update(self.item.job, step, total);
         let preview = preview.and_then(|picture| preview_data_url(&picture));
-        self.bus
-            .publish(self.item.job, EventKind::Progress { step, total, eta_ms: progress.eta_ms.unwrap_or(0), preview });
+        self.bus.publish(
+            self.item.job,
+            EventKind::Progress(ProgressEvent { step, total, eta_ms: progress.eta_ms.unwrap_or(0), preview }),
+        );
     }
 
     fn preview_wanted(&self, call: usize, calls: usize) -> Option<PreviewMode> {

@@ -4,10 +4,12 @@ scripts/test generates it into target/clients/denoised_client before running pyt
 """
 
 import io
+import json
 import sys
 import time
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "target" / "clients"))
@@ -41,3 +43,49 @@ def test_submit_follow_and_download(server, api_key):
     picture = get_image.sync_detailed(client=client, id=str(job_id), index=0)
     assert picture.status_code == 200
     assert Image.open(io.BytesIO(picture.content)).size == (64, 64)
+
+
+def test_events_parse_into_the_generated_event_classes(server, api_key):
+    """`JobEvent` is a discriminated oneOf of plain objects, so the generated client has one typed class per
+    event; every event of a real stream parses into the class its `type` names."""
+    from denoised_client.models import (  # noqa: E402
+        CancelledEvent,
+        CompletedEvent,
+        FailedEvent,
+        ProgressEvent,
+        QueuedEvent,
+        StartedEvent,
+    )
+
+    classes = {
+        "queued": QueuedEvent,
+        "started": StartedEvent,
+        "progress": ProgressEvent,
+        "completed": CompletedEvent,
+        "failed": FailedEvent,
+        "cancelled": CancelledEvent,
+    }
+    client = AuthenticatedClient(base_url=server, token=api_key, timeout=60)
+    accepted = create_image_job.sync(
+        client=client, body=GenerateImageRequest(prompt="a blue square", steps=6, seed=5, preview_every=2)
+    )
+    headers = {"Authorization": f"Bearer {api_key}"}
+    parsed = []
+    with httpx.stream("GET", f"{server}/v1/jobs/{accepted.id}/events", headers=headers, timeout=60) as stream:
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line.split(":", 1)[1])
+                assert data["type"] == name
+                event = classes[name].from_dict(data)
+                assert str(event.job_id) == str(accepted.id)
+                parsed.append(event)
+                if name in ("completed", "failed", "cancelled"):
+                    break
+    kinds = [type(e).__name__ for e in parsed]
+    assert kinds[0] == "QueuedEvent" and "StartedEvent" in kinds and kinds[-1] == "CompletedEvent", kinds
+    progress = [e for e in parsed if isinstance(e, ProgressEvent)]
+    assert progress and progress[-1].total == 6
+    assert parsed[-1].images[0].seed == 5

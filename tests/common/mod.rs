@@ -81,7 +81,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with `extra` TOML sections added to the test config.
     pub async fn start(extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra).await
+    }
+
+    /// Starts a server whose `data_dir` is `dir` (which may already hold a database and files).
+    pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
         let toml = test_config_toml(dir.path(), extra);
         let config =
             denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
@@ -159,4 +163,26 @@ impl TestServer {
         denoised::auth::KeyStore::new(&store).revoke(name).await.expect("revoke key");
         store.close().await;
     }
+}
+
+/// Largest per-channel difference, in [0, 1], between pictures and a reference float array
+/// `[n, H, W, 3]` in [0, 1]: the one pixel comparison of the parity tests.
+pub fn max_difference(images: &[image::RgbImage], reference: &ndarray::ArrayD<f32>) -> f32 {
+    let mut worst = 0f32;
+    for (i, img) in images.iter().enumerate() {
+        for (x, y, px) in img.enumerate_pixels() {
+            for c in 0..3 {
+                let expected = reference[[i, y as usize, x as usize, c]];
+                worst = worst.max((px[c] as f32 / 255.0 - expected).abs());
+            }
+        }
+    }
+    worst
+}
+
+/// A picture as a float array `[1, H, W, 3]` in [0, 1], to compare with [`max_difference`].
+pub fn as_reference(picture: &image::RgbImage) -> ndarray::ArrayD<f32> {
+    let (w, h) = (picture.width() as usize, picture.height() as usize);
+    let data = picture.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
+    ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, h, w, 3]), data).expect("shape")
 }

@@ -1,0 +1,514 @@
+//! [`Jobs`]: the one service in front of the queue. It holds the store, the event bus, live progress, the
+//! shared queue positions, the dispatcher's wake-up and the file store, and offers what routes do with a
+//! job — submit, find, read its live state and images, cancel, delete — plus what workers record — started,
+//! succeeded, failed, handed back, cancelled. Following a job ([`Jobs::follow`], [`Jobs::wait`]) lives in
+//! `follow.rs`. Every HTTP route, native or OpenAI-compatible, goes through it; it knows nothing of HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, StartedEvent};
+use super::params::JobParams;
+use super::progress::{Progress, ProgressBoard, StopReason};
+use super::{ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, StoreError, SubmitLimits};
+use crate::auth::Principal;
+use crate::engine::image::OutputFormat;
+use crate::storage::ImageFiles;
+use crate::worker::pool::EncodedImage;
+
+/// How long an `Idempotency-Key` keeps pointing at its job.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// Queue rules the service applies to every submission.
+#[derive(Debug, Clone, Copy)]
+pub struct JobRules {
+    /// Claims a job may use (`queue.max_attempts`).
+    pub max_attempts: u32,
+    /// Queued jobs at most (`queue.max_queued`).
+    pub max_queued: u64,
+    /// Queued or running jobs per key at most (`limits.max_outstanding_per_key`).
+    pub max_outstanding_per_key: u64,
+    /// Worker threads (for wait estimates).
+    pub workers: usize,
+}
+
+/// Everything that can go wrong with a job operation, for the HTTP layer to map to statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// No such job, or one the caller may not see (the same answer, so ids reveal nothing).
+    #[error("no job `{0}`")]
+    NotFound(Uuid),
+    /// The job has no image with this index.
+    #[error("job `{0}` has no image {1}")]
+    NoImage(Uuid, u32),
+    /// The job is not in a state that allows the operation.
+    #[error("job `{id}` is {status}; {why}")]
+    WrongState {
+        /// The job.
+        id: Uuid,
+        /// Its state.
+        status: JobStatus,
+        /// What the operation needed.
+        why: &'static str,
+    },
+    /// The job runs in another server process, which alone can stop it.
+    #[error("job `{0}` runs in another server process")]
+    RunningElsewhere(Uuid),
+    /// The queue is full.
+    #[error("the queue is full ({queued} jobs waiting); retry after {retry_after} s")]
+    QueueFull {
+        /// Jobs waiting.
+        queued: u64,
+        /// Suggested wait in seconds.
+        retry_after: u64,
+    },
+    /// The key has too many jobs queued or running.
+    #[error("this key already has {outstanding} jobs queued or running (limit {limit})")]
+    OwnerBusy {
+        /// Jobs outstanding.
+        outstanding: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A wait ran out of time.
+    #[error("job `{0}` did not finish in time; follow /v1/jobs/{0}")]
+    TimedOut(Uuid),
+    /// A wait was cut short because the server is shutting down.
+    #[error("the server is shutting down; follow /v1/jobs/{0} after it restarts")]
+    ShuttingDown(Uuid),
+    /// The job was deleted while it was followed.
+    #[error("job `{0}` was deleted")]
+    Deleted(Uuid),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file could not be written, read or removed.
+    #[error("{0}")]
+    Files(String),
+}
+
+/// An edit's prepared pictures, stored beside the job so that a retried job edits the same pixels.
+#[derive(Debug, Clone)]
+pub struct EditInputs {
+    /// The picture at its final size, as PNG.
+    pub image_png: Vec<u8>,
+    /// The mask (white = repaint), as PNG.
+    pub mask_png: Option<Vec<u8>>,
+}
+
+/// A validated job to enqueue.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    /// The model that runs it.
+    pub model: String,
+    /// Its parameters (an edit's input paths are filled in by [`Jobs::submit`]).
+    pub params: JobParams,
+    /// An edit's pictures.
+    pub inputs: Option<EditInputs>,
+}
+
+/// A submission's outcome: the job, and whether this request created it (`false`: an idempotent replay).
+#[derive(Debug)]
+pub struct Submitted {
+    /// The job.
+    pub job: Job,
+    /// Whether this request created it.
+    pub created: bool,
+}
+
+/// What a cancellation did.
+#[derive(Debug)]
+pub enum Cancelled {
+    /// The job was queued and is cancelled now.
+    AtOnce(Job),
+    /// The job is running here and stops at its next step.
+    Requested(Job),
+}
+
+/// A job's live state beside its stored row.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveState {
+    /// Steps done and in all, with an estimate.
+    pub progress: Progress,
+    /// Jobs ahead, while queued.
+    pub queue_position: Option<u64>,
+}
+
+/// The service. Cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    pub(super) store: JobStore,
+    pub(super) bus: EventBus,
+    pub(super) progress: ProgressBoard,
+    pub(super) positions: Arc<QueuePositions>,
+    pub(super) wake: Arc<Notify>,
+    pub(super) files: ImageFiles,
+    pub(super) shutdown: watch::Receiver<bool>,
+    pub(super) rules: JobRules,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").field("rules", &self.rules).finish_non_exhaustive()
+    }
+}
+
+impl Jobs {
+    /// The service over `store` and `files`; follows and waits end when `shutdown` turns true.
+    pub fn new(store: JobStore, files: ImageFiles, rules: JobRules, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            positions: Arc::new(QueuePositions::new(store.clone())),
+            store,
+            bus: EventBus::new(),
+            progress: ProgressBoard::default(),
+            wake: Arc::new(Notify::new()),
+            files,
+            shutdown,
+            rules,
+        }
+    }
+
+    /// The job store (for readiness probes, metrics and the key table).
+    pub fn store(&self) -> &JobStore {
+        &self.store
+    }
+
+    /// The event bus (worker threads publish progress on it).
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+
+    /// Live progress and stop flags (worker threads update it).
+    pub fn progress(&self) -> &ProgressBoard {
+        &self.progress
+    }
+
+    /// The file store.
+    pub fn files(&self) -> &ImageFiles {
+        &self.files
+    }
+
+    /// Woken when a job is submitted here (the dispatcher waits on it).
+    pub fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    /// Whether the server is shutting down.
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Commits a job owned by `who` (or finds the one `who`'s `idempotency_key` created: a replay is answered
+    /// even when the queue or the key is at its limit), stores an edit's pictures first, wakes the
+    /// dispatcher and announces the job to followers.
+    pub async fn submit(
+        &self,
+        who: &Principal,
+        request: JobRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, JobsError> {
+        let JobRequest { model, mut params, inputs } = request;
+        let folder = Uuid::new_v4();
+        if let (Some(inputs), JobParams::Edit(edit)) = (inputs, &mut params) {
+            let files = self.files.clone();
+            let (image_path, mask_path) = tokio::task::spawn_blocking(move || {
+                let image = files.write_input(folder, "image.png", &inputs.image_png)?;
+                let mask = inputs.mask_png.map(|m| files.write_input(folder, "mask.png", &m)).transpose()?;
+                Ok::<_, std::io::Error>((image, mask))
+            })
+            .await
+            .map_err(|e| JobsError::Files(e.to_string()))?
+            .map_err(|e| JobsError::Files(format!("storing the input image: {e}")))?;
+            edit.image_path = image_path;
+            edit.mask_path = mask_path;
+        }
+        let outcome = self.enqueue(who, model, params, idempotency_key).await;
+        if !matches!(outcome, Ok(Submitted { created: true, .. })) {
+            // Refused, failed, or a replay whose first request's job keeps its own inputs.
+            let _ = self.files.remove_input(folder);
+        }
+        outcome
+    }
+
+    async fn enqueue(
+        &self,
+        who: &Principal,
+        model: String,
+        params: JobParams,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, JobsError> {
+        let new = NewJob {
+            model,
+            params,
+            priority: 0,
+            max_attempts: self.rules.max_attempts,
+            owner: who.owner().map(str::to_string),
+        };
+        let limits = SubmitLimits {
+            max_queued: self.rules.max_queued,
+            max_outstanding_per_owner: self.rules.max_outstanding_per_key,
+        };
+        let key = idempotency_key.map(|k| (k, IDEMPOTENCY_WINDOW));
+        let (job, created) = match self.store.submit(new, key, limits).await? {
+            super::Submission::Created(job) => (job, true),
+            super::Submission::Replayed(job) => (job, false),
+            super::Submission::QueueFull { queued } => {
+                let workers = self.rules.workers.max(1) as u64;
+                let per_job = self.progress.queued_eta_ms(20, 0, self.rules.workers).unwrap_or(1000);
+                let retry_after = (per_job * queued.min(100) / 1000 / workers).clamp(1, 300);
+                return Err(JobsError::QueueFull { queued, retry_after });
+            }
+            super::Submission::OwnerBusy { outstanding } => {
+                return Err(JobsError::OwnerBusy { outstanding, limit: self.rules.max_outstanding_per_key });
+            }
+        };
+        if created {
+            self.wake.notify_one();
+            metrics::counter!("denoised_jobs_submitted_total").increment(1);
+            self.bus.note_owner(job.id, job.owner.as_deref());
+            let position = self.queue_position(job.id).await?.unwrap_or(0);
+            let eta_ms = self.progress.queued_eta_ms(job.params.visible_steps(), position, self.rules.workers);
+            self.bus.publish(job.id, EventKind::queued(position, eta_ms));
+        }
+        Ok(Submitted { job, created })
+    }
+
+    /// The job `id` if it exists and `who` may see it; another tenant's job is "not found", exactly like a
+    /// missing one, so ids reveal nothing.
+    pub async fn find(&self, who: &Principal, id: Uuid) -> Result<Job, JobsError> {
+        match self.store.get(id).await? {
+            Some(job) if who.can_see(job.owner.as_deref()) => Ok(job),
+            _ => Err(JobsError::NotFound(id)),
+        }
+    }
+
+    /// A page of `who`'s jobs, newest first, after `cursor`.
+    pub async fn list(
+        &self,
+        who: &Principal,
+        status: Option<JobStatus>,
+        cursor: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Job>, JobsError> {
+        Ok(self.store.list(status, who.list_scope(), cursor, limit).await?)
+    }
+
+    /// Jobs ahead of `id` in claim order, or `None` if it is not queued.
+    pub(super) async fn queue_position(&self, id: Uuid) -> Result<Option<u64>, JobsError> {
+        Ok(self.positions.get(id, self.bus.last_lifecycle_id()).await?)
+    }
+
+    /// A rough wait for a queued job with `steps` steps and `position` jobs ahead.
+    pub(super) fn queued_eta_ms(&self, steps: u32, position: u64) -> Option<u64> {
+        self.progress.queued_eta_ms(steps, position, self.rules.workers)
+    }
+
+    /// The live part of a job's state: progress with an estimate, and the queue position while queued.
+    pub async fn live_state(&self, job: &Job) -> Result<LiveState, JobsError> {
+        let total = job.params.visible_steps();
+        let queue_position = match job.status {
+            JobStatus::Queued => self.queue_position(job.id).await?,
+            _ => None,
+        };
+        let progress = match job.status {
+            JobStatus::Running => self.progress.get(job.id).unwrap_or(Progress { step: 0, total, eta_ms: None }),
+            JobStatus::Succeeded => Progress { step: total, total, eta_ms: Some(0) },
+            JobStatus::Queued => {
+                Progress { step: 0, total, eta_ms: self.queued_eta_ms(total, queue_position.unwrap_or(0)) }
+            }
+            _ => Progress { step: 0, total, eta_ms: None },
+        };
+        Ok(LiveState { progress, queue_position })
+    }
+
+    /// The images of a job that has succeeded (none otherwise).
+    pub async fn images(&self, job: &Job) -> Result<Vec<ImageRecord>, JobsError> {
+        if job.status != JobStatus::Succeeded {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.images(job.id).await?)
+    }
+
+    /// Image `index` of `who`'s job `id` with its bytes; the job must have succeeded.
+    pub async fn image(&self, who: &Principal, id: Uuid, index: u32) -> Result<(ImageRecord, Vec<u8>), JobsError> {
+        let job = self.find(who, id).await?;
+        if job.status != JobStatus::Succeeded {
+            return Err(JobsError::WrongState { id, status: job.status, why: "images exist once it has succeeded" });
+        }
+        let record = self.store.image(id, index).await?.ok_or(JobsError::NoImage(id, index))?;
+        let bytes = self.image_bytes(&record).await?;
+        Ok((record, bytes))
+    }
+
+    /// The stored bytes of an image.
+    pub async fn image_bytes(&self, record: &ImageRecord) -> Result<Vec<u8>, JobsError> {
+        self.files.read(&record.path).await.map_err(|e| JobsError::Files(e.to_string()))
+    }
+
+    /// Cancels `who`'s job `id`: a queued job at once, a running one at its next step.
+    pub async fn cancel(&self, who: &Principal, id: Uuid) -> Result<Cancelled, JobsError> {
+        let job = self.find(who, id).await?;
+        let at_once = match job.status {
+            JobStatus::Queued if self.store.cancel_queued(id).await? => {
+                self.bus.publish(id, EventKind::CANCELLED);
+                true
+            }
+            JobStatus::Queued | JobStatus::Running => {
+                if !self.progress.stop(id, StopReason::Client) {
+                    // Claimed between our read and the cancel, or running in another process.
+                    let now = self.store.get(id).await?.ok_or(JobsError::NotFound(id))?;
+                    let stopped = now.status == JobStatus::Running && self.progress.stop(id, StopReason::Client);
+                    if now.status.is_terminal() {
+                        return Err(JobsError::WrongState { id, status: now.status, why: "it has already ended" });
+                    } else if !stopped {
+                        return Err(JobsError::RunningElsewhere(id));
+                    }
+                }
+                false
+            }
+            status => return Err(JobsError::WrongState { id, status, why: "it has already ended" }),
+        };
+        let job = self.store.get(id).await?.ok_or(JobsError::NotFound(id))?;
+        Ok(if at_once { Cancelled::AtOnce(job) } else { Cancelled::Requested(job) })
+    }
+
+    /// Deletes `who`'s job `id` with its files, stopping it first if it runs here.
+    pub async fn delete(&self, who: &Principal, id: Uuid) -> Result<(), JobsError> {
+        let job = self.find(who, id).await?;
+        if job.status == JobStatus::Running {
+            self.progress.stop(id, StopReason::Client);
+        }
+        if !self.store.delete(id).await? {
+            return Err(JobsError::NotFound(id));
+        }
+        if !job.status.is_terminal() {
+            self.bus.note_owner(id, job.owner.as_deref());
+            self.bus.publish(id, EventKind::CANCELLED);
+        }
+        self.bus.forget(id);
+        self.remove_files(vec![job]).await
+    }
+
+    /// Removes the files of jobs whose rows are gone (deletion and the retention sweep).
+    pub async fn remove_files(&self, jobs: Vec<Job>) -> Result<(), JobsError> {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || {
+            jobs.iter().try_for_each(|job| files.remove_job_files(job.id, job.params.input_path()))
+        })
+        .await
+        .map_err(|e| JobsError::Files(e.to_string()))?
+        .map_err(|e| JobsError::Files(format!("removing files: {e}")))
+    }
+
+    /// Records that a worker took `job` (announced to followers).
+    pub fn started(&self, job: &Job) {
+        self.bus.note_owner(job.id, job.owner.as_deref());
+        self.bus.publish(job.id, EventKind::Started(StartedEvent { attempt: job.attempts }));
+    }
+
+    /// Records a finished job's images, fenced by its lease. The files are written first, so the database
+    /// never points at a missing file.
+    pub async fn succeeded(&self, id: Uuid, owner: &str, format: OutputFormat, images: Vec<EncodedImage>) {
+        let files = self.files.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<NewImage>> {
+            images
+                .into_iter()
+                .map(|image| {
+                    Ok(NewImage {
+                        index: image.index,
+                        seed: image.seed,
+                        width: image.width,
+                        height: image.height,
+                        format: format.as_str().to_string(),
+                        path: files.write(id, image.index, format.extension(), &image.bytes)?,
+                        sha256: sha256_hex(&image.bytes),
+                        bytes: image.bytes.len() as u64,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let records = match written {
+            Ok(records) => records,
+            Err(e) => return self.failed(id, owner, "storage_error", &format!("writing images: {e}")).await,
+        };
+        match self.store.complete(id, owner, &records).await {
+            Ok(true) => {
+                info!(%id, images = records.len(), "job succeeded");
+                metrics::counter!("denoised_jobs_total", "outcome" => "succeeded").increment(1);
+                let images = records.iter().map(|r| image_info(id, r)).collect();
+                self.bus.publish(id, EventKind::Completed(CompletedEvent { images }));
+            }
+            Ok(false) => {
+                if matches!(self.store.get(id).await, Ok(None)) {
+                    info!(%id, "job was deleted while running; removing its images");
+                    let _ = self.files.remove_job(id);
+                } else {
+                    warn!(%id, "lease lost before completion; another attempt owns the job");
+                }
+            }
+            Err(e) => error!(%id, error = %e, "recording completion failed; the job will run again"),
+        }
+    }
+
+    /// Records a failure, fenced by the lease.
+    pub async fn failed(&self, id: Uuid, owner: &str, code: &str, message: &str) {
+        warn!(%id, code, message, "job failed");
+        metrics::counter!("denoised_jobs_total", "outcome" => "failed").increment(1);
+        match self.store.fail(id, owner, code, message).await {
+            Ok(true) => {
+                self.bus.publish(id, EventKind::failed(code, message));
+            }
+            Ok(false) => warn!(%id, "lease lost before the failure could be recorded"),
+            Err(e) => error!(%id, error = %e, "recording the failure failed"),
+        }
+    }
+
+    /// Shutdown stopped the job: it goes back to the queue, uncharged.
+    pub async fn handed_back(&self, id: Uuid, owner: &str) {
+        match self.store.release(id, owner).await {
+            Ok(true) => {
+                info!(%id, "job handed back to the queue");
+                let position = self.store.queue_position(id).await.ok().flatten().unwrap_or(0);
+                self.bus.publish(id, EventKind::queued(position, None));
+            }
+            Ok(false) => warn!(%id, "lease lost before the job could be handed back"),
+            Err(e) => error!(%id, error = %e, "handing the job back failed; the reaper will re-queue it"),
+        }
+    }
+
+    /// A client's cancellation stopped the running job.
+    pub async fn cancelled_while_running(&self, id: Uuid, owner: &str) {
+        match self.store.finish_cancelled(id, owner).await {
+            Ok(true) => {
+                info!(%id, "job cancelled while running");
+                self.bus.publish(id, EventKind::CANCELLED);
+            }
+            Ok(false) => info!(%id, "cancelled job was deleted or its lease lost"),
+            Err(e) => error!(%id, error = %e, "recording the cancellation failed"),
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The descriptor of a freshly written image.
+fn image_info(job: Uuid, r: &NewImage) -> ImageInfo {
+    ImageInfo {
+        index: r.index,
+        url: ImageInfo::url(job, r.index),
+        seed: r.seed,
+        width: r.width,
+        height: r.height,
+        format: r.format.clone(),
+    }
+}
