@@ -235,6 +235,9 @@ pub fn validate(state: &AppState, request: GenerateImageRequest) -> Result<(Stri
             ApiError::field("scheduler", format!("unknown scheduler `{name}`; see GET /v1/schedulers for the names"))
         })?,
     };
+    // A model's default scheduler tells its parameterisation; the other family would run and produce noise.
+    let model_kind = info.default_scheduler.parameterization();
+    scheduler.check_model(model_kind).map_err(|e| ApiError::field("scheduler", e.to_string()))?;
     // Building the schedule now turns a step count or config value the scheduler cannot take into a 422
     // instead of a job that fails later.
     crate::engine::scheduler::build(scheduler, &info.scheduler_config, steps as usize).map_err(|e| match e {
