@@ -243,6 +243,15 @@ async fn every_bad_request_gets_its_documented_json_error() {
             Some("scheduler"),
         ),
         case(
+            "flow-matching scheduler on a diffusion model",
+            Method::POST,
+            "/v1/images",
+            gen(json!({"scheduler": "flow_euler"})),
+            422,
+            "invalid_field",
+            Some("scheduler"),
+        ),
+        case(
             "prompt over the limit",
             Method::POST,
             "/v1/images",

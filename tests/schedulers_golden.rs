@@ -5,6 +5,12 @@
 //! the documented U-Net stand-in, feeding each stochastic step the noise diffusers drew for it. The chain
 //! uses this crate's own outputs throughout (never the recorded sample), so errors would accumulate.
 //!
+//! Flow-matching files (`flow_euler_*`) record the extra `set_timesteps` arguments their pipeline passed
+//! (`set_timesteps_kwargs`: Flux's `sigmas = linspace(1, 1/n, n)` and `mu`) and the `image_seq_len` behind
+//! `mu`; they are replayed through `build_with`, after checking each recorded argument against what the
+//! crate derives itself (within the same tolerance).
+//! Their img2img `noised` is `scale_noise`, which `add_noise` computes for flow schedulers.
+//!
 //! Tolerance: `|a - b| <= RTOL * max(|a|, |b|) + ATOL` with RTOL = 1e-5 and ATOL = 1e-6 for every array and
 //! every family.
 
@@ -12,7 +18,10 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use denoised::engine::rng::NoiseSource;
-use denoised::engine::scheduler::{build, parse_lenient_json, SchedulerConfig, SchedulerKind};
+use denoised::engine::scheduler::flow_euler::calculate_shift;
+use denoised::engine::scheduler::{
+    build_with, parse_lenient_json, FlowSigmas, RunOptions, SchedulerConfig, SchedulerKind,
+};
 use ndarray::{ArrayD, Axis, IxDyn};
 use serde_json::Value;
 
@@ -135,12 +144,43 @@ fn unet_stand_in(x: &ArrayD<f32>, t: f64) -> ArrayD<f32> {
     out
 }
 
+/// The run options that reproduce a file's `set_timesteps_kwargs`, after checking that each recorded argument
+/// is what `build_with` derives from them (Flux's linear sigmas, `mu` from `image_seq_len`).
+fn run_options(file: &str, g: &Value, cfg: &SchedulerConfig, n: usize, report: &mut Report) -> RunOptions {
+    let image_seq_len = g.get("image_seq_len").and_then(Value::as_u64).map(|v| v as usize);
+    let mut options = RunOptions { image_seq_len, flow_sigmas: FlowSigmas::Scheduler };
+    let Some(kwargs) = g.get("set_timesteps_kwargs").and_then(Value::as_object) else {
+        return options;
+    };
+    for (key, value) in kwargs {
+        match key.as_str() {
+            "sigmas" => {
+                // np.linspace(1, 1/n, n), as the Flux pipelines compute it.
+                let step = (1.0 / n as f64 - 1.0) / (n as f64 - 1.0).max(1.0);
+                let linear: Vec<f64> =
+                    (0..n).map(|i| if i + 1 == n { 1.0 / n as f64 } else { 1.0 + i as f64 * step }).collect();
+                report.scalars(&format!("{file}: set_timesteps sigmas"), &linear, &floats(value));
+                options.flow_sigmas = FlowSigmas::Linear;
+            }
+            "mu" => match image_seq_len.map(|len| calculate_shift(len, cfg)) {
+                Some(Ok(mu)) => report.scalars(&format!("{file}: mu"), &[mu], &[value.as_f64().expect("mu")]),
+                Some(Err(e)) => report.failures.push(format!("{file}: mu: {e}")),
+                None => report.failures.push(format!("{file}: mu recorded without image_seq_len")),
+            },
+            other => report.failures.push(format!("{file}: set_timesteps argument `{other}` not replayed")),
+        }
+    }
+    options
+}
+
 fn check_file(file: &str, report: &mut Report) {
     let g = read_json(&golden_dir().join(file));
     let class = g["scheduler_class"].as_str().expect("scheduler_class");
     let n = g["num_inference_steps"].as_u64().expect("num_inference_steps") as usize;
     let cfg = SchedulerConfig::from_value(g["config"].clone()).expect("config parses");
     let kind = SchedulerKind::from_class_name(class).unwrap_or_else(|| panic!("{file}: unknown class {class}"));
+    let options = run_options(file, &g, &cfg, n, report);
+    let build = |kind, cfg: &SchedulerConfig, n| build_with(kind, cfg, n, &options);
     let mut s = match build(kind, &cfg, n) {
         Ok(s) => s,
         Err(e) => {
@@ -215,7 +255,7 @@ fn check_file(file: &str, report: &mut Report) {
 fn every_golden_file_matches_diffusers() {
     let index = read_json(&golden_dir().join("index.json"));
     let cases = index["cases"].as_array().expect("cases");
-    assert_eq!(cases.len(), 38, "index.json lists every golden file");
+    assert_eq!(cases.len(), 45, "index.json lists every golden file");
     let mut report = Report::default();
     let mut failed_files = Vec::new();
     for case in cases {

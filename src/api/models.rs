@@ -57,7 +57,9 @@ pub async fn list_models(State(state): State<AppState>) -> AppJson<ModelList> {
             height: m.info.native_size,
             size_multiple: m.info.size_multiple,
             default_scheduler: m.info.default_scheduler.name().to_string(),
-            schedulers: SchedulerKind::all().iter().map(|k| k.name().to_string()).collect(),
+            schedulers: SchedulerKind::all_for(m.info.default_scheduler.parameterization())
+                .map(|k| k.name().to_string())
+                .collect(),
             pipeline: m.info.pipeline_class.clone(),
         })
         .collect();

@@ -9,7 +9,7 @@ use super::error::EngineError;
 use super::graph::{Element, Graph};
 use super::preview::ApproxDecoder;
 use super::runtime::SessionFactory;
-use super::scheduler::{SchedulerConfig, SchedulerKind};
+use super::scheduler::{Parameterization, SchedulerConfig, SchedulerKind};
 use super::tokenizer::ClipTokenizer;
 
 /// What a model can be asked to do.
@@ -189,6 +189,10 @@ impl ModelInfo {
             path: scheduler_path.clone(),
             message: format!("scheduler class `{class}` is not supported"),
         })?;
+        // Every supported pipeline runs a diffusion U-Net: a flow-matching default scheduler would produce noise.
+        default_scheduler
+            .check_model(Parameterization::Diffusion)
+            .map_err(|e| model_err(format!("{e} (pipeline `{pipeline_class}`)")))?;
         // Building once checks every config value now rather than at the first request.
         super::scheduler::build(default_scheduler, &scheduler_config, 10)
             .map_err(|e| EngineError::Model { path: scheduler_path, message: e.to_string() })?;
@@ -353,5 +357,19 @@ mod tests {
         assert!(capabilities_for(9, 4, false).unwrap_err().contains("vae_encoder"));
         assert!(capabilities_for(8, 4, false).unwrap_err().contains("vae_encoder"));
         assert!(capabilities_for(7, 4, true).unwrap_err().contains("7 channels"));
+    }
+
+    #[test]
+    fn a_diffusion_pipeline_with_a_flow_matching_scheduler_does_not_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
+        std::fs::create_dir(dir.path().join("scheduler")).unwrap();
+        std::fs::write(
+            dir.path().join("scheduler").join("scheduler_config.json"),
+            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}"#,
+        )
+        .unwrap();
+        let err = ModelInfo::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("needs a flow-matching model") && err.contains("StableDiffusionPipeline"), "{err}");
     }
 }

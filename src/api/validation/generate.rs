@@ -133,6 +133,9 @@ fn scheduler(info: &ModelInfo, name: Option<&str>, steps: u32) -> Result<Schedul
             )
         })?,
     };
+    // A model's default scheduler tells its parameterisation; the other family would run and produce noise.
+    kind.check_model(info.default_scheduler.parameterization())
+        .map_err(|e| ValidationError::field("scheduler", e.to_string()))?;
     scheduler::build(kind, &info.scheduler_config, steps as usize).map_err(|e| match e {
         SchedulerError::InvalidSteps { .. } => ValidationError::field("steps", e.to_string()),
         other => ValidationError::field("scheduler", format!("{} cannot run this model: {other}", kind.name())),
@@ -217,6 +220,7 @@ mod tests {
             ("guidance_scale", json!({"guidance_scale": 51.0})),
             ("guidance_rescale", json!({"guidance_rescale": 1.5})),
             ("scheduler", json!({"scheduler": "warp"})),
+            ("scheduler", json!({"scheduler": "flow_euler"})),
             ("n", json!({"n": 9})),
             ("output_quality", json!({"output_quality": 0})),
             ("preview_every", json!({"preview_every": 30})),

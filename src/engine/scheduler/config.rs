@@ -46,8 +46,27 @@ pub struct SchedulerConfig {
     pub use_lu_lambdas: Option<bool>,
     /// Flow-matching sigmas (not implemented: an error when true).
     pub use_flow_sigmas: Option<bool>,
-    /// Resolution-dependent shifting (not implemented: an error when true).
+    /// Flow matching: shift sigmas by `mu` from the image sequence length (Flux) instead of by `shift`
+    /// (DPM-Solver and UniPC do not implement it: an error when true there).
     pub use_dynamic_shifting: Option<bool>,
+    /// Flow matching: the static shift `s` of `s * sigma / (1 + (s - 1) * sigma)` (SD3: 3.0).
+    pub shift: Option<f64>,
+    /// Flow matching: `mu` at `base_image_seq_len` tokens (dynamic shifting).
+    pub base_shift: Option<f64>,
+    /// Flow matching: `mu` at `max_image_seq_len` tokens (dynamic shifting).
+    pub max_shift: Option<f64>,
+    /// Flow matching: the sequence length where `mu = base_shift`.
+    pub base_image_seq_len: Option<usize>,
+    /// Flow matching: the sequence length where `mu = max_shift`.
+    pub max_image_seq_len: Option<usize>,
+    /// Flow matching: `exponential` or `linear` form of the dynamic shift (only `exponential` is implemented).
+    pub time_shift_type: Option<String>,
+    /// Flow matching: use `1 - sigma` (not implemented: an error when true).
+    pub invert_sigmas: Option<bool>,
+    /// Flow matching: stretch the schedule to end at this sigma (not implemented: an error when set).
+    pub shift_terminal: Option<f64>,
+    /// Flow matching: re-noise each step with fresh noise (not implemented: an error when true).
+    pub stochastic_sampling: Option<bool>,
     /// Rescale betas to zero terminal SNR (Lin et al. 2023).
     pub rescale_betas_zero_snr: Option<bool>,
     /// Use alpha_cumprod = 1 for the step past the last timestep (DDIM, PNDM, LCM).

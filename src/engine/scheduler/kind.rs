@@ -1,5 +1,7 @@
-//! The scheduler names a request may use, their A1111 aliases, and the model-default mapping from a
-//! diffusers `_class_name`.
+//! The scheduler names a request may use, their A1111 aliases, the model-default mapping from a diffusers
+//! `_class_name`, and which kind of model (diffusion or flow matching) each scheduler can drive.
+
+use super::error::SchedulerError;
 
 /// One selectable sampler: a diffusers scheduler class plus the config overrides its name implies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +28,31 @@ pub enum SchedulerKind {
     UniPc,
     /// `LCMScheduler`.
     Lcm,
+    /// `FlowMatchEulerDiscreteScheduler`: the flow-matching Euler sampler of SD3 and Flux.
+    FlowEuler,
+}
+
+/// What a model's denoiser was trained to predict, which decides the schedulers that can drive it.
+///
+/// The two families are not interchangeable: a diffusion scheduler on a flow model (or the reverse) runs
+/// without any error and produces noise, so the server must refuse the mismatch up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Parameterization {
+    /// A noise-prediction diffusion model (epsilon, v or sample prediction on a beta schedule): SD 1.x/2.x,
+    /// SDXL, LCM.
+    Diffusion,
+    /// A rectified-flow model predicting the velocity `noise - x0`: SD3, Flux.
+    FlowMatching,
+}
+
+impl Parameterization {
+    /// The kind of model, in words, for error messages.
+    pub fn model_description(self) -> &'static str {
+        match self {
+            Self::Diffusion => "a diffusion (noise-prediction) model such as SD 1.x/2.x or SDXL",
+            Self::FlowMatching => "a flow-matching model such as SD3 or Flux",
+        }
+    }
 }
 
 /// A catalogue entry, e.g. for `GET /v1/schedulers`.
@@ -43,7 +70,7 @@ pub struct SchedulerInfo {
     pub description: &'static str,
 }
 
-const ALL: [SchedulerKind; 11] = [
+const ALL: [SchedulerKind; 12] = [
     SchedulerKind::Ddim,
     SchedulerKind::Pndm,
     SchedulerKind::Ddpm,
@@ -55,12 +82,38 @@ const ALL: [SchedulerKind; 11] = [
     SchedulerKind::Dpmpp2mSdeKarras,
     SchedulerKind::UniPc,
     SchedulerKind::Lcm,
+    SchedulerKind::FlowEuler,
 ];
 
 impl SchedulerKind {
     /// Every kind, in catalogue order.
     pub fn all() -> &'static [SchedulerKind] {
         &ALL
+    }
+
+    /// The kinds that can drive a model of parameterisation `p`, in catalogue order (what a model lists and
+    /// accepts).
+    pub fn all_for(p: Parameterization) -> impl Iterator<Item = SchedulerKind> {
+        ALL.into_iter().filter(move |k| k.parameterization() == p)
+    }
+
+    /// The kind of model this scheduler can drive.
+    pub fn parameterization(self) -> Parameterization {
+        match self {
+            Self::FlowEuler => Parameterization::FlowMatching,
+            _ => Parameterization::Diffusion,
+        }
+    }
+
+    /// `Ok` when this scheduler can drive a model of parameterisation `model`; otherwise the error a request
+    /// should report on its `scheduler` field.
+    pub fn check_model(self, model: Parameterization) -> Result<(), SchedulerError> {
+        let needs = self.parameterization();
+        if needs == model {
+            Ok(())
+        } else {
+            Err(SchedulerError::WrongParameterization { scheduler: self.name(), needs, model })
+        }
     }
 
     /// The canonical request name.
@@ -77,6 +130,7 @@ impl SchedulerKind {
             Self::Dpmpp2mSdeKarras => "dpmpp_2m_sde_karras",
             Self::UniPc => "unipc",
             Self::Lcm => "lcm",
+            Self::FlowEuler => "flow_euler",
         }
     }
 
@@ -94,6 +148,7 @@ impl SchedulerKind {
             Self::Dpmpp2mSdeKarras => &["DPM++ 2M SDE Karras"],
             Self::UniPc => &["UniPC"],
             Self::Lcm => &["LCM"],
+            Self::FlowEuler => &["Euler (flow matching)", "FlowMatchEuler", "flow_match_euler"],
         }
     }
 
@@ -109,6 +164,7 @@ impl SchedulerKind {
             Self::Dpmpp2m | Self::Dpmpp2mKarras | Self::Dpmpp2mSdeKarras => "DPMSolverMultistepScheduler",
             Self::UniPc => "UniPCMultistepScheduler",
             Self::Lcm => "LCMScheduler",
+            Self::FlowEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
 
@@ -130,6 +186,9 @@ impl SchedulerKind {
             }
             Self::UniPc => "UniPC predictor-corrector: among the best quality at very few steps (5-10).",
             Self::Lcm => "For latent-consistency (LCM/LCM-LoRA) models only: 1-8 steps, guidance near 1.",
+            Self::FlowEuler => {
+                "For flow-matching models only (SD3, Flux): Euler on the rectified flow, their shipped default."
+            }
         }
     }
 
@@ -153,6 +212,7 @@ impl SchedulerKind {
             "DPMSolverMultistepScheduler" => Some(Self::Dpmpp2m),
             "UniPCMultistepScheduler" => Some(Self::UniPc),
             "LCMScheduler" => Some(Self::Lcm),
+            "FlowMatchEulerDiscreteScheduler" => Some(Self::FlowEuler),
             _ => None,
         }
     }
@@ -197,9 +257,45 @@ mod tests {
     #[test]
     fn class_names_round_trip_and_catalogue_is_complete() {
         assert_eq!(SchedulerKind::from_class_name("EulerDiscreteScheduler"), Some(SchedulerKind::Euler));
-        assert_eq!(SchedulerKind::from_class_name("FlowMatchEulerDiscreteScheduler"), None);
+        assert_eq!(SchedulerKind::from_class_name("FlowMatchEulerDiscreteScheduler"), Some(SchedulerKind::FlowEuler));
+        assert_eq!(SchedulerKind::from_class_name("FlowMatchHeunDiscreteScheduler"), None);
         let cat = catalogue();
-        assert_eq!(cat.len(), 11);
+        assert_eq!(cat.len(), 12);
         assert!(cat.iter().all(|i| !i.description.is_empty()));
+    }
+}
+
+#[cfg(test)]
+mod parameterization_tests {
+    use super::*;
+
+    #[test]
+    fn each_model_family_lists_only_its_own_schedulers() {
+        let diffusion: Vec<_> = SchedulerKind::all_for(Parameterization::Diffusion).collect();
+        let flow: Vec<_> = SchedulerKind::all_for(Parameterization::FlowMatching).collect();
+        assert_eq!(flow, [SchedulerKind::FlowEuler]);
+        assert_eq!(diffusion.len(), 11);
+        assert!(!diffusion.contains(&SchedulerKind::FlowEuler));
+        assert_eq!(diffusion.len() + flow.len(), SchedulerKind::all().len());
+    }
+
+    #[test]
+    fn a_mismatch_is_an_error_naming_what_the_scheduler_needs() {
+        assert_eq!(SchedulerKind::FlowEuler.check_model(Parameterization::FlowMatching), Ok(()));
+        assert_eq!(SchedulerKind::Euler.check_model(Parameterization::Diffusion), Ok(()));
+        let err = SchedulerKind::FlowEuler.check_model(Parameterization::Diffusion).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("flow_euler") && text.contains("needs a flow-matching model"), "{text}");
+        let err = SchedulerKind::Dpmpp2mKarras.check_model(Parameterization::FlowMatching).unwrap_err();
+        assert!(err.to_string().contains("needs a diffusion"), "{err}");
+    }
+
+    #[test]
+    fn flow_euler_resolves_from_its_names() {
+        for name in ["flow_euler", "Euler (flow matching)", "flowmatcheuler", "FLOW_MATCH_EULER"] {
+            assert_eq!(SchedulerKind::from_request_name(name), Some(SchedulerKind::FlowEuler), "{name}");
+        }
+        // Plain "Euler" stays the diffusion Euler.
+        assert_eq!(SchedulerKind::from_request_name("Euler"), Some(SchedulerKind::Euler));
     }
 }

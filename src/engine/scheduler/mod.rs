@@ -18,6 +18,11 @@
 //!
 //! One file per algorithm family; the Karras and SDE variants of DPM-Solver++ are config overrides applied
 //! by [`build`], as A1111's sampler names imply.
+//!
+//! Flow-matching models (SD3, Flux) use [`flow_euler`]: the loop is the same, with `init_noise_sigma` 1, no
+//! input scaling, and img2img noising by `add_noise` = diffusers' `scale_noise`. Their schedule can depend on
+//! the image size (Flux's dynamic shift), so they are built with [`build_with`] and a [`RunOptions`].
+//! [`SchedulerKind::parameterization`] tells which models a scheduler can drive.
 
 pub mod betas;
 pub mod config;
@@ -27,6 +32,7 @@ pub mod dpmpp_2m;
 pub mod error;
 pub mod euler;
 pub mod euler_a;
+pub mod flow_euler;
 pub mod heun;
 pub mod kind;
 pub mod lcm;
@@ -41,7 +47,7 @@ use super::rng::NoiseSource;
 
 pub use config::{parse_lenient_json, SchedulerConfig};
 pub use error::SchedulerError;
-pub use kind::{catalogue, SchedulerInfo, SchedulerKind};
+pub use kind::{catalogue, Parameterization, SchedulerInfo, SchedulerKind};
 
 /// Result of one denoiser call.
 #[derive(Debug, Clone)]
@@ -91,19 +97,22 @@ pub trait Scheduler: Send {
     }
 
     /// The sigma of each call plus the final one, for the sigma-parameterised families (Euler, Euler a,
-    /// Heun, DPM-Solver, UniPC); `None` for the alpha-parameterised ones (DDIM, PNDM, DDPM, LCM).
+    /// Heun, DPM-Solver, UniPC) and flow matching (where sigma runs from 1, pure noise, to 0); `None` for the
+    /// alpha-parameterised ones (DDIM, PNDM, DDPM, LCM).
     fn sigmas(&self) -> Option<&[f64]> {
         None
     }
 
     /// img2img: the first call index to run for `strength` in (0, 1], as diffusers' `get_timesteps` computes
-    /// it (`t_start = n - min(int(n * strength), n)`, times `order`).
+    /// it (`t_start = n - min(int(n * strength), n)`, times `order`; the flow-matching pipelines truncate
+    /// later, see [`flow_euler`]).
     fn start_call_for_strength(&self, strength: f64) -> Result<usize, SchedulerError> {
         start_call(self.num_inference_steps(), self.order(), self.timesteps().len(), strength)
     }
 
     /// Noises clean latents `original` to the noise level of call `call` (img2img's starting sample, or
-    /// inpainting's re-noised known region), as diffusers' `add_noise` does for that call's timestep.
+    /// inpainting's re-noised known region), as diffusers' `add_noise` does for that call's timestep
+    /// (`scale_noise` for flow matching, which the SD3/Flux img2img pipelines call instead).
     fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32>;
 }
 
@@ -129,15 +138,53 @@ pub fn start_call(
     Ok(start)
 }
 
+/// What a pipeline passes to `set_timesteps` besides the step count, for the schedulers whose schedule
+/// depends on the run (flow matching). The diffusion families ignore it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// The number of image tokens the transformer sees: `(h / p) * (w / p)` for latents `h x w` and patch
+    /// size `p` (Flux packs 2x2 patches: 4096 for 1024x1024 images, 16 for 64x64; SD3 uses its
+    /// `patch_size`). Flow schedulers with `use_dynamic_shifting` derive their shift `mu` from it, as the
+    /// pipelines' `calculate_shift` does; without it they fail with [`SchedulerError::MissingImageSeqLen`].
+    pub image_seq_len: Option<usize>,
+    /// Which sigmas a flow-matching pipeline hands to `set_timesteps` (SD3 and Flux differ).
+    pub flow_sigmas: FlowSigmas,
+}
+
+/// The starting sigmas of a flow-matching run, before shifting: diffusers' SD3 and Flux pipelines differ here,
+/// and the difference changes every timestep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlowSigmas {
+    /// `set_timesteps(n)` without sigmas (SD3): the scheduler's own linspace between the ends of its training
+    /// schedule (already shifted when the shift is static), then shifted.
+    #[default]
+    Scheduler,
+    /// `sigmas = np.linspace(1, 1/n, n)` passed to `set_timesteps` (Flux).
+    Linear,
+}
+
 /// Builds `kind` from a model's scheduler config and sets `num_inference_steps`, like diffusers'
 /// `Class.from_config(model_config)` followed by `set_timesteps(n)`.
 ///
 /// The kind may differ from the config's `_class_name`; fields the class does not take are ignored. The
 /// Karras variants force `use_karras_sigmas=true` and the SDE variant `algorithm_type="sde-dpmsolver++"`.
+/// Equivalent to [`build_with`] and default [`RunOptions`] (no image sequence length, SD3-style sigmas).
 pub fn build(
     kind: SchedulerKind,
     config: &SchedulerConfig,
     num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    build_with(kind, config, num_inference_steps, &RunOptions::default())
+}
+
+/// [`build`] for a run whose schedule depends on more than the step count: flow matching with dynamic
+/// shifting (Flux) needs [`RunOptions::image_seq_len`], and Flux's own sigmas are
+/// [`FlowSigmas::Linear`].
+pub fn build_with(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    options: &RunOptions,
 ) -> Result<Box<dyn Scheduler>, SchedulerError> {
     if num_inference_steps == 0 {
         return Err(SchedulerError::InvalidSteps {
@@ -171,6 +218,7 @@ pub fn build(
         }
         SchedulerKind::UniPc => Box::new(unipc::UniPc::new(&cfg, n)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&cfg, n)?),
+        SchedulerKind::FlowEuler => Box::new(flow_euler::FlowMatchEuler::new(&cfg, n, options)?),
     })
 }
 
