@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use denoised::engine::rng::NoiseSource;
 use denoised::engine::scheduler::flow_euler::calculate_shift;
 use denoised::engine::scheduler::{
-    build_with, parse_lenient_json, FlowSigmas, RunOptions, SchedulerConfig, SchedulerKind,
+    build_with, parse_lenient_json, FlowSigmas, RunOptions, SchedulerConfig, SchedulerKind, StepInput,
 };
 use ndarray::{ArrayD, Axis, IxDyn};
 use serde_json::Value;
@@ -215,7 +215,7 @@ fn check_file(file: &str, report: &mut Report) {
         report.array(&at("model_output"), &output, &tensor(&rec["model_output"]));
         let draws = rec.get("noise").and_then(Value::as_array).map(|d| d.iter().map(tensor).collect());
         let mut replay = Replay { draws: draws.unwrap_or_default(), error: None };
-        let out = s.step(output.view(), call, sample.view(), &mut replay);
+        let out = s.step(StepInput::new(call, output.view(), sample.view()), &mut replay);
         if let Some(e) = replay.error {
             report.failures.push(at(&format!("noise: {e}")));
         }

@@ -15,7 +15,7 @@ use crate::engine::error::EngineError;
 use crate::engine::graph::Feed;
 use crate::engine::model::LoadedModel;
 use crate::engine::rng::NoiseSource;
-use crate::engine::scheduler::Scheduler;
+use crate::engine::scheduler::{Scheduler, StepInput};
 
 /// How the U-Net batch is laid out and its predictions combined.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -167,7 +167,8 @@ pub(super) fn denoise(
             });
         }
         let prediction = run.guidance.combine(predicted, n);
-        let out = scheduler.step(prediction.view(), call, latents.view(), noise as &mut dyn NoiseSource);
+        let out =
+            scheduler.step(StepInput::new(call, prediction.view(), latents.view()), noise as &mut dyn NoiseSource);
         latents = out.prev_sample;
         if let Some(blend) = &run.blend {
             let next = (call + 1 < calls).then_some(call + 1);

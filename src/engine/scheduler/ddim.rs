@@ -7,7 +7,7 @@ use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 use super::error::SchedulerError;
 use super::ops::{alpha_add_noise, map2, X0Bound};
 use super::sigmas::integer_timesteps;
-use super::{Scheduler, StepOutput};
+use super::{Scheduler, StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "DDIMScheduler";
@@ -105,13 +105,8 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step(&mut self, input: StepInput<'_>, _noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         let t = self.ts[call];
         let prev = t - self.stride;
         let a_t = self.acp[t as usize] as f64;

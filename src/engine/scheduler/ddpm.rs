@@ -9,7 +9,7 @@ use super::ddim::{check_timesteps, x0_and_eps, x0_bound};
 use super::error::SchedulerError;
 use super::ops::{alpha_add_noise, draw_noise, map2, map3, X0Bound};
 use super::sigmas::integer_timesteps;
-use super::{Scheduler, StepOutput};
+use super::{Scheduler, StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "DDPMScheduler";
@@ -68,13 +68,8 @@ impl Scheduler for Ddpm {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step(&mut self, input: StepInput<'_>, noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         let t = self.ts[call];
         let prev = self.ts.get(call + 1).copied().unwrap_or(-1);
         let a_t = self.acp[t as usize] as f64;

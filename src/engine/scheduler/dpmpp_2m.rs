@@ -8,7 +8,7 @@ use super::config::{reject_flag, unsupported, FinalSigmas, PredictionType, Sched
 use super::error::SchedulerError;
 use super::ops::{draw_noise, map2, map3, map4, X0Bound};
 use super::sigmas::{interp, karras, log_sigmas, multistep_timesteps, sigma_to_t};
-use super::{Scheduler, StepOutput};
+use super::{Scheduler, StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -49,6 +49,96 @@ pub(crate) fn threshold_bound(cfg: &SchedulerConfig) -> X0Bound {
     }
 }
 
+/// The solver a config asks for; options this implementation does not reproduce are errors.
+struct Solver {
+    sde: bool,
+    heun: bool,
+    order: usize,
+}
+
+fn solver(cfg: &SchedulerConfig) -> Result<Solver, SchedulerError> {
+    for (flag, name) in [
+        (cfg.use_exponential_sigmas, "use_exponential_sigmas"),
+        (cfg.use_beta_sigmas, "use_beta_sigmas"),
+        (cfg.use_lu_lambdas, "use_lu_lambdas"),
+        (cfg.use_flow_sigmas, "use_flow_sigmas"),
+        (cfg.use_dynamic_shifting, "use_dynamic_shifting"),
+    ] {
+        reject_flag(flag, name, CLASS)?;
+    }
+    let sde = match cfg.algorithm_type.as_deref() {
+        None | Some("dpmsolver++") | Some("deis") => false,
+        Some("sde-dpmsolver++") => true,
+        Some(other) => return Err(unsupported("algorithm_type", other, CLASS)),
+    };
+    let heun = match cfg.solver_type.as_deref() {
+        None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => false,
+        Some("heun") => true,
+        Some(other) => return Err(unsupported("solver_type", other, CLASS)),
+    };
+    let order = cfg.solver_order.unwrap_or(2);
+    if !(1..=3).contains(&order) {
+        return Err(unsupported("solver_order", order, CLASS));
+    }
+    if let Some(v @ ("learned" | "learned_range")) = cfg.variance_type.as_deref() {
+        return Err(unsupported("variance_type", v, CLASS));
+    }
+    Ok(Solver { sde, heun, order })
+}
+
+/// `set_timesteps(n)`: the timesteps, the sigmas (plus the final one, float32 values) and the final-sigma
+/// rule.
+fn schedule(cfg: &SchedulerConfig, n: usize) -> Result<(Vec<f64>, Vec<f64>, FinalSigmas), SchedulerError> {
+    let acp = alphas_cumprod(cfg, &BetaSpec::linear(CLASS, Rescale::TerminalEpsilon))?;
+    let train = cfg.checked_train_steps(n, CLASS)?;
+    let spacing = cfg.spacing(TimestepSpacing::Linspace, CLASS)?;
+    // lambda_min_clipped: searchsorted over the ascending (flipped) lambda(t).
+    let clip = cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY);
+    let clipped_idx = acp
+        .iter()
+        .filter(|&&a| {
+            let lambda = a.sqrt().ln() - (1.0 - a).sqrt().ln();
+            (lambda as f64) < clip
+        })
+        .count();
+    let last_timestep = train - clipped_idx;
+    let full = train_sigmas(&acp);
+    let mut ts: Vec<f64> =
+        multistep_timesteps(spacing, n, train, last_timestep, cfg.offset()).into_iter().map(|t| t as f64).collect();
+    let mut sigmas: Vec<f64>;
+    if cfg.use_karras_sigmas.unwrap_or(false) {
+        let logs = log_sigmas(&full);
+        sigmas = karras(full[0] as f64, full[train - 1] as f64, n);
+        let round = cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
+        ts = sigmas
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t(s, &logs);
+                if round {
+                    t.round_ties_even()
+                } else {
+                    t.trunc()
+                }
+            })
+            .collect();
+    } else {
+        sigmas = ts.iter().map(|&t| interp(t, &full)).collect();
+    }
+    if ts.iter().any(|&t| t < 0.0 || t >= train as f64) {
+        return Err(SchedulerError::InvalidSteps {
+            class: CLASS,
+            steps: n,
+            reason: "a timestep falls outside the training schedule (check steps_offset)".into(),
+        });
+    }
+    let final_sigmas = cfg.final_sigmas(CLASS)?;
+    sigmas.push(match final_sigmas {
+        FinalSigmas::Zero => 0.0,
+        FinalSigmas::SigmaMin => full[0] as f64,
+    });
+    Ok((ts, sigmas.into_iter().map(|s| s as f32 as f64).collect(), final_sigmas))
+}
+
 /// A configured DPM-Solver++ run.
 #[derive(Debug, Clone)]
 pub struct DpmSolverMultistep {
@@ -70,85 +160,12 @@ pub struct DpmSolverMultistep {
 impl DpmSolverMultistep {
     /// `DPMSolverMultistepScheduler.from_config(cfg)` then `set_timesteps(n)`.
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self, SchedulerError> {
-        for (flag, name) in [
-            (cfg.use_exponential_sigmas, "use_exponential_sigmas"),
-            (cfg.use_beta_sigmas, "use_beta_sigmas"),
-            (cfg.use_lu_lambdas, "use_lu_lambdas"),
-            (cfg.use_flow_sigmas, "use_flow_sigmas"),
-            (cfg.use_dynamic_shifting, "use_dynamic_shifting"),
-        ] {
-            reject_flag(flag, name, CLASS)?;
-        }
-        let sde = match cfg.algorithm_type.as_deref() {
-            None | Some("dpmsolver++") | Some("deis") => false,
-            Some("sde-dpmsolver++") => true,
-            Some(other) => return Err(unsupported("algorithm_type", other, CLASS)),
-        };
-        let heun = match cfg.solver_type.as_deref() {
-            None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => false,
-            Some("heun") => true,
-            Some(other) => return Err(unsupported("solver_type", other, CLASS)),
-        };
-        let order = cfg.solver_order.unwrap_or(2);
-        if !(1..=3).contains(&order) {
-            return Err(unsupported("solver_order", order, CLASS));
-        }
-        if let Some(v @ ("learned" | "learned_range")) = cfg.variance_type.as_deref() {
-            return Err(unsupported("variance_type", v, CLASS));
-        }
+        let Solver { sde, heun, order } = solver(cfg)?;
         let prediction =
             cfg.prediction(CLASS, &[PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample])?;
-        let spec = BetaSpec::linear(CLASS, Rescale::TerminalEpsilon);
-        let acp = alphas_cumprod(cfg, &spec)?;
-        let train = cfg.checked_train_steps(n, CLASS)?;
-        let spacing = cfg.spacing(TimestepSpacing::Linspace, CLASS)?;
-        // lambda_min_clipped: searchsorted over the ascending (flipped) lambda(t).
-        let clip = cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY);
-        let clipped_idx = acp
-            .iter()
-            .filter(|&&a| {
-                let lambda = a.sqrt().ln() - (1.0 - a).sqrt().ln();
-                (lambda as f64) < clip
-            })
-            .count();
-        let last_timestep = train - clipped_idx;
-        let full = train_sigmas(&acp);
-        let mut ts: Vec<f64> =
-            multistep_timesteps(spacing, n, train, last_timestep, cfg.offset()).into_iter().map(|t| t as f64).collect();
-        let mut sigmas: Vec<f64>;
-        if cfg.use_karras_sigmas.unwrap_or(false) {
-            let logs = log_sigmas(&full);
-            sigmas = karras(full[0] as f64, full[train - 1] as f64, n);
-            let round = cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
-            ts = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &logs);
-                    if round {
-                        t.round_ties_even()
-                    } else {
-                        t.trunc()
-                    }
-                })
-                .collect();
-        } else {
-            sigmas = ts.iter().map(|&t| interp(t, &full)).collect();
-        }
-        if ts.iter().any(|&t| t < 0.0 || t >= train as f64) {
-            return Err(SchedulerError::InvalidSteps {
-                class: CLASS,
-                steps: n,
-                reason: "a timestep falls outside the training schedule (check steps_offset)".into(),
-            });
-        }
-        let final_sigmas = cfg.final_sigmas(CLASS)?;
-        sigmas.push(match final_sigmas {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => full[0] as f64,
-        });
-        let sigmas = sigmas.into_iter().map(|s| s as f32 as f64).collect();
+        let (timesteps, sigmas, final_sigmas) = schedule(cfg, n)?;
         Ok(Self {
-            timesteps: ts,
+            timesteps,
             sigmas,
             n,
             prediction,
@@ -263,13 +280,8 @@ impl Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step(&mut self, input: StepInput<'_>, noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         let len = self.timesteps.len();
         let lower_final =
             call == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);

@@ -6,9 +6,10 @@ use ndarray::{ArrayD, ArrayViewD};
 use super::betas::{alphas_cumprod, train_sigmas, BetaSpec, Rescale};
 use super::config::{reject_flag, unsupported, FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::error::SchedulerError;
-use super::ops::{map1, map2_f32, sigma_add_noise};
+use super::ops::{map1, map2_f32};
+use super::sigma_run::{SigmaRun, SigmaStepper};
 use super::sigmas::{float_timesteps, interp, karras, log_sigmas, sigma_to_t};
-use super::{Scheduler, StepOutput};
+use super::{StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "EulerDiscreteScheduler";
@@ -106,10 +107,7 @@ pub(crate) fn sigma_x0(
 /// A configured Euler run.
 #[derive(Debug, Clone)]
 pub struct Euler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    init_sigma: f64,
-    prediction: PredictionType,
+    run: SigmaRun,
 }
 
 impl Euler {
@@ -142,48 +140,22 @@ impl Euler {
         } else {
             sched.timesteps
         };
-        Ok(Self {
-            init_sigma: sigma_init_noise(cfg, &sched.sigmas, CLASS),
-            timesteps,
-            sigmas: sched.sigmas,
-            prediction,
-        })
+        Ok(Self { run: SigmaRun::new(cfg, CLASS, timesteps, sched.sigmas, prediction) })
     }
 }
 
-impl Scheduler for Euler {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+impl SigmaStepper for Euler {
+    fn run(&self) -> &SigmaRun {
+        &self.run
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_sigma
-    }
-
-    fn scale_model_input(&self, sample: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        scale_by_sigma(&sample, self.sigmas[call])
-    }
-
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
-        let sigma = self.sigmas[call];
-        let x0 = sigma_x0(self.prediction, sigma, &model_output, &sample);
+    fn step_sigma(&mut self, input: StepInput<'_>, _noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
+        let sigma = self.run.sigmas[call];
+        let x0 = self.run.x0(sigma, &model_output, &sample);
         let s = sigma as f32;
-        let dt = self.sigmas[call + 1] as f32 - s;
+        let dt = self.run.sigmas[call + 1] as f32 - s;
         let prev_sample = map2_f32(&sample, &x0.view(), |x, x0| x + (x - x0) / s * dt);
         StepOutput { prev_sample, pred_original_sample: Some(x0) }
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        sigma_add_noise(self.sigmas[call], &original, &noise)
     }
 }

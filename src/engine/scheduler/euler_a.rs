@@ -1,14 +1,13 @@
 //! `EulerAncestralDiscreteScheduler`: Euler steps down to `sigma_down`, then fresh noise back up to the
 //! next sigma (k-diffusion's `sample_euler_ancestral`, eta = 1).
 
-use ndarray::{ArrayD, ArrayViewD};
-
 use super::betas::{BetaSpec, Rescale};
 use super::config::{PredictionType, SchedulerConfig};
 use super::error::SchedulerError;
-use super::euler::{scale_by_sigma, sigma_init_noise, sigma_schedule, sigma_x0, SigmaOptions};
-use super::ops::{draw_noise, map3_f32, sigma_add_noise};
-use super::{Scheduler, StepOutput};
+use super::euler::{sigma_schedule, SigmaOptions};
+use super::ops::{draw_noise, map3_f32};
+use super::sigma_run::{SigmaRun, SigmaStepper};
+use super::{StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "EulerAncestralDiscreteScheduler";
@@ -16,10 +15,7 @@ const CLASS: &str = "EulerAncestralDiscreteScheduler";
 /// A configured Euler ancestral run.
 #[derive(Debug, Clone)]
 pub struct EulerAncestral {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    init_sigma: f64,
-    prediction: PredictionType,
+    run: SigmaRun,
 }
 
 impl EulerAncestral {
@@ -34,38 +30,20 @@ impl EulerAncestral {
             sigma_bounds: false,
         };
         let sched = sigma_schedule(cfg, n, &opts)?;
-        Ok(Self {
-            init_sigma: sigma_init_noise(cfg, &sched.sigmas, CLASS),
-            timesteps: sched.timesteps,
-            sigmas: sched.sigmas,
-            prediction,
-        })
+        Ok(Self { run: SigmaRun::new(cfg, CLASS, sched.timesteps, sched.sigmas, prediction) })
     }
 }
 
-impl Scheduler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+impl SigmaStepper for EulerAncestral {
+    fn run(&self) -> &SigmaRun {
+        &self.run
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_sigma
-    }
-
-    fn scale_model_input(&self, sample: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        scale_by_sigma(&sample, self.sigmas[call])
-    }
-
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
-        let sigma = self.sigmas[call];
-        let (from, to) = (sigma, self.sigmas[call + 1]);
-        let x0 = sigma_x0(self.prediction, sigma, &model_output, &sample);
+    fn step_sigma(&mut self, input: StepInput<'_>, noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
+        let sigma = self.run.sigmas[call];
+        let (from, to) = (sigma, self.run.sigmas[call + 1]);
+        let x0 = self.run.x0(sigma, &model_output, &sample);
         let (from, to) = (from as f32, to as f32);
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
@@ -74,13 +52,5 @@ impl Scheduler for EulerAncestral {
         let z = draw_noise(noise, model_output.shape());
         let prev_sample = map3_f32(&sample, &x0.view(), &z.view(), |x, x0, z| x + (x - x0) / s * dt + z * up);
         StepOutput { prev_sample, pred_original_sample: Some(x0) }
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        sigma_add_noise(self.sigmas[call], &original, &noise)
     }
 }

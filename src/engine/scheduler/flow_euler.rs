@@ -20,7 +20,7 @@ use super::config::{reject_flag, unsupported, SchedulerConfig};
 use super::error::SchedulerError;
 use super::ops::map2_f32;
 use super::sigmas::np_linspace;
-use super::{FlowSigmas, RunOptions, Scheduler, StepOutput};
+use super::{FlowSigmas, RunOptions, Scheduler, StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "FlowMatchEulerDiscreteScheduler";
@@ -205,13 +205,8 @@ impl Scheduler for FlowMatchEuler {
 
     /// `prev = sample + (sigma_next - sigma) * model_output` in float32; the clean estimate
     /// `sample - sigma * model_output` (what diffusers' stochastic variant computes) is returned for previews.
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step(&mut self, input: StepInput<'_>, _noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         let sigma = self.sigmas[call] as f32;
         let dt = self.sigmas[call + 1] as f32 - sigma;
         let prev_sample = map2_f32(&sample, &model_output, |x, v| x + dt * v);
@@ -361,7 +356,7 @@ mod tests {
         let mut s = FlowMatchEuler::new(&sd3(), 6, &RunOptions::default()).expect("builds");
         let mut x = noise.clone();
         for call in 0..s.timesteps().len() {
-            let out = s.step(velocity.view(), call, x.view(), &mut SeededNoise::new(0));
+            let out = s.step(StepInput::new(call, velocity.view(), x.view()), &mut SeededNoise::new(0));
             let x0_hat = out.pred_original_sample.expect("estimate");
             assert!(x0_hat.iter().zip(&x0).all(|(a, b)| (a - b).abs() < 1e-5), "call {call}: {x0_hat}");
             x = out.prev_sample;

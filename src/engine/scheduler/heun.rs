@@ -2,15 +2,16 @@
 //! Each step but the last makes two U-Net calls (an Euler predictor and a trapezoidal corrector), so a run
 //! of N steps makes 2N-1 calls.
 
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::ArrayD;
 
 use super::betas::{BetaSpec, Rescale};
 use super::config::{reject_flag, PredictionType, SchedulerConfig};
 use super::ddim::x0_bound_clip_only;
 use super::error::SchedulerError;
-use super::euler::{scale_by_sigma, sigma_init_noise, sigma_schedule, sigma_x0, SigmaOptions};
-use super::ops::{map2, map3, sigma_add_noise, X0Bound};
-use super::{Scheduler, StepOutput};
+use super::euler::{sigma_schedule, SigmaOptions};
+use super::ops::{map2, map3, X0Bound};
+use super::sigma_run::{SigmaRun, SigmaStepper};
+use super::{StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "HeunDiscreteScheduler";
@@ -26,11 +27,8 @@ struct Pending {
 /// A configured Heun run.
 #[derive(Debug, Clone)]
 pub struct Heun {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    init_sigma: f64,
+    run: SigmaRun,
     n: usize,
-    prediction: PredictionType,
     bound: X0Bound,
     pending: Option<Pending>,
 }
@@ -69,42 +67,26 @@ impl Heun {
             timesteps.extend([t, t]);
         }
         Ok(Self {
-            init_sigma: sigma_init_noise(cfg, &sigmas, CLASS),
-            timesteps,
-            sigmas,
+            run: SigmaRun::new(cfg, CLASS, timesteps, sigmas, prediction),
             n,
-            prediction,
             bound: x0_bound_clip_only(cfg),
             pending: None,
         })
     }
 }
 
-impl Scheduler for Heun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+impl SigmaStepper for Heun {
+    fn run(&self) -> &SigmaRun {
+        &self.run
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_sigma
-    }
-
-    fn scale_model_input(&self, sample: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        scale_by_sigma(&sample, self.sigmas[call])
-    }
-
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step_sigma(&mut self, input: StepInput<'_>, _noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         match self.pending.take() {
             None => {
-                let sigma = self.sigmas[call];
-                let next = self.sigmas[call + 1];
-                let x0 = self.bound.apply(sigma_x0(self.prediction, sigma, &model_output, &sample));
+                let sigma = self.run.sigmas[call];
+                let next = self.run.sigmas[call + 1];
+                let x0 = self.bound.apply(self.run.x0(sigma, &model_output, &sample));
                 let derivative = map2(&sample, &x0.view(), |x, x0| (x - x0) / sigma);
                 let dt = next - sigma;
                 let prev_sample = map2(&sample, &derivative.view(), |x, d| x + d * dt);
@@ -112,8 +94,8 @@ impl Scheduler for Heun {
                 StepOutput { prev_sample, pred_original_sample: Some(x0) }
             }
             Some(p) => {
-                let next = self.sigmas[call];
-                let x0 = self.bound.apply(sigma_x0(self.prediction, next, &model_output, &sample));
+                let next = self.run.sigmas[call];
+                let x0 = self.bound.apply(self.run.x0(next, &model_output, &sample));
                 let derivative = map3(&sample, &x0.view(), &p.derivative.view(), |x, x0, d0| {
                     let d1 = (x - x0) / next;
                     (d0 + d1) / 2.0
@@ -125,19 +107,11 @@ impl Scheduler for Heun {
         }
     }
 
-    fn num_inference_steps(&self) -> usize {
+    fn steps(&self) -> usize {
         self.n
     }
 
-    fn order(&self) -> usize {
+    fn calls_per_step(&self) -> usize {
         2
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        sigma_add_noise(self.sigmas[call], &original, &noise)
     }
 }

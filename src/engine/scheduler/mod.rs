@@ -12,7 +12,7 @@
 //! for call in start..s.timesteps().len() {
 //!     let input = s.scale_model_input(x.view(), call);
 //!     let eps = unet(input, s.timesteps()[call]);
-//!     x = s.step(eps.view(), call, x.view(), &mut rng).prev_sample;
+//!     x = s.step(StepInput::new(call, eps.view(), x.view()), &mut rng).prev_sample;
 //! }
 //! ```
 //!
@@ -38,6 +38,7 @@ pub mod kind;
 pub mod lcm;
 mod ops;
 pub mod pndm;
+pub mod sigma_run;
 pub mod sigmas;
 pub mod unipc;
 
@@ -58,6 +59,24 @@ pub struct StepOutput {
     pub pred_original_sample: Option<ArrayD<f32>>,
 }
 
+/// What one step consumes: the call index, the U-Net's output for it and the sample it was given.
+#[derive(Debug, Clone)]
+pub struct StepInput<'a> {
+    /// Index into [`Scheduler::timesteps`].
+    pub call: usize,
+    /// The denoiser's prediction at this call.
+    pub model_output: ArrayViewD<'a, f32>,
+    /// The sample before the step.
+    pub sample: ArrayViewD<'a, f32>,
+}
+
+impl<'a> StepInput<'a> {
+    /// The input of call `call`.
+    pub fn new(call: usize, model_output: ArrayViewD<'a, f32>, sample: ArrayViewD<'a, f32>) -> Self {
+        Self { call, model_output, sample }
+    }
+}
+
 /// One configured scheduler run: `set_timesteps` already applied.
 ///
 /// `call` is always the index into [`Scheduler::timesteps`]; a run may start past 0 (img2img) but must then
@@ -76,13 +95,7 @@ pub trait Scheduler: Send {
         sample.to_owned()
     }
     /// Advances the sample through call index `call` given the U-Net output.
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        noise: &mut dyn NoiseSource,
-    ) -> StepOutput;
+    fn step(&mut self, input: StepInput<'_>, noise: &mut dyn NoiseSource) -> StepOutput;
 
     /// The number of inference steps the run was built for (diffusers' `num_inference_steps`, which can be
     /// fewer than the calls: Heun makes 2N-1 calls, PLMS N+1).

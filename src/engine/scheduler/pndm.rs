@@ -10,7 +10,7 @@ use super::ddim::check_timesteps;
 use super::error::SchedulerError;
 use super::ops::{alpha_add_noise, map2, map3, map4};
 use super::sigmas::integer_timesteps;
-use super::{Scheduler, StepOutput};
+use super::{Scheduler, StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "PNDMScheduler";
@@ -178,13 +178,8 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step(&mut self, input: StepInput<'_>, _noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         let t = self.ts[call];
         let prev_sample = if self.counter < self.prk_len {
             self.step_prk(model_output, t, sample)

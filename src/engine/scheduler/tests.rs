@@ -78,9 +78,9 @@ fn karras_and_sde_variants_force_their_settings() {
     // The SDE variant draws noise: two different seeds give different results.
     let x = ramp(&[1, 4, 2, 2], 1);
     let e = ramp(&[1, 4, 2, 2], 2);
-    let a = sde.step(e.view(), 0, x.view(), &mut SeededNoise::new(3)).prev_sample;
+    let a = sde.step(StepInput::new(0, e.view(), x.view()), &mut SeededNoise::new(3)).prev_sample;
     let mut sde2 = build(SchedulerKind::Dpmpp2mSdeKarras, &sd15(), 10).expect("builds");
-    let b = sde2.step(e.view(), 0, x.view(), &mut SeededNoise::new(4)).prev_sample;
+    let b = sde2.step(StepInput::new(0, e.view(), x.view()), &mut SeededNoise::new(4)).prev_sample;
     assert_ne!(a, b);
 }
 
@@ -96,12 +96,12 @@ fn batch_of_two_equals_two_batches_of_one() {
             let input = batched.scale_model_input(x.view(), call);
             // Deterministic schedulers ignore the noise; stochastic ones get zero-variance-free noise here:
             // a source that yields zeros, so the comparison isolates the batch arithmetic.
-            let out = batched.step(e.view(), call, x.view(), &mut Zeros).prev_sample;
+            let out = batched.step(StepInput::new(call, e.view(), x.view()), &mut Zeros).prev_sample;
             for (i, single) in singles.iter_mut().enumerate() {
                 let ei = e.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
                 let inp = single.scale_model_input(xs[i].view(), call);
                 assert_eq!(inp.index_axis(Axis(0), 0), input.index_axis(Axis(0), i), "{kind:?} call {call}");
-                xs[i] = single.step(ei.view(), call, xs[i].view(), &mut Zeros).prev_sample;
+                xs[i] = single.step(StepInput::new(call, ei.view(), xs[i].view()), &mut Zeros).prev_sample;
                 assert_eq!(xs[i].index_axis(Axis(0), 0), out.index_axis(Axis(0), i), "{kind:?} call {call}");
             }
             x = out;
@@ -141,7 +141,7 @@ fn pndm_without_skip_prk_runs_runge_kutta_warmup() {
     let mut x = ramp(&[1, 4, 2, 2], 5);
     for call in 0..s.timesteps().len() {
         let e = x.mapv(|v| 0.5 * v);
-        x = s.step(e.view(), call, x.view(), &mut Zeros).prev_sample;
+        x = s.step(StepInput::new(call, e.view(), x.view()), &mut Zeros).prev_sample;
         assert!(x.iter().all(|v| v.is_finite()));
     }
 }

@@ -9,7 +9,7 @@ use super::dpmpp_2m::{alpha_sigma_lambda, multistep_x0, threshold_bound};
 use super::error::SchedulerError;
 use super::ops::{map2, X0Bound};
 use super::sigmas::{interp, karras, log_sigmas, multistep_timesteps, sigma_to_t};
-use super::{Scheduler, StepOutput};
+use super::{Scheduler, StepInput, StepOutput};
 use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -282,13 +282,8 @@ impl Scheduler for UniPc {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: ArrayViewD<'_, f32>,
-        call: usize,
-        sample: ArrayViewD<'_, f32>,
-        _noise: &mut dyn NoiseSource,
-    ) -> StepOutput {
+    fn step(&mut self, input: StepInput<'_>, _noise: &mut dyn NoiseSource) -> StepOutput {
+        let StepInput { call, model_output, sample } = input;
         let converted = self.convert(call, &model_output, &sample);
         let use_corrector = call > 0 && !self.disable_corrector.contains(&(call - 1)) && self.last_sample.is_some();
         let sample = match (&self.last_sample, use_corrector) {
