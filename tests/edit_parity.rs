@@ -62,22 +62,6 @@ fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-fn base_request(case: &Value, latents: Option<ArrayD<f32>>) -> GenerateRequest {
-    GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        width: case["width"].as_u64().unwrap() as u32,
-        height: case["height"].as_u64().unwrap() as u32,
-        steps: case["num_inference_steps"].as_u64().unwrap() as u32,
-        guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
-        guidance_rescale: 0.0,
-        scheduler: SchedulerKind::from_class_name(case["scheduler"].as_str().unwrap()).unwrap(),
-        seed: 0,
-        images: 1,
-        latents,
-    }
-}
-
 fn request_for(case: &Value) -> EditRequest {
     let mode = match case["mode"].as_str().unwrap() {
         "img2img" => EditMode::Img2img,
@@ -87,7 +71,7 @@ fn request_for(case: &Value) -> EditRequest {
     };
     let noise = npy(case["noise_npy"].as_str().unwrap());
     EditRequest {
-        base: base_request(case, Some(noise)),
+        base: common::case_request(case, Some(noise)),
         mode,
         image: input_image(),
         mask: case.get("mask_png").and_then(Value::as_str).map(|_| input_mask()),

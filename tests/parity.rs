@@ -17,10 +17,6 @@ fn load(fixture: &str) -> LoadedModel {
     LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap()
 }
 
-fn kind_for(class: &str) -> SchedulerKind {
-    SchedulerKind::from_class_name(class).unwrap()
-}
-
 fn check_fixture(fixture: &str) {
     let mut model = load(fixture);
     let reference_dir = common::fixture("reference");
@@ -31,19 +27,7 @@ fn check_fixture(fixture: &str) {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let latents = common::read_npy(&reference_dir.join(case["latents_npy"].as_str().unwrap()));
-        let request = GenerateRequest {
-            prompt: case["prompt"].as_str().unwrap().into(),
-            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-            width: case["width"].as_u64().unwrap() as u32,
-            height: case["height"].as_u64().unwrap() as u32,
-            steps: case["num_inference_steps"].as_u64().unwrap() as u32,
-            guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
-            guidance_rescale: 0.0,
-            scheduler: kind_for(case["scheduler"].as_str().unwrap()),
-            seed: 0,
-            images: latents.shape()[0] as u32,
-            latents: Some(latents),
-        };
+        let request = common::case_request(case, Some(latents));
         let images = text_to_image(&mut model, &request, &mut NoObserver).unwrap();
         let reference = common::read_npy(&reference_dir.join(case["output_npy"].as_str().unwrap()));
         assert_eq!(images.len(), reference.shape()[0], "{fixture}/{name}: image count");

@@ -461,37 +461,42 @@ impl Jobs {
     pub async fn failed(&self, id: Uuid, owner: &str, code: &str, message: &str) {
         warn!(%id, code, message, "job failed");
         metrics::counter!("denoised_jobs_total", "outcome" => "failed").increment(1);
-        match self.store.fail(id, owner, code, message).await {
-            Ok(true) => {
-                self.bus.publish(id, EventKind::failed(code, message));
-            }
-            Ok(false) => warn!(%id, "lease lost before the failure could be recorded"),
-            Err(e) => error!(%id, error = %e, "recording the failure failed"),
+        let recorded = self.store.fail(id, owner, code, message).await;
+        if fenced(id, "the failure", recorded) {
+            self.bus.publish(id, EventKind::failed(code, message));
         }
     }
 
     /// Shutdown stopped the job: it goes back to the queue, uncharged.
     pub async fn handed_back(&self, id: Uuid, owner: &str) {
-        match self.store.release(id, owner).await {
-            Ok(true) => {
-                info!(%id, "job handed back to the queue");
-                let position = self.store.queue_position(id).await.ok().flatten().unwrap_or(0);
-                self.bus.publish(id, EventKind::queued(position, None));
-            }
-            Ok(false) => warn!(%id, "lease lost before the job could be handed back"),
-            Err(e) => error!(%id, error = %e, "handing the job back failed; the reaper will re-queue it"),
+        if fenced(id, "the hand-back (the reaper re-queues it)", self.store.release(id, owner).await) {
+            info!(%id, "job handed back to the queue");
+            let position = self.store.queue_position(id).await.ok().flatten().unwrap_or(0);
+            self.bus.publish(id, EventKind::queued(position, None));
         }
     }
 
     /// A client's cancellation stopped the running job.
     pub async fn cancelled_while_running(&self, id: Uuid, owner: &str) {
-        match self.store.finish_cancelled(id, owner).await {
-            Ok(true) => {
-                info!(%id, "job cancelled while running");
-                self.bus.publish(id, EventKind::CANCELLED);
-            }
-            Ok(false) => info!(%id, "cancelled job was deleted or its lease lost"),
-            Err(e) => error!(%id, error = %e, "recording the cancellation failed"),
+        if fenced(id, "the cancellation", self.store.finish_cancelled(id, owner).await) {
+            info!(%id, "job cancelled while running");
+            self.bus.publish(id, EventKind::CANCELLED);
+        }
+    }
+}
+
+/// Whether a fenced write of `what` took effect; a lost lease (the job was deleted, or another attempt owns
+/// it) or a database error is logged and leaves the job to its new owner or the reaper.
+fn fenced(id: Uuid, what: &str, written: Result<bool, StoreError>) -> bool {
+    match written {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!(%id, "{what} was not recorded: the job was deleted or its lease lost");
+            false
+        }
+        Err(e) => {
+            error!(%id, error = %e, "recording {what} failed");
+            false
         }
     }
 }

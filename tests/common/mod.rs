@@ -186,3 +186,27 @@ pub fn as_reference(picture: &image::RgbImage) -> ndarray::ArrayD<f32> {
     let data = picture.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
     ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, h, w, 3]), data).expect("shape")
 }
+
+/// The engine request a reference case of `cases.json` describes (`prompt`, `negative_prompt`, `width`,
+/// `height`, `num_inference_steps`, `guidance_scale`, `scheduler` class), starting from `latents` (one image
+/// per row) when given.
+pub fn case_request(
+    case: &serde_json::Value,
+    latents: Option<ndarray::ArrayD<f32>>,
+) -> denoised::engine::pipeline::GenerateRequest {
+    let number = |key: &str| case[key].as_f64().unwrap_or_else(|| panic!("case field {key}"));
+    let class = case["scheduler"].as_str().expect("scheduler class");
+    denoised::engine::pipeline::GenerateRequest {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: case["negative_prompt"].as_str().expect("negative_prompt").into(),
+        width: number("width") as u32,
+        height: number("height") as u32,
+        steps: number("num_inference_steps") as u32,
+        guidance_scale: number("guidance_scale") as f32,
+        guidance_rescale: 0.0,
+        scheduler: denoised::engine::scheduler::SchedulerKind::from_class_name(class).expect("known class"),
+        seed: 0,
+        images: latents.as_ref().map_or(1, |l| l.shape()[0] as u32),
+        latents,
+    }
+}

@@ -283,43 +283,44 @@ fn png(image: &DynamicImage) -> Result<Vec<u8>, ValidationError> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::super::testing::{limits, registry};
     use super::*;
 
-    fn png_of(width: u32, height: u32, alpha_hole: bool) -> Vec<u8> {
-        let picture = image::RgbaImage::from_fn(width, height, |x, y| {
-            let hole = alpha_hole && x < width / 2;
-            image::Rgba([(x * 4) as u8, (y * 4) as u8, 90, if hole { 0 } else { 255 }])
-        });
+    fn encoded(picture: DynamicImage) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());
-        DynamicImage::ImageRgba8(picture).write_to(&mut out, image::ImageFormat::Png).unwrap();
+        picture.write_to(&mut out, image::ImageFormat::Png).unwrap();
         out.into_inner()
     }
 
-    fn mask_of(width: u32, height: u32, on: bool) -> Vec<u8> {
-        let mask = GrayImage::from_fn(width, height, |x, _| image::Luma([if on && x > 10 { 255 } else { 0 }]));
-        let mut out = Cursor::new(Vec::new());
-        DynamicImage::ImageLuma8(mask).write_to(&mut out, image::ImageFormat::Png).unwrap();
-        out.into_inner()
+    /// A picture; with `hole`, its left half is transparent.
+    fn picture(width: u32, height: u32, hole: bool) -> Vec<u8> {
+        encoded(DynamicImage::ImageRgba8(image::RgbaImage::from_fn(width, height, |x, y| {
+            let alpha = if hole && x < width / 2 { 0 } else { 255 };
+            image::Rgba([(x * 4) as u8, (y * 4) as u8, 90, alpha])
+        })))
     }
 
-    fn fields(edit: impl FnOnce(&mut serde_json::Value)) -> EditImageRequest {
-        let mut json = serde_json::json!({"mode": "img2img", "prompt": "a fox"});
-        edit(&mut json);
-        serde_json::from_value(json).expect("fields")
+    /// A mask; with `on`, white right of column 10.
+    fn mask(width: u32, height: u32, on: bool) -> Vec<u8> {
+        encoded(DynamicImage::ImageLuma8(GrayImage::from_fn(width, height, |x, _| {
+            image::Luma([if on && x > 10 { 255 } else { 0 }])
+        })))
     }
 
-    fn run(
-        json: impl FnOnce(&mut serde_json::Value),
-        image: &[u8],
-        mask: Option<&[u8]>,
-    ) -> Result<PreparedEdit, ValidationError> {
-        edit(&registry(), &limits(), fields(json), image, mask)
+    /// An img2img request of "a fox" with `patch`'s fields set.
+    fn run(patch: serde_json::Value, image: &[u8], mask: Option<&[u8]>) -> Result<PreparedEdit, ValidationError> {
+        let mut fields = json!({"mode": "img2img", "prompt": "a fox"});
+        for (key, value) in patch.as_object().expect("patch object") {
+            fields[key] = value.clone();
+        }
+        edit(&registry(), &limits(), serde_json::from_value(fields).expect("fields"), image, mask)
     }
 
     #[test]
     fn img2img_keeps_the_size_rounded_to_the_multiple() {
-        let prepared = run(|_| {}, &png_of(70, 130, false), None).unwrap();
+        let prepared = run(json!({}), &picture(70, 130, false), None).unwrap();
         assert_eq!((prepared.params.generate.width, prepared.params.generate.height), (64, 128));
         assert_eq!(prepared.params.strength, 0.75);
         assert!(prepared.inputs.mask_png.is_none());
@@ -327,15 +328,7 @@ mod tests {
 
     #[test]
     fn outpaint_pads_and_masks_the_new_area() {
-        let prepared = run(
-            |j| {
-                j["mode"] = "outpaint".into();
-                j["right"] = 64.into();
-            },
-            &png_of(64, 64, false),
-            None,
-        )
-        .unwrap();
+        let prepared = run(json!({"mode": "outpaint", "right": 64}), &picture(64, 64, false), None).unwrap();
         assert_eq!((prepared.params.generate.width, prepared.params.generate.height), (128, 64));
         let mask = image::load_from_memory(prepared.inputs.mask_png.as_ref().unwrap()).unwrap().to_luma8();
         assert_eq!((mask.get_pixel(10, 10)[0], mask.get_pixel(120, 10)[0]), (0, 255));
@@ -344,69 +337,44 @@ mod tests {
 
     #[test]
     fn inpaint_takes_transparent_pixels_without_a_mask() {
-        let prepared = run(|j| j["mode"] = "inpaint".into(), &png_of(64, 64, true), None).unwrap();
+        let prepared = run(json!({"mode": "inpaint"}), &picture(64, 64, true), None).unwrap();
         assert!(prepared.inputs.mask_png.is_some());
     }
 
     #[test]
     fn each_bad_input_is_named() {
-        let good = png_of(64, 64, false);
-        let other_size = mask_of(32, 32, true);
-        let empty_mask = mask_of(64, 64, false);
-        let mask = mask_of(64, 64, true);
-        type Case<'a> = (&'static str, Box<dyn FnOnce(&mut serde_json::Value)>, &'a [u8], Option<&'a [u8]>);
-        let cases: Vec<Case> = vec![
-            ("image", Box::new(|_| {}), b"not a picture", None),
-            ("mask", Box::new(|_| {}), &good, Some(&mask)),
-            ("mask", Box::new(|j| j["mode"] = "inpaint".into()), &good, None),
-            ("mask", Box::new(|j| j["mode"] = "inpaint".into()), &good, Some(&other_size)),
-            ("mask", Box::new(|j| j["mode"] = "inpaint".into()), &good, Some(&empty_mask)),
-            (
-                "mode",
-                Box::new(|j| {
-                    j["mode"] = "instruct".into();
-                    j["model"] = "tiny-sd".into();
-                }),
-                &good,
-                None,
-            ),
-            ("model", Box::new(|j| j["model"] = "nope".into()), &good, None),
-            ("width", Box::new(|j| j["width"] = 70.into()), &good, None),
-            ("left", Box::new(|j| j["left"] = 8.into()), &good, None),
-            ("left", Box::new(|j| j["mode"] = "outpaint".into()), &good, None),
-            (
-                "right",
-                Box::new(|j| {
-                    j["mode"] = "outpaint".into();
-                    j["right"] = 12.into();
-                }),
-                &good,
-                None,
-            ),
-            (
-                "right",
-                Box::new(|j| {
-                    j["mode"] = "outpaint".into();
-                    j["right"] = 8.into();
-                }),
-                &good,
-                None,
-            ),
-            ("strength", Box::new(|j| j["strength"] = 0.0.into()), &good, None),
-            ("image_guidance_scale", Box::new(|j| j["image_guidance_scale"] = 0.5.into()), &good, None),
-            ("mask_blur", Box::new(|j| j["mask_blur"] = 65.into()), &good, None),
-            ("steps", Box::new(|j| j["steps"] = 0.into()), &good, None),
+        let good = picture(64, 64, false);
+        let (other_size, empty, marked) = (mask(32, 32, true), mask(64, 64, false), mask(64, 64, true));
+        let inpaint = json!({"mode": "inpaint"});
+        type Case<'a> = (&'static str, serde_json::Value, &'a [u8], Option<&'a [u8]>);
+        let cases: [Case; 16] = [
+            ("image", json!({}), b"not a picture", None),
+            ("mask", json!({}), &good, Some(&marked)),
+            ("mask", inpaint.clone(), &good, None),
+            ("mask", inpaint.clone(), &good, Some(&other_size)),
+            ("mask", inpaint, &good, Some(&empty)),
+            ("mode", json!({"mode": "instruct", "model": "tiny-sd"}), &good, None),
+            ("model", json!({"model": "nope"}), &good, None),
+            ("width", json!({"width": 70}), &good, None),
+            ("left", json!({"left": 8}), &good, None),
+            ("left", json!({"mode": "outpaint"}), &good, None),
+            ("right", json!({"mode": "outpaint", "right": 12}), &good, None),
+            ("right", json!({"mode": "outpaint", "right": 8}), &good, None),
+            ("strength", json!({"strength": 0.0}), &good, None),
+            ("image_guidance_scale", json!({"image_guidance_scale": 0.5}), &good, None),
+            ("mask_blur", json!({"mask_blur": 65}), &good, None),
+            ("steps", json!({"steps": 0}), &good, None),
         ];
-        for (field, json, image, mask) in cases {
-            let error = run(json, image, mask).expect_err(field);
+        for (field, patch, image, mask) in cases {
+            let error = run(patch, image, mask).expect_err(field);
             assert_eq!(error.field_name(), Some(field), "{error}");
         }
     }
 
     #[test]
     fn instruct_goes_to_the_model_that_can() {
-        let prepared = run(|j| j["mode"] = "instruct".into(), &png_of(64, 64, false), None);
         // tiny-sd cannot, tiny-sd-instruct can: with no model named, the one that can is chosen.
-        assert_eq!(prepared.unwrap().model, "tiny-sd-instruct");
+        let prepared = run(json!({"mode": "instruct"}), &picture(64, 64, false), None).unwrap();
+        assert_eq!(prepared.model, "tiny-sd-instruct");
     }
 }

@@ -21,6 +21,17 @@ pub(crate) fn alpha_sigma_lambda(sigma: f64) -> (f32, f32, f32) {
     (alpha, sigma_t, alpha.ln() - sigma_t.ln())
 }
 
+/// `add_noise` of the multistep solvers: `alpha_t * x + sigma_t * noise` at the call's sigma.
+pub(crate) fn multistep_add_noise(
+    sigma: f64,
+    original: &ArrayViewD<'_, f32>,
+    noise: &ArrayViewD<'_, f32>,
+) -> ArrayD<f32> {
+    let (a, s, _) = alpha_sigma_lambda(sigma);
+    let (a, s) = (a as f64, s as f64);
+    map2(original, noise, |x, n| a * x + s * n)
+}
+
 /// The data-prediction (x0) conversion shared by the multistep solvers.
 pub(crate) fn multistep_x0(
     prediction: PredictionType,
@@ -314,8 +325,6 @@ impl Scheduler for DpmSolverMultistep {
     }
 
     fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        let (a, s, _) = alpha_sigma_lambda(self.sigmas[call]);
-        let (a, s) = (a as f64, s as f64);
-        map2(&original, &noise, |x, n| a * x + s * n)
+        multistep_add_noise(self.sigmas[call], &original, &noise)
     }
 }

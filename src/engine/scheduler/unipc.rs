@@ -5,7 +5,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::betas::{alphas_cumprod, train_sigmas, BetaSpec, Rescale};
 use super::config::{reject_flag, unsupported, FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::dpmpp_2m::{alpha_sigma_lambda, multistep_x0, threshold_bound};
+use super::dpmpp_2m::{alpha_sigma_lambda, multistep_add_noise, multistep_x0, threshold_bound};
 use super::error::SchedulerError;
 use super::ops::{map2, X0Bound};
 use super::sigmas::{interp, karras, log_sigmas, multistep_timesteps, sigma_to_t};
@@ -315,8 +315,6 @@ impl Scheduler for UniPc {
     }
 
     fn add_noise(&self, original: ArrayViewD<'_, f32>, noise: ArrayViewD<'_, f32>, call: usize) -> ArrayD<f32> {
-        let (a, s, _) = alpha_sigma_lambda(self.sigmas[call]);
-        let (a, s) = (a as f64, s as f64);
-        map2(&original, &noise, |x, n| a * x + s * n)
+        multistep_add_noise(self.sigmas[call], &original, &noise)
     }
 }
