@@ -268,3 +268,55 @@ impl EditParams {
         ((steps as f32 * self.strength) as u32).clamp(1, steps)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generate row as release 0.1 stored it (kind column, params column).
+    const GENERATE_ROW: &str = r#"{"prompt":"a fox","negative_prompt":"","width":64,"height":64,"steps":4,
+        "guidance_scale":7.5,"guidance_rescale":0.0,"scheduler":"ddim","seed":11,"n":1,"output_format":"png",
+        "preview_every":1,"preview":"approx","latents":"AAAA"}"#;
+
+    /// An edit row as release 0.1 stored it: the generation fields flattened beside the edit's.
+    const EDIT_ROW: &str = r#"{"prompt":"a fox","negative_prompt":"","width":64,"height":64,"steps":10,
+        "guidance_scale":7.5,"scheduler":"euler","seed":12,"n":1,"output_format":"webp","mode":"img2img",
+        "strength":0.6,"image_guidance_scale":1.5,"mask_blur":4,"resize_mode":"crop",
+        "image_path":"inputs/8a3f87f3-ca86-4eac-bd52-03872f21b516/image.png"}"#;
+
+    #[test]
+    fn rows_of_the_previous_layout_decode_to_their_kind_and_encode_back_the_same() {
+        for (kind, row) in [("generate", GENERATE_ROW), ("edit", EDIT_ROW)] {
+            let params = JobParams::decode(kind, row).unwrap();
+            assert_eq!(params.kind(), kind);
+            let stored: serde_json::Value = serde_json::from_str(row).unwrap();
+            let again: serde_json::Value = serde_json::from_str(&params.encode()).unwrap();
+            for (key, value) in stored.as_object().unwrap() {
+                assert_eq!(&again[key], value, "{kind}.{key}");
+            }
+            assert_eq!(JobParams::decode(kind, &params.encode()).unwrap(), params);
+        }
+        let JobParams::Edit(edit) = JobParams::decode("edit", EDIT_ROW).unwrap() else { panic!("not an edit") };
+        assert_eq!((edit.mode, edit.visible_steps()), (EditKind::Img2img, 6));
+    }
+
+    #[test]
+    fn the_public_view_hides_blobs_and_paths() {
+        let view = JobParams::decode("generate", GENERATE_ROW).unwrap().public_view();
+        assert_eq!(view["has_latents"], true);
+        assert!(view.get("latents").is_none());
+        let view = JobParams::decode("edit", EDIT_ROW).unwrap().public_view();
+        assert!(view.get("image_path").is_none() && view["mode"] == "img2img" && view["has_latents"] == false);
+    }
+
+    #[test]
+    fn rows_that_do_not_fit_are_kept_unreadable_and_non_json_is_an_error() {
+        let unknown = JobParams::decode("upscale", r#"{"factor": 4}"#).unwrap();
+        assert!(matches!(&unknown, JobParams::Unreadable { kind, .. } if kind == "upscale"));
+        assert_eq!(unknown.encode(), r#"{"factor":4}"#, "kept exactly as stored");
+        assert_eq!(unknown.visible_steps(), 0);
+        let wrong = JobParams::decode("edit", GENERATE_ROW).unwrap();
+        assert!(matches!(wrong, JobParams::Unreadable { .. }), "an edit row without the edit's fields");
+        assert!(JobParams::decode("generate", "not json").is_err());
+    }
+}
