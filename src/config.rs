@@ -209,7 +209,7 @@ impl Default for TelemetryConfig {
 }
 
 /// `[[models]]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The id clients send as `model`.
@@ -222,6 +222,15 @@ pub struct ModelConfig {
     /// Steps used when a request gives none (default 20).
     #[serde(default)]
     pub steps: Option<u32>,
+    /// Largest image area (width × height, pixels) a request may ask of this model; default four times its
+    /// native area. Memory and time grow with the area (attention faster than linearly), so this, not
+    /// `limits.max_side` alone, is what keeps one request from taking the machine.
+    #[serde(default)]
+    pub max_pixels: Option<u64>,
+    /// Work budget of one job: images × steps × area (pixels); default the work of eight images of the
+    /// largest area at 50 steps.
+    #[serde(default)]
+    pub max_pixel_steps: Option<u64>,
 }
 
 /// `[[workers]]`

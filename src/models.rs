@@ -15,7 +15,18 @@ pub struct ServedModel {
     pub default_guidance_scale: Option<f32>,
     /// Steps for requests that give none.
     pub default_steps: Option<u32>,
+    /// Largest image area a request may ask for (pixels).
+    pub max_pixels: u64,
+    /// Largest images × steps × area of one job.
+    pub max_pixel_steps: u64,
 }
+
+/// Default `max_pixels`: four times the native area.
+const AREA_FACTOR: u64 = 4;
+/// Default `max_pixel_steps`: this many images of the largest area at [`BUDGET_STEPS`] steps.
+const BUDGET_IMAGES: u64 = 8;
+/// See [`BUDGET_IMAGES`].
+const BUDGET_STEPS: u64 = 50;
 
 /// Every configured model, in config order (the first is the default).
 #[derive(Debug, Clone)]
@@ -29,11 +40,16 @@ impl ModelRegistry {
         let models = configs
             .iter()
             .map(|c| {
+                let info = ModelInfo::read(&c.path)?;
+                let native = u64::from(info.native_size) * u64::from(info.native_size);
+                let max_pixels = c.max_pixels.unwrap_or(AREA_FACTOR * native);
                 Ok(ServedModel {
                     name: c.name.clone(),
-                    info: ModelInfo::read(&c.path)?,
+                    info,
                     default_guidance_scale: c.guidance_scale,
                     default_steps: c.steps,
+                    max_pixels,
+                    max_pixel_steps: c.max_pixel_steps.unwrap_or(BUDGET_IMAGES * BUDGET_STEPS * max_pixels),
                 })
             })
             .collect::<Result<Vec<_>, EngineError>>()?;

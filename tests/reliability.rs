@@ -115,7 +115,7 @@ async fn retention_deletes_finished_jobs_and_their_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker() {
-    let server = TestServer::start("").await;
+    let server = TestServer::start_with_model("", "max_pixels = 65536\nmax_pixel_steps = 100000000\n").await;
     let client = reqwest::Client::new();
     // Minutes of work on the one worker if it ran to the end.
     let long = json!({"prompt": "long", "steps": 150, "n": 8, "width": 256, "height": 256, "preview_every": 0});

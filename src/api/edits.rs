@@ -87,7 +87,8 @@ pub struct EditImageRequest {
     pub preview_every: Option<u32>,
     /// `approx` or `vae`.
     pub preview: Option<PreviewKind>,
-    /// Base64 `.npy` float32 `[n, 4, height/8, width/8]` unit-Gaussian noise instead of seeded noise.
+    /// Base64 `.npy` float32 `[n, C, height/f, width/f]` unit-Gaussian noise instead of seeded noise (`C`
+    /// latent channels and `f` the VAE factor: 4 and 8 for Stable Diffusion).
     pub latents: Option<String>,
 }
 

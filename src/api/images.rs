@@ -117,8 +117,9 @@ pub struct GenerateImageRequest {
     /// `approx` (default: the model's cheap preview decoder) or `vae` (full VAE decode, slower, exact).
     #[serde(default)]
     pub preview: Option<PreviewKind>,
-    /// Base64 `.npy` float32 array `[n, 4, height/8, width/8]` of unit-Gaussian noise to start from instead
-    /// of seeded noise; the server scales it by the scheduler's initial sigma, as diffusers' `latents=` does.
+    /// Base64 `.npy` float32 array `[n, C, height/f, width/f]` of unit-Gaussian noise to start from instead of
+    /// seeded noise (`C` latent channels and `f` the VAE factor: 4 and 8 for Stable Diffusion); the server
+    /// scales it by the scheduler's initial sigma, as diffusers' `latents=` does.
     #[serde(default)]
     pub latents: Option<String>,
 }

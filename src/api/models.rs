@@ -34,6 +34,10 @@ pub struct ModelCard {
     pub height: u32,
     /// Sizes must be multiples of this.
     pub size_multiple: u32,
+    /// Largest `width × height` a request may ask for.
+    pub max_pixels: u64,
+    /// Largest `n × steps × width × height` of one job.
+    pub max_pixel_steps: u64,
     /// Scheduler used when a request names none.
     pub default_scheduler: String,
     /// Scheduler names a request may use.
@@ -56,6 +60,8 @@ pub async fn list_models(State(state): State<AppState>) -> AppJson<ModelList> {
             width: m.info.native_size,
             height: m.info.native_size,
             size_multiple: m.info.size_multiple,
+            max_pixels: m.max_pixels,
+            max_pixel_steps: m.max_pixel_steps,
             default_scheduler: m.info.default_scheduler.name().to_string(),
             schedulers: SchedulerKind::all_for(m.info.default_scheduler.parameterization())
                 .map(|k| k.name().to_string())

@@ -39,8 +39,14 @@ pub fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
     denoised::engine::npy::read_f32(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// A config for the tiny fixture model with everything under `data_dir`.
+/// A config for the tiny fixture model with everything under `data_dir`; `extra` lands in `[queue]` (and
+/// may open further sections).
 pub fn test_config_toml(data_dir: &Path, extra: &str) -> String {
+    test_config_toml_with(data_dir, extra, "")
+}
+
+/// [`test_config_toml`] with `model_extra` keys in the `tiny-sd` model's table.
+pub fn test_config_toml_with(data_dir: &Path, extra: &str, model_extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -58,6 +64,7 @@ poll_millis = 100
 [[models]]
 name = "tiny-sd"
 path = "{model}"
+{model_extra}
 [[workers]]
 device = "cpu"
 threads = 1
@@ -65,6 +72,7 @@ threads = 1
         data = data_dir.display(),
         ort = ort_library().display(),
         model = fixture("tiny-sd").display(),
+        model_extra = model_extra,
     )
 }
 
@@ -87,6 +95,17 @@ impl TestServer {
     /// Starts a server whose `data_dir` is `dir` (which may already hold a database and files).
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
         let toml = test_config_toml(dir.path(), extra);
+        Self::start_configured(dir, toml).await
+    }
+
+    /// Starts a server with `model_extra` keys in the `tiny-sd` model's table (e.g. `max_pixels`).
+    pub async fn start_with_model(extra: &str, model_extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = test_config_toml_with(dir.path(), extra, model_extra);
+        Self::start_configured(dir, toml).await
+    }
+
+    async fn start_configured(dir: tempfile::TempDir, toml: String) -> Self {
         let config =
             denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
                 .expect("test config");

@@ -10,7 +10,7 @@ use crate::engine::model::ModelInfo;
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::{self, SchedulerError, SchedulerKind};
 use crate::jobs::params::GenerateParams;
-use crate::models::ModelRegistry;
+use crate::models::{ModelRegistry, ServedModel};
 
 /// Default denoising steps when neither the request nor the model config names any.
 pub const DEFAULT_STEPS: u32 = 20;
@@ -44,10 +44,11 @@ pub fn generation(
     if n == 0 || n > limits.max_images {
         return Err(ValidationError::field("n", format!("n must be between 1 and {}", limits.max_images)));
     }
+    work(served, width, height, steps, n)?;
     if let Some(encoded) = &request.latents {
         let f = info.vae_scale_factor;
         let shape = [n as usize, info.latent_channels as usize, (height / f) as usize, (width / f) as usize];
-        latents(encoded, &shape)?;
+        latents(encoded, &shape, f)?;
     }
     if request.output_quality.is_some_and(|q| q == 0 || q > 100) {
         return Err(ValidationError::field("output_quality", "output_quality must be between 1 and 100"));
@@ -112,6 +113,34 @@ pub(super) fn side(
     Ok(value)
 }
 
+/// The model's area and work limits: `width × height` at most `max_pixels`, `n × steps × width × height` at
+/// most `max_pixel_steps` (each checked alone, the sides and counts could still multiply into hours of work
+/// and gigabytes of memory).
+fn work(served: &ServedModel, width: u32, height: u32, steps: u32, n: u32) -> Result<(), ValidationError> {
+    let area = u64::from(width) * u64::from(height);
+    if area > served.max_pixels {
+        return Err(ValidationError::field(
+            "width",
+            format!(
+                "width × height = {area} pixels is over model `{}`'s limit of {} (max_pixels)",
+                served.name, served.max_pixels
+            ),
+        ));
+    }
+    let work = area * u64::from(steps) * u64::from(n);
+    if work > served.max_pixel_steps {
+        return Err(ValidationError::field(
+            "steps",
+            format!(
+                "n × steps × width × height = {work} is over model `{}`'s work budget of {} per job \
+                 (max_pixel_steps): ask for fewer images, steps or pixels",
+                served.name, served.max_pixel_steps
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A finite number in `[min, max]`.
 pub(super) fn in_range(field: &'static str, value: f32, min: f32, max: f32) -> Result<(), ValidationError> {
     if value.is_finite() && (min..=max).contains(&value) {
@@ -144,7 +173,7 @@ fn scheduler(info: &ModelInfo, name: Option<&str>, steps: u32) -> Result<Schedul
 }
 
 /// Client latents: base64 `.npy` float32 of exactly `shape`, all finite.
-fn latents(encoded: &str, shape: &[usize; 4]) -> Result<(), ValidationError> {
+fn latents(encoded: &str, shape: &[usize; 4], factor: u32) -> Result<(), ValidationError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .map_err(|e| ValidationError::field("latents", format!("latents is not valid base64: {e}")))?;
@@ -153,7 +182,10 @@ fn latents(encoded: &str, shape: &[usize; 4]) -> Result<(), ValidationError> {
     if array.shape() != shape {
         return Err(ValidationError::field(
             "latents",
-            format!("latents has shape {:?}; this request needs [n, C, height/8, width/8] = {shape:?}", array.shape()),
+            format!(
+                "latents has shape {:?}; this request needs [n, C, height/{factor}, width/{factor}] = {shape:?}",
+                array.shape()
+            ),
         ));
     }
     if array.iter().any(|v| !v.is_finite()) {
@@ -222,6 +254,8 @@ mod tests {
             ("scheduler", json!({"scheduler": "warp"})),
             ("scheduler", json!({"scheduler": "flow_euler"})),
             ("n", json!({"n": 9})),
+            ("width", json!({"width": 192, "height": 128})),
+            ("steps", json!({"width": 128, "height": 128, "n": 8, "steps": 51})),
             ("output_quality", json!({"output_quality": 0})),
             ("preview_every", json!({"preview_every": 30})),
             ("latents", json!({"latents": "!!"})),

@@ -62,8 +62,7 @@ pub(crate) mod testing {
     /// `tiny-sd` (text to image, img2img, plain inpainting) and `tiny-sd-instruct`.
     pub fn registry() -> ModelRegistry {
         let fixture = |name: &str| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-        let config =
-            |name: &str| ModelConfig { name: name.into(), path: fixture(name), guidance_scale: None, steps: None };
+        let config = |name: &str| ModelConfig { name: name.into(), path: fixture(name), ..ModelConfig::default() };
         ModelRegistry::load(&[config("tiny-sd"), config("tiny-sd-instruct")]).expect("fixture models")
     }
 
