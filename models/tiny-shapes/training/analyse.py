@@ -112,6 +112,20 @@ def score(scene: world.Scene, res: dict) -> dict:
     return {a: res.get(a) == getattr(scene, a) for a in world.ATTRIBUTES}
 
 
+def percent_right(results: list[dict], n: int, all_key: str) -> dict:
+    """Percent (one decimal) of `n` scenes with each attribute right, and under `all_key` with all of them right,
+    from their score() dicts (used by benchmark.py and train_unet.py's evaluation)."""
+    ok = {k: 0 for k in world.ATTRIBUTES}
+    allok = 0
+    for r in results:
+        for k in ok:
+            ok[k] += r[k]
+        allok += all(r.values())
+    res = {k: round(100.0 * v / n, 1) for k, v in ok.items()}
+    res[all_key] = round(100.0 * allok / n, 1)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description="Validate the analyser on the renderer's own images.")
     ap.add_argument("--n", type=int, default=3024, help="number of random rendered scenes")

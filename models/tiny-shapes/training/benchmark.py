@@ -153,16 +153,8 @@ def main():
     t0 = time.time()
     imgs = src.generate(prompts, seeds)
     dt = (time.time() - t0) / len(imgs)
-    ok = {k: 0 for k in world.ATTRIBUTES}
-    allok = 0
-    for s, im in zip(scenes, imgs):
-        r = analyse.score(s, analyse.analyse(im))
-        for k in ok:
-            ok[k] += r[k]
-        allok += all(r.values())
     n = len(scenes)
-    res = {k: round(100.0 * v / n, 1) for k, v in ok.items()}
-    res["all attributes"] = round(100.0 * allok / n, 1)
+    res = analyse.percent_right([analyse.score(s, analyse.analyse(im)) for s, im in zip(scenes, imgs)], n, "all attributes")
     print(f"tiny-shapes benchmark: {n} held-out canonical prompts, source {src.name}, {a.steps} steps, "
           f"guidance {a.guidance}, {dt:.3f} s/image")
     for k, v in res.items():

@@ -1,4 +1,4 @@
-"""Small helpers shared by the training scripts: device choice, seeding, atomic checkpoints, logging."""
+"""Small helpers shared by the training scripts: device choice, seeding, atomic checkpoints and resuming, logging."""
 
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ def save_ckpt(path: str, state: dict, keep: int = 3) -> None:
 def latest_ckpt(d: str) -> str | None:
     c = sorted(glob.glob(os.path.join(d, "step_*.pt")))
     return c[-1] if c else None
+
+
+def resume(d: str, device, parts: dict, log) -> tuple[int, str | None]:
+    """Load the newest step checkpoint of `d`, if any, into `parts` (checkpoint key -> module or optimiser, loaded
+    in that order) and log it; returns (its step, its path), or (0, None) when there is none."""
+    ck = latest_ckpt(d)
+    if not ck:
+        return 0, None
+    st = torch.load(ck, map_location=device)
+    for key, part in parts.items():
+        part.load_state_dict(st[key])
+    step = st["step"]
+    log(f"resumed from {ck} at step {step}")
+    return step, ck
 
 
 class Log:

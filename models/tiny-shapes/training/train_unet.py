@@ -136,22 +136,14 @@ def eval_scenes(n: int, seed: int = 7) -> list[world.Scene]:
 def evaluate(pipe, scenes, steps: int, guidance: float, seed: int = 0, batch: int = 64) -> dict:
     import analyse
 
-    ok = {k: 0 for k in world.ATTRIBUTES}
-    allok = 0
+    results = []
     for i in range(0, len(scenes), batch):
         sc = scenes[i:i + batch]
         g = torch.Generator("cpu").manual_seed(seed + i)
         ims = pipe([world.canonical_prompt(s) for s in sc], height=64, width=64, num_inference_steps=steps,
                    guidance_scale=guidance, generator=g, output_type="np").images
-        for s, im in zip(sc, ims):
-            r = analyse.score(s, analyse.analyse((im * 255).round().astype(np.uint8)))
-            for k in ok:
-                ok[k] += r[k]
-            allok += all(r.values())
-    n = len(scenes)
-    res = {k: round(100.0 * v / n, 1) for k, v in ok.items()}
-    res["all"] = round(100.0 * allok / n, 1)
-    return res
+        results += [analyse.score(s, analyse.analyse((im * 255).round().astype(np.uint8))) for s, im in zip(sc, ims)]
+    return analyse.percent_right(results, len(scenes), "all")
 
 
 def main():
@@ -200,19 +192,9 @@ def main():
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KW.items() if k not in ("set_alpha_to_one",)})
     ac = sched.alphas_cumprod.to(dev)
     snr = ac / (1 - ac)
-    step = 0
-    ck = common.latest_ckpt(out)
-    if ck:
-        st = torch.load(ck, map_location=dev)
-        unet.load_state_dict(st["unet"])
-        te.load_state_dict(st["te"])
-        ema.shadow["unet"].load_state_dict(st["ema_unet"])
-        ema.shadow["te"].load_state_dict(st["ema_te"])
-        heads.load_state_dict(st["heads"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        log(f"resumed from {ck} at step {step}")
-    elif a.init_ckpt:
+    step, ck = common.resume(out, dev, {"unet": unet, "te": te, "ema_unet": ema.shadow["unet"], "ema_te": ema.shadow["te"],
+                                        "heads": heads, "opt": opt}, log)
+    if not ck and a.init_ckpt:
         # U-Net weights by name where the shapes agree (an older U-Net may have attention where this one has none);
         # the text encoder and its attribute heads carry over whole
         st = torch.load(a.init_ckpt, map_location=dev)

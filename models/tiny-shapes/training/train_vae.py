@@ -92,14 +92,7 @@ def main():
             vae.encoder.conv_out.weight[4:].mul_(0.1)
             vae.encoder.conv_out.bias[4:].fill_(-8.0)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
-    step = 0
-    ck = common.latest_ckpt(out)
-    if ck:
-        st = torch.load(ck, map_location=dev)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        log(f"resumed from {ck} at step {step}")
+    step, _ = common.resume(out, dev, {"model": vae, "opt": opt}, log)
     log(f"params {sum(p.numel() for p in vae.parameters()) / 1e6:.3f} M")
     # a fixed validation batch (held-out scenes)
     _, held = world.split_scenes()
@@ -201,12 +194,7 @@ def finetune_decoder(a):
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    step = 0
-    ck = common.latest_ckpt(out)
-    if ck:
-        st = torch.load(ck, map_location=dev)
-        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
-        log(f"resumed from {ck} at step {step}")
+    step, _ = common.resume(out, dev, {"model": vae, "opt": opt}, log)
     vz = torch.from_numpy(lat[:n_val]).to(dev)
     vx = to_tensor(imgs[:n_val], dev)
     train_scenes, _ = world.split_scenes()
