@@ -153,3 +153,65 @@ async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker()
     store.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_interrupts_the_onnx_runtime_call_in_progress() {
+    // One step at 512x512 is one U-Net call of seconds on the tiny model (its attention at full latent size):
+    // without interruption a cancel would wait for the call and the decode after it, and the job would
+    // succeed; ONNX Runtime stops between graph nodes instead.
+    let server = TestServer::start_with_model("", "max_pixels = 262144\n").await;
+    let client = reqwest::Client::new();
+    let big = json!({"prompt": "big", "steps": 1, "width": 512, "height": 512, "preview_every": 0, "seed": 1});
+    let job_url = |body: Value| server.url(&format!("/v1/jobs/{}", body["id"].as_str().unwrap()));
+    let started = std::time::Instant::now();
+    let full = job_url(post(&client, &server, &big, None).await.json().await.unwrap());
+    assert_eq!(wait_for_job(&client, &full, TIMEOUT).await["status"], "succeeded");
+    let uninterrupted = started.elapsed();
+
+    let url = job_url(post(&client, &server, &big, None).await.json().await.unwrap());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while client.get(&url).send().await.unwrap().json::<Value>().await.unwrap()["status"] != "running" {
+        assert!(std::time::Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(uninterrupted / 5).await;
+    let cancelled_at = std::time::Instant::now();
+    let cancel = client.post(format!("{url}/cancel")).send().await.unwrap();
+    assert_eq!(cancel.status(), 202);
+    let job = wait_for_job(&client, &url, TIMEOUT).await;
+    let stopping = cancelled_at.elapsed();
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(
+        stopping < uninterrupted / 2,
+        "stopping took {stopping:?}; the whole job takes {uninterrupted:?}: the call in progress was not interrupted"
+    );
+    server.shutdown().await;
+}
+
+/// Resident memory of this process (the server runs in it), from `/proc/self/status`.
+fn resident_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_returns_near_its_baseline_after_a_large_job() {
+    let server = TestServer::start_with_model("", "max_pixels = 262144\n").await;
+    let client = reqwest::Client::new();
+    let run = |body: Value| {
+        let (client, server) = (&client, &server);
+        async move {
+            let accepted: Value = post(client, server, &body, None).await.json().await.unwrap();
+            let url = server.url(&format!("/v1/jobs/{}", accepted["id"].as_str().unwrap()));
+            assert_eq!(wait_for_job(client, &url, TIMEOUT).await["status"], "succeeded");
+        }
+    };
+    run(json!({"prompt": "small", "steps": 2})).await;
+    let baseline = resident_mib();
+    run(json!({"prompt": "large", "steps": 1, "width": 512, "height": 512, "preview_every": 0})).await;
+    let after = resident_mib();
+    println!("resident memory: {baseline} MiB before the 512x512 job, {after} MiB after it");
+    assert!(after < baseline + 300, "{after} MiB after the job, {baseline} MiB before: the arena kept its peak");
+    server.shutdown().await;
+}

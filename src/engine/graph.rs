@@ -79,6 +79,8 @@ pub enum Feed {
 pub struct Graph {
     name: &'static str,
     session: Session,
+    /// The worker's run options (see [`super::runtime::RunControl`]).
+    run_options: std::sync::Arc<ort::session::RunOptions>,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
 }
@@ -111,9 +113,10 @@ impl Graph {
             return Err(EngineError::Model { path: path.to_path_buf(), message: "file not found".into() });
         }
         let session = factory.open(path)?;
+        let run_options = factory.run_control().options()?;
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
-        Ok(Self { name, session, inputs, outputs })
+        Ok(Self { name, session, run_options, inputs, outputs })
     }
 
     /// The graph's label.
@@ -152,7 +155,7 @@ impl Graph {
             let value = to_value(spec, feed).map_err(|e| fail(format!("input `{name}`: {e}")))?;
             values.push((Cow::Owned(name.to_string()), value));
         }
-        let outputs = self.session.run(values).map_err(|e| fail(e.to_string()))?;
+        let outputs = self.session.run_with_options(values, &self.run_options).map_err(|e| fail(e.to_string()))?;
         let mut result = HashMap::new();
         for (name, value) in outputs.iter() {
             if let Some(array) = to_f32(&value).map_err(|e| fail(format!("output `{name}`: {e}")))? {

@@ -6,9 +6,10 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 
 use super::error::EngineError;
 
@@ -111,16 +112,62 @@ impl Runtime {
 
     /// A factory for sessions on `device` with `threads` intra-op threads.
     pub fn session_factory(&self, device: Device, threads: usize) -> SessionFactory {
-        SessionFactory { env: self.env.clone(), device, threads }
+        SessionFactory { env: self.env.clone(), device, threads, runs: RunControl::default() }
     }
 }
 
-/// Builds sessions for one worker: same device and thread count for every graph it loads.
+/// The run options every graph of one worker runs with: they let another thread stop the graph that is
+/// running now (ONNX Runtime checks the terminate flag between kernels), and they hand the CPU arena's
+/// memory back after each run, so one large job does not keep its peak memory for the life of the process.
+#[derive(Clone, Default)]
+pub struct RunControl {
+    options: Arc<Mutex<Option<Arc<RunOptions>>>>,
+}
+
+impl fmt::Debug for RunControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunControl").finish_non_exhaustive()
+    }
+}
+
+impl RunControl {
+    /// The shared run options, made on first use.
+    pub fn options(&self) -> Result<Arc<RunOptions>, EngineError> {
+        let mut slot = self.options.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(options) = slot.as_ref() {
+            return Ok(options.clone());
+        }
+        let fail = |e: ort::Error| EngineError::Inference { graph: "run options", message: e.to_string() };
+        let mut options = RunOptions::new().map_err(fail)?;
+        options.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(fail)?;
+        let options = Arc::new(options);
+        *slot = Some(options.clone());
+        Ok(options)
+    }
+
+    /// Stops the run in progress (and any started before [`RunControl::reset`]) as soon as it can.
+    pub fn interrupt(&self) {
+        if let Some(options) = self.options.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            let _ = options.terminate();
+        }
+    }
+
+    /// Lets runs proceed again after an [`RunControl::interrupt`].
+    pub fn reset(&self) {
+        if let Some(options) = self.options.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            let _ = options.unterminate();
+        }
+    }
+}
+
+/// Builds sessions for one worker: same device and thread count for every graph it loads, and one
+/// [`RunControl`] for all of them.
 #[derive(Clone)]
 pub struct SessionFactory {
     env: ort::environment::Environment,
     device: Device,
     threads: usize,
+    runs: RunControl,
 }
 
 impl fmt::Debug for SessionFactory {
@@ -133,6 +180,11 @@ impl SessionFactory {
     /// The device sessions run on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The run options of every graph this factory opens.
+    pub fn run_control(&self) -> &RunControl {
+        &self.runs
     }
 
     /// Loads `model_path` into a session. With `cuda:N` the CUDA provider must register, or this fails:

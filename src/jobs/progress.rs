@@ -33,12 +33,28 @@ pub enum StopReason {
     LeaseLost,
 }
 
-/// A running job's stop request, shared between the HTTP side and the worker thread.
-#[derive(Debug, Clone, Default)]
-pub struct StopFlag(Arc<AtomicU8>);
+/// A running job's stop request, shared between the HTTP side and the worker thread. Besides the flag the
+/// worker checks between steps, it runs hooks at once when set: the worker registers one that interrupts
+/// the ONNX Runtime call in progress, so a stop does not wait for a long step to end.
+#[derive(Clone, Default)]
+pub struct StopFlag(Arc<StopState>);
+
+#[derive(Default)]
+struct StopState {
+    reason: AtomicU8,
+    hooks: Mutex<Vec<StopHook>>,
+}
+
+type StopHook = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for StopFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StopFlag").field(&self.reason()).finish()
+    }
+}
 
 impl StopFlag {
-    /// Asks the job to stop; the first reason wins.
+    /// Asks the job to stop; the first reason wins, and the hooks run once, on the first request.
     pub fn stop(&self, reason: StopReason) {
         let code = match reason {
             StopReason::Client => 1,
@@ -46,17 +62,30 @@ impl StopFlag {
             StopReason::Timeout => 3,
             StopReason::LeaseLost => 4,
         };
-        let _ = self.0.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+        if self.0.reason.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            for hook in self.0.hooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+                hook();
+            }
+        }
+    }
+
+    /// Runs `hook` when the job is asked to stop (at once if it already was).
+    pub fn on_stop(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let mut hooks = self.0.hooks.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_set() {
+            hook();
+        }
+        hooks.push(Box::new(hook));
     }
 
     /// Whether a stop was requested.
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::SeqCst) != 0
+        self.0.reason.load(Ordering::SeqCst) != 0
     }
 
     /// The reason, once set.
     pub fn reason(&self) -> Option<StopReason> {
-        match self.0.load(Ordering::SeqCst) {
+        match self.0.reason.load(Ordering::SeqCst) {
             1 => Some(StopReason::Client),
             2 => Some(StopReason::Shutdown),
             3 => Some(StopReason::Timeout),
@@ -170,6 +199,20 @@ mod tests {
         assert!(board.stop(job, StopReason::Client));
         board.stop_all(StopReason::Shutdown);
         assert_eq!(stop.reason(), Some(StopReason::Client));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = calls.clone();
+        stop.on_stop(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a hook added after the stop runs at once");
+        let fresh = StopFlag::default();
+        let counter = calls.clone();
+        fresh.on_stop(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        fresh.stop(StopReason::Timeout);
+        fresh.stop(StopReason::Client);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "hooks run once, on the first stop");
         board.finish(job);
         assert!(!board.stop(job, StopReason::Client));
         assert!(board.get(job).is_none());

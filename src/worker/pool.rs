@@ -16,7 +16,7 @@ use crate::engine::image::{encode, OutputFormat};
 use crate::engine::model::LoadedModel;
 use crate::engine::pipeline::{edit, text_to_image, EditRequest, GenerateRequest, StepObserver};
 use crate::engine::preview::PreviewMode;
-use crate::engine::runtime::{Device, Runtime};
+use crate::engine::runtime::{Device, RunControl, Runtime};
 use crate::engine::EngineError;
 use crate::jobs::bus::{EventBus, EventKind, ProgressEvent};
 use crate::jobs::progress::{ProgressBoard, StopFlag};
@@ -190,6 +190,7 @@ impl WorkerPool {
             let (sender, receiver) = sync_channel::<WorkItem>(1);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
             let factory = runtime.session_factory(spec.device, spec.threads);
+            let control = factory.run_control().clone();
             let registry = registry.clone();
             let progress = progress.clone();
             let bus = bus.clone();
@@ -212,7 +213,7 @@ impl WorkerPool {
                     info!(models = models.len(), "worker ready");
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    serve(receiver, &mut models, &progress, &bus);
+                    serve(receiver, &mut models, &progress, &bus, &control);
                 })
                 .map_err(|_| PoolError::Died(index))?;
             workers.push(WorkerThread { sender, handle: Some(handle) });
@@ -330,14 +331,53 @@ fn preview_data_url(picture: &image::RgbImage) -> Option<String> {
     Some(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg.into_inner())))
 }
 
-fn serve(receiver: Receiver<WorkItem>, models: &mut [(String, LoadedModel)], progress: &ProgressBoard, bus: &EventBus) {
+fn serve(
+    receiver: Receiver<WorkItem>,
+    models: &mut [(String, LoadedModel)],
+    progress: &ProgressBoard,
+    bus: &EventBus,
+    control: &RunControl,
+) {
     while let Ok(item) = receiver.recv() {
         let span = info_span!("job", id = %item.job, model = %item.model);
         let _entered = span.enter();
+        let interruptible = Interruptible::arm(&item.stop, control);
         let outcome = guarded(|| run(&item, models, progress, bus));
+        interruptible.disarm();
+        // A run cut short by the stop flag fails inside ONNX Runtime; it is a stop, not an inference error.
+        let outcome = match outcome {
+            Err(_) if item.stop.is_set() => Err(WorkError::from(EngineError::Cancelled)),
+            other => other,
+        };
         if item.reply.send(outcome).is_err() {
             warn!("job result dropped: the dispatcher is gone");
         }
+    }
+}
+
+/// While a job runs, a stop request also interrupts the ONNX Runtime call in progress. Disarmed (under the
+/// same lock) before the next job starts, so a late stop of a finished job never reaches the next one.
+struct Interruptible {
+    armed: Arc<std::sync::Mutex<bool>>,
+    control: RunControl,
+}
+
+impl Interruptible {
+    fn arm(stop: &StopFlag, control: &RunControl) -> Self {
+        let armed = Arc::new(std::sync::Mutex::new(true));
+        let (hook_armed, hook_control) = (armed.clone(), control.clone());
+        stop.on_stop(move || {
+            if *hook_armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                hook_control.interrupt();
+            }
+        });
+        Self { armed, control: control.clone() }
+    }
+
+    fn disarm(self) {
+        let mut armed = self.armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *armed = false;
+        self.control.reset();
     }
 }
 
