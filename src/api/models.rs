@@ -6,6 +6,7 @@ use utoipa::ToSchema;
 
 use super::error::AppJson;
 use super::AppState;
+use crate::engine::family::Family;
 use crate::engine::model::Capability;
 use crate::engine::scheduler::SchedulerKind;
 
@@ -25,6 +26,9 @@ pub struct ModelCard {
     pub id: String,
     /// Always `model`.
     pub object: &'static str,
+    /// The model family (`sd`, `sdxl`, `lcm`), from the export's pipeline class and graphs.
+    #[schema(value_type = String, example = "sdxl")]
+    pub family: Family,
     /// What it can do.
     #[schema(value_type = Vec<String>, example = json!(["text_to_image"]))]
     pub capabilities: Vec<Capability>,
@@ -52,6 +56,7 @@ pub async fn list_models(State(state): State<AppState>) -> AppJson<ModelList> {
         .map(|m| ModelCard {
             id: m.name.clone(),
             object: "model",
+            family: m.info.family(),
             capabilities: m.info.capabilities.clone(),
             width: m.info.native_size,
             height: m.info.native_size,
