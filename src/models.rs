@@ -11,9 +11,9 @@ pub struct ServedModel {
     pub name: String,
     /// What the export is and can do.
     pub info: ModelInfo,
-    /// Guidance scale for requests that give none.
+    /// Guidance scale for requests that give none (the config's, else the family's).
     pub default_guidance_scale: Option<f32>,
-    /// Steps for requests that give none.
+    /// Steps for requests that give none (the config's, else the family's).
     pub default_steps: Option<u32>,
 }
 
@@ -29,11 +29,12 @@ impl ModelRegistry {
         let models = configs
             .iter()
             .map(|c| {
+                let info = ModelInfo::read(&c.path)?;
                 Ok(ServedModel {
                     name: c.name.clone(),
-                    info: ModelInfo::read(&c.path)?,
-                    default_guidance_scale: c.guidance_scale,
-                    default_steps: c.steps,
+                    default_guidance_scale: c.guidance_scale.or(info.family().default_guidance_scale()),
+                    default_steps: c.steps.or(info.family().default_steps()),
+                    info,
                 })
             })
             .collect::<Result<Vec<_>, EngineError>>()?;

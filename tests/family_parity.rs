@@ -307,3 +307,51 @@ fn lcm_text_to_image_matches_optimum() {
     check_images("lcm_t2i", &images, &case);
     assert!(replay.draws.is_empty(), "{} recorded draws not consumed", replay.draws.len());
 }
+
+/// Through HTTP: `GET /v1/models` reports each family with its defaults, and `POST /v1/images` on the SDXL
+/// model with the reference's latents draws optimum's `sdxl_t2i` picture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_generates_through_http_like_optimum() {
+    use base64::Engine as _;
+    let server = common::TestServer::start(&common::extra_models(&["tiny-sdxl", "tiny-lcm"])).await;
+    let client = reqwest::Client::new();
+    let models: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let card = |id: &str| models["data"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone();
+    let (sdxl, lcm, sd) = (card("tiny-sdxl"), card("tiny-lcm"), card("tiny-sd"));
+    assert_eq!((sdxl["family"].as_str(), sdxl["width"].as_u64()), (Some("sdxl"), Some(64)));
+    assert_eq!(sdxl["default_guidance_scale"], 5.0);
+    assert_eq!((lcm["family"].as_str(), lcm["default_steps"].as_u64()), (Some("lcm"), Some(4)));
+    assert_eq!((lcm["default_guidance_scale"].as_f64(), lcm["default_scheduler"].as_str()), (Some(8.5), Some("lcm")));
+    assert_eq!(sd["family"], "sd");
+
+    let case = case("sdxl_t2i");
+    let latents = std::fs::read(dir().join(case["latents_npy"].as_str().unwrap())).unwrap();
+    let body = serde_json::json!({
+        "model": "tiny-sdxl",
+        "prompt": case["prompt"],
+        "negative_prompt": case["negative_prompt"],
+        "steps": case["num_inference_steps"],
+        "guidance_scale": case["guidance_scale"],
+        "scheduler": "euler",
+        "latents": base64::engine::general_purpose::STANDARD.encode(latents),
+    });
+    let picture = run_http_job(&client, &server, body).await;
+    check_images("sdxl_t2i over HTTP", &[picture], &case);
+
+    // LCM runs with its defaults (4 steps, guidance embedded) from a seed.
+    let lcm_picture = run_http_job(&client, &server, serde_json::json!({"model": "tiny-lcm", "prompt": "a cat"})).await;
+    assert_eq!(lcm_picture.dimensions(), (64, 64));
+    server.shutdown().await;
+}
+
+/// Submits a generation, waits for it and returns its first picture.
+async fn run_http_job(client: &reqwest::Client, server: &common::TestServer, body: Value) -> RgbImage {
+    let response = client.post(server.url("/v1/images")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let job = common::wait_for_job(client, &server.url(&location), std::time::Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let url = job["images"][0]["url"].as_str().unwrap();
+    let bytes = client.get(server.url(url)).send().await.unwrap().bytes().await.unwrap();
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}

@@ -5,6 +5,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::AppJson;
+use super::validation::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use super::AppState;
 use crate::engine::family::Family;
 use crate::engine::model::Capability;
@@ -38,6 +39,10 @@ pub struct ModelCard {
     pub height: u32,
     /// Sizes must be multiples of this.
     pub size_multiple: u32,
+    /// Steps used when a request gives none.
+    pub default_steps: u32,
+    /// Guidance scale used when a request gives none.
+    pub default_guidance_scale: f32,
     /// Scheduler used when a request names none.
     pub default_scheduler: String,
     /// Scheduler names a request may use.
@@ -61,6 +66,8 @@ pub async fn list_models(State(state): State<AppState>) -> AppJson<ModelList> {
             width: m.info.native_size,
             height: m.info.native_size,
             size_multiple: m.info.size_multiple,
+            default_steps: m.default_steps.unwrap_or(DEFAULT_STEPS),
+            default_guidance_scale: m.default_guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
             default_scheduler: m.info.default_scheduler.name().to_string(),
             schedulers: SchedulerKind::all_for(m.info.default_scheduler.parameterization())
                 .map(|k| k.name().to_string())

@@ -68,6 +68,25 @@ impl Family {
         }
     }
 
+    /// The step count the family's diffusers pipeline uses by default, where it differs from a typical
+    /// Stable Diffusion run (LCM: 4).
+    pub fn default_steps(self) -> Option<u32> {
+        match self {
+            Family::LatentConsistency => Some(4),
+            Family::StableDiffusion | Family::StableDiffusionXl => None,
+        }
+    }
+
+    /// The guidance scale of the family's diffusers pipeline, where it differs from Stable Diffusion's 7.5
+    /// (SDXL: 5.0; LCM: 8.5, embedded into `timestep_cond` as `w = 7.5`).
+    pub fn default_guidance_scale(self) -> Option<f32> {
+        match self {
+            Family::StableDiffusionXl => Some(5.0),
+            Family::LatentConsistency => Some(8.5),
+            Family::StableDiffusion => None,
+        }
+    }
+
     /// Which hidden state of each text encoder conditions the U-Net.
     pub fn hidden_layer(self) -> HiddenLayer {
         match self {
