@@ -355,3 +355,29 @@ async fn run_http_job(client: &reqwest::Client, server: &common::TestServer, bod
     let bytes = client.get(server.url(url)).send().await.unwrap().bytes().await.unwrap();
     image::load_from_memory(&bytes).unwrap().to_rgb8()
 }
+
+#[test]
+fn graphs_that_contradict_the_pipeline_class_are_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&common::fixture("tiny-sdxl"), tmp.path());
+    let index = tmp.path().join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, text.replace("StableDiffusionXLPipeline", "StableDiffusionPipeline")).unwrap();
+    let info = ModelInfo::read(tmp.path()).unwrap();
+    let err = LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap_err().to_string();
+    assert!(err.contains("unet") && err.contains("`text_embeds` is not supported for family sd"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

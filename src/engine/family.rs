@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::graph::{Element, Graph};
+use super::graph::Graph;
 
 /// The families of export the engine runs.
 /// Serialised as [`Family::as_str`].
@@ -175,7 +175,7 @@ impl UnetExtras {
         let sdxl = traits.family == Family::StableDiffusionXl;
         let mut extras = UnetExtras { time_ids: None, timestep_cond: None };
         for spec in unet.inputs().iter().filter(|s| !BASE.contains(&s.name.as_str())) {
-            if !spec.element.is_float() || spec.element == Element::Unsupported {
+            if !spec.element.is_float() {
                 return Err(format!("U-Net input `{}` has element type {:?}", spec.name, spec.element));
             }
             match spec.name.as_str() {

@@ -23,7 +23,8 @@ use crate::engine::scheduler::{self, SchedulerKind};
 pub struct GenerateRequest {
     /// What to draw.
     pub prompt: String,
-    /// What to steer away from (empty: the unconditional embedding of "").
+    /// What to steer away from. Empty means none: the encoding of `""`, or zeros for models that set
+    /// `force_zeros_for_empty_prompt` (SDXL base); see [`super::RunExtras::encode_empty_negative`].
     pub negative_prompt: String,
     /// Output width in pixels (a multiple of the VAE scale factor).
     pub width: u32,
