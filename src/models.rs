@@ -11,9 +11,9 @@ pub struct ServedModel {
     pub name: String,
     /// What the export is and can do.
     pub info: ModelInfo,
-    /// Guidance scale for requests that give none.
+    /// Guidance scale for requests that give none (the config's, else the family's).
     pub default_guidance_scale: Option<f32>,
-    /// Steps for requests that give none.
+    /// Steps for requests that give none (the config's, else the family's).
     pub default_steps: Option<u32>,
     /// Largest image area a request may ask for (pixels).
     pub max_pixels: u64,
@@ -45,9 +45,9 @@ impl ModelRegistry {
                 let max_pixels = c.max_pixels.unwrap_or(AREA_FACTOR * native);
                 Ok(ServedModel {
                     name: c.name.clone(),
+                    default_guidance_scale: c.guidance_scale.or(info.family().default_guidance_scale()),
+                    default_steps: c.steps.or(info.family().default_steps()),
                     info,
-                    default_guidance_scale: c.guidance_scale,
-                    default_steps: c.steps,
                     max_pixels,
                     max_pixel_steps: c.max_pixel_steps.unwrap_or(BUDGET_IMAGES * BUDGET_STEPS * max_pixels),
                 })

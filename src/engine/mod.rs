@@ -2,6 +2,7 @@
 //! HTTP, tokio or the job store. Usable as a library on its own.
 
 pub mod error;
+pub mod family;
 pub mod graph;
 pub mod image;
 pub mod input;
@@ -12,6 +13,7 @@ pub mod preview;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;
+pub mod text_encoder;
 pub mod tokenizer;
 
 pub use error::EngineError;

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::error::EngineError;
+use super::family::{lists_component, Family, FamilyTraits, UnetExtras};
 use super::graph::{Element, Graph};
 use super::preview::ApproxDecoder;
 use super::runtime::SessionFactory;
 use super::scheduler::{Parameterization, SchedulerConfig, SchedulerKind};
-use super::tokenizer::ClipTokenizer;
+use super::text_encoder::TextEncoder;
 
 /// What a model can be asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -35,6 +36,12 @@ pub struct ModelInfo {
     pub path: PathBuf,
     /// The diffusers pipeline class named in `model_index.json`.
     pub pipeline_class: String,
+    /// The model's family and its conditioning flags (from `model_index.json`).
+    pub traits: FamilyTraits,
+    /// The text encoders (graph folder, tokenizer folder) the family reads, in concatenation order.
+    pub text_encoders: Vec<(&'static str, &'static str)>,
+    /// `time_cond_proj_dim` of the U-Net config (width of `timestep_cond`), when set.
+    pub time_cond_proj_dim: Option<usize>,
     /// The scheduler config shipped with the model.
     pub scheduler_config: SchedulerConfig,
     /// The scheduler family the model ships with.
@@ -57,6 +64,11 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// The model's family.
+    pub fn family(&self) -> Family {
+        self.traits.family
+    }
+
     /// Whether the model can serve `capability`.
     pub fn can(&self, capability: Capability) -> bool {
         self.capabilities.contains(&capability)
@@ -71,19 +83,6 @@ impl ModelInfo {
         }
     }
 }
-
-/// Pipeline classes whose graphs this engine runs. The class only gates loading; what a model can do is read
-/// from its U-Net's input channels and whether it ships a VAE encoder (see [`capabilities_for`]).
-const SUPPORTED_PIPELINES: &[&str] = &[
-    "StableDiffusionPipeline",
-    "ORTStableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "ORTStableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "ORTStableDiffusionInpaintPipeline",
-    "StableDiffusionInstructPix2PixPipeline",
-    "ORTStableDiffusionInstructPix2PixPipeline",
-];
 
 impl Capability {
     /// The name used in API documents and error messages (`text_to_image`, `img2img`, …).
@@ -147,6 +146,39 @@ pub fn missing_capability(info: &ModelInfo, wanted: Capability) -> EngineError {
     ))
 }
 
+/// Narrows the capabilities the U-Net allows to what the family's pipelines do: the SDXL refiner (aesthetic
+/// `time_ids`) only edits, SDXL has no InstructPix2Pix here, and LCM runs text to image only (diffusers'
+/// LCM img2img schedules strength differently).
+fn family_capabilities(traits: &FamilyTraits, caps: Vec<Capability>) -> Result<Vec<Capability>, String> {
+    let keep: Vec<Capability> = match traits.family {
+        Family::StableDiffusion => caps,
+        Family::StableDiffusionXl => caps
+            .into_iter()
+            .filter(|c| *c != Capability::Instruct)
+            .filter(|c| !(traits.requires_aesthetics_score && *c == Capability::TextToImage))
+            .collect(),
+        Family::LatentConsistency => caps.into_iter().filter(|c| *c == Capability::TextToImage).collect(),
+    };
+    if keep.is_empty() {
+        return Err(format!("no supported mode for a family {} export with this U-Net", traits.family.as_str()));
+    }
+    Ok(keep)
+}
+
+/// Checks that the graphs and tokenizers the family needs exist, so that an incomplete export fails at
+/// start-up with the missing file named, rather than in a worker.
+fn require_components(dir: &Path, text_encoders: &[(&str, &str)]) -> Result<(), String> {
+    let mut files: Vec<String> = vec!["unet/model.onnx".into(), "vae_decoder/model.onnx".into()];
+    for (graph, tokenizer) in text_encoders {
+        files.push(format!("{graph}/model.onnx"));
+        files.push(format!("{tokenizer}/vocab.json"));
+    }
+    match files.iter().find(|f| !dir.join(f).is_file()) {
+        Some(missing) => Err(format!("missing {missing}")),
+        None => Ok(()),
+    }
+}
+
 fn read_json(path: &Path) -> Result<Value, EngineError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| EngineError::Model { path: path.to_path_buf(), message: e.to_string() })?;
@@ -174,12 +206,9 @@ impl ModelInfo {
         }
         let index = read_json(&path.join("model_index.json"))?;
         let pipeline_class = index.get("_class_name").and_then(Value::as_str).unwrap_or_default().to_string();
-        if !SUPPORTED_PIPELINES.contains(&pipeline_class.as_str()) {
-            return Err(model_err(format!(
-                "pipeline `{pipeline_class}` is not supported (supported: {})",
-                SUPPORTED_PIPELINES.join(", ")
-            )));
-        }
+        let traits = FamilyTraits::read(&index).map_err(model_err)?;
+        let has_text_encoder = lists_component(&index, "text_encoder") || path.join("text_encoder").is_dir();
+        let text_encoders = traits.family.text_encoders(has_text_encoder);
         let scheduler_path = path.join("scheduler").join("scheduler_config.json");
         let scheduler_json = read_json(&scheduler_path)?;
         let scheduler_config: SchedulerConfig = serde_json::from_value(scheduler_json)
@@ -197,6 +226,7 @@ impl ModelInfo {
         super::scheduler::build(default_scheduler, &scheduler_config, 10)
             .map_err(|e| EngineError::Model { path: scheduler_path, message: e.to_string() })?;
 
+        require_components(path, &text_encoders).map_err(model_err)?;
         let vae = read_optional_json(&path.join("vae_decoder").join("config.json"))?;
         let unet = read_optional_json(&path.join("unet").join("config.json"))?;
         let vae_scaling_factor = number(&vae, "scaling_factor").unwrap_or(0.18215) as f32;
@@ -210,10 +240,16 @@ impl ModelInfo {
             unet.as_ref().and_then(|c| c.get("block_out_channels")).and_then(Value::as_array).map_or(4, |a| a.len());
         let size_multiple = vae_scale_factor << unet_levels.saturating_sub(1).min(6);
         let has_vae_encoder = path.join("vae_encoder").join("model.onnx").is_file();
-        let capabilities = capabilities_for(unet_in_channels, latent_channels, has_vae_encoder).map_err(model_err)?;
+        let capabilities = capabilities_for(unet_in_channels, latent_channels, has_vae_encoder)
+            .and_then(|caps| family_capabilities(&traits, caps))
+            .map_err(model_err)?;
+        let time_cond_proj_dim = number(&unet, "time_cond_proj_dim").map(|d| d as usize);
         Ok(Self {
             path: path.to_path_buf(),
             pipeline_class,
+            traits,
+            text_encoders,
+            time_cond_proj_dim,
             scheduler_config,
             default_scheduler,
             vae_scaling_factor,
@@ -231,12 +267,12 @@ impl ModelInfo {
 pub struct LoadedModel {
     /// The model's description.
     pub info: ModelInfo,
-    /// CLIP tokenizer.
-    pub tokenizer: ClipTokenizer,
-    /// Text encoder graph.
-    pub text_encoder: Graph,
+    /// The text encoders with their tokenizers, in the order their hidden states are concatenated.
+    pub text_encoders: Vec<TextEncoder>,
     /// U-Net graph.
     pub unet: Graph,
+    /// The U-Net's inputs beyond sample, timestep and text (SDXL `text_embeds`/`time_ids`, `timestep_cond`).
+    pub unet_extras: UnetExtras,
     /// VAE decoder graph.
     pub vae_decoder: Graph,
     /// VAE encoder, when the export has one (needed by every edit).
@@ -245,8 +281,6 @@ pub struct LoadedModel {
     pub preview: ApproxDecoder,
     /// Name of the U-Net's output.
     pub unet_output: String,
-    /// Name of the text encoder's hidden-state output.
-    pub text_output: String,
     /// Name of the VAE decoder's image output.
     pub vae_output: String,
 }
@@ -274,8 +308,12 @@ impl LoadedModel {
     /// Opens the graphs of `info` with `factory` and checks that their inputs are the ones the pipeline feeds.
     pub fn load(info: ModelInfo, factory: &SessionFactory) -> Result<Self, EngineError> {
         let dir = info.path.clone();
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let text_encoder = Graph::open(factory, &dir.join("text_encoder").join("model.onnx"), "text_encoder")?;
+        let layer = info.family().hidden_layer();
+        let text_encoders = info
+            .text_encoders
+            .iter()
+            .map(|names| TextEncoder::load(factory, &dir, *names, layer))
+            .collect::<Result<Vec<_>, _>>()?;
         let unet = Graph::open(factory, &dir.join("unet").join("model.onnx"), "unet")?;
         let vae_decoder = Graph::open(factory, &dir.join("vae_decoder").join("model.onnx"), "vae_decoder")?;
         let encoder_path = dir.join("vae_encoder").join("model.onnx");
@@ -296,33 +334,23 @@ impl LoadedModel {
             path: dir.join(graph.name()).join("model.onnx"),
             message,
         };
-        require_input(&text_encoder, "input_ids", false).map_err(|m| bad(&text_encoder, m))?;
         for (name, float) in [("sample", true), ("timestep", false), ("encoder_hidden_states", true)] {
             require_input(&unet, name, float).map_err(|m| bad(&unet, m))?;
         }
-        if let Some(extra) =
-            unet.inputs().iter().find(|s| !["sample", "timestep", "encoder_hidden_states"].contains(&s.name.as_str()))
-        {
-            return Err(bad(&unet, format!("U-Net input `{}` is not supported yet (SDXL/LCM graphs)", extra.name)));
+        let unet_extras =
+            UnetExtras::from_graph(&info.traits, &unet, info.time_cond_proj_dim).map_err(|m| bad(&unet, m))?;
+        if unet_extras.time_ids.is_some() && !text_encoders.iter().any(|e| e.pooled_output.is_some()) {
+            return Err(EngineError::Model {
+                path: dir.join("text_encoder_2").join("model.onnx"),
+                message: "no `text_embeds` output for the U-Net's pooled text input".into(),
+            });
         }
         require_input(&vae_decoder, "latent_sample", true).map_err(|m| bad(&vae_decoder, m))?;
 
-        let text_output = pick_output(&text_encoder, &["last_hidden_state"]).map_err(|m| bad(&text_encoder, m))?;
         let unet_output = pick_output(&unet, &["out_sample", "sample"]).map_err(|m| bad(&unet, m))?;
         let vae_output = pick_output(&vae_decoder, &["sample"]).map_err(|m| bad(&vae_decoder, m))?;
         let preview = ApproxDecoder::load(&dir, factory, info.latent_channels as usize)?;
-        Ok(Self {
-            info,
-            tokenizer,
-            text_encoder,
-            unet,
-            vae_decoder,
-            vae_encoder,
-            preview,
-            unet_output,
-            text_output,
-            vae_output,
-        })
+        Ok(Self { info, text_encoders, unet, unet_extras, vae_decoder, vae_encoder, preview, unet_output, vae_output })
     }
 }
 

@@ -7,6 +7,7 @@
 
 use ndarray::{concatenate, ArrayD, Axis, IxDyn, Zip};
 
+use super::conditioning::UnetConditioning;
 use super::guidance::{guide, rescale};
 use super::noise::BatchNoise;
 use super::vae::render_preview;
@@ -104,8 +105,8 @@ pub(super) struct Denoise<'a> {
     pub latents: ArrayD<f32>,
     /// First call index (img2img and inpainting start later for strength < 1).
     pub start: usize,
-    /// `encoder_hidden_states` for the whole U-Net batch, `[copies·n, 77, D]`.
-    pub embeddings: &'a ArrayD<f32>,
+    /// The U-Net's text (and family-specific) inputs for the whole batch, `[copies·n, …]`.
+    pub conditioning: &'a UnetConditioning,
     /// Batch layout and combination.
     pub guidance: Guidance,
     /// Channels appended after the scaled latents, `[copies·n, k, h, w]`.
@@ -122,7 +123,7 @@ pub(super) fn denoise(
     model: &mut LoadedModel,
     scheduler: &mut dyn Scheduler,
     run: Denoise<'_>,
-    noise: &mut BatchNoise,
+    noise: &mut dyn NoiseSource,
     observer: &mut dyn StepObserver,
 ) -> Result<ArrayD<f32>, EngineError> {
     let n = run.latents.shape()[0];
@@ -152,11 +153,9 @@ pub(super) fn denoise(
             Some(0) => ArrayD::from_elem(IxDyn(&[]), t as f32),
             _ => ArrayD::from_elem(IxDyn(&[copies * n]), t as f32),
         };
-        let mut outputs = model.unet.run(vec![
-            ("sample", Feed::Float(sample)),
-            ("timestep", Feed::Float(timestep)),
-            ("encoder_hidden_states", Feed::Float(run.embeddings.clone())),
-        ])?;
+        let mut feeds = vec![("sample", Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
+        feeds.extend(run.conditioning.feeds());
+        let mut outputs = model.unet.run(feeds)?;
         let predicted = outputs
             .remove(&model.unet_output)
             .ok_or_else(|| EngineError::Inference { graph: "unet", message: "no output".into() })?;
@@ -167,8 +166,7 @@ pub(super) fn denoise(
             });
         }
         let prediction = run.guidance.combine(predicted, n);
-        let out =
-            scheduler.step(StepInput::new(call, prediction.view(), latents.view()), noise as &mut dyn NoiseSource);
+        let out = scheduler.step(StepInput::new(call, prediction.view(), latents.view()), noise);
         latents = out.prev_sample;
         if let Some(blend) = &run.blend {
             let next = (call + 1 < calls).then_some(call + 1);

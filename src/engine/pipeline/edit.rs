@@ -5,16 +5,18 @@
 use image::{GrayImage, RgbImage};
 use ndarray::{concatenate, Array4, ArrayD, ArrayView4, Axis};
 
+use super::conditioning::{assemble, branches, classifier_guidance, SizeConditioning, UnetConditioning};
 use super::denoise::{denoise, initial_noise, Denoise, Guidance, LatentBlend};
 use super::mask::{binarise, blend_pixels, feather, latent_mask, masked_pixels};
 use super::noise::BatchNoise;
-use super::prompt::{cfg_embeddings, encode_texts, stack};
+use super::prompt::encode_prompts;
 use super::text_to_image::latent_shape;
 use super::vae::{decode, encode_mean};
-use super::{GenerateRequest, StepObserver};
+use super::{GenerateRequest, RunExtras, StepObserver};
 use crate::engine::error::EngineError;
 use crate::engine::image::image_to_tensor;
 use crate::engine::model::{Capability, LoadedModel};
+use crate::engine::rng::NoiseSource;
 use crate::engine::scheduler::{self, Scheduler};
 
 /// Which edit to run.
@@ -63,6 +65,18 @@ pub fn edit(
     request: &EditRequest,
     observer: &mut dyn StepObserver,
 ) -> Result<Vec<RgbImage>, EngineError> {
+    edit_with(model, request, RunExtras::default(), observer)
+}
+
+/// [`edit`] with [`RunExtras`]. SDXL models run the same modes with their own conditioning (diffusers'
+/// `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline`: `time_ids` from the picture
+/// size, or the refiner's aesthetic scores).
+pub fn edit_with(
+    model: &mut LoadedModel,
+    request: &EditRequest,
+    extras: RunExtras<'_>,
+    observer: &mut dyn StepObserver,
+) -> Result<Vec<RgbImage>, EngineError> {
     let wanted = match request.mode {
         EditMode::Img2img => Capability::Img2img,
         EditMode::Inpaint => Capability::Inpaint,
@@ -84,7 +98,16 @@ pub fn edit(
     let noise = initial_noise(base.latents.as_ref(), &shape, &mut generators)?;
     let mut sched = scheduler::build(base.scheduler, &model.info.scheduler_config, base.steps as usize)
         .map_err(|e| EngineError::Scheduler(e.to_string()))?;
-    let mut job = Job { request, n: shape[0], noise, generators, pixels: image_to_tensor(&request.image) };
+    let negative = extras.negative_prompt(base).map(str::to_string);
+    let mut job = Job {
+        request,
+        n: shape[0],
+        noise,
+        generators,
+        step_noise: extras.step_noise,
+        negative,
+        pixels: image_to_tensor(&request.image),
+    };
     match request.mode {
         EditMode::Img2img => job.img2img(model, sched.as_mut(), observer),
         EditMode::Inpaint => job.inpaint(model, sched.as_mut(), observer),
@@ -93,7 +116,7 @@ pub fn edit(
 }
 
 /// What every mode starts from.
-struct Job<'r> {
+struct Job<'r, 'x> {
     request: &'r EditRequest,
     /// Images.
     n: usize,
@@ -101,23 +124,33 @@ struct Job<'r> {
     noise: ArrayD<f32>,
     /// Per-image generators (for ancestral schedulers' later draws).
     generators: BatchNoise,
+    /// Replaces `generators` for the later draws when given.
+    step_noise: Option<&'x mut dyn NoiseSource>,
+    /// The negative prompt as diffusers receives it (`None`: absent).
+    negative: Option<String>,
     /// The input picture `[1, 3, H, W]` in [-1, 1].
     pixels: Array4<f32>,
 }
 
-impl Job<'_> {
-    fn classifier_guidance(&self) -> Guidance {
-        let scale = self.request.base.guidance_scale;
-        if scale > 1.0 {
-            Guidance::Classifier { scale, rescale: 0.0 }
-        } else {
-            Guidance::Off
-        }
+impl Job<'_, '_> {
+    fn classifier_guidance(&self, model: &LoadedModel) -> Guidance {
+        classifier_guidance(model, self.request.base.guidance_scale, 0.0)
     }
 
-    fn embeddings(&self, model: &mut LoadedModel, guidance: Guidance) -> Result<ArrayD<f32>, EngineError> {
+    /// The U-Net's conditioning for `guidance`'s branches; SDXL's sizes are the picture's.
+    fn conditioning(&self, model: &mut LoadedModel, guidance: Guidance) -> Result<UnetConditioning, EngineError> {
         let base = &self.request.base;
-        cfg_embeddings(model, &base.prompt, &base.negative_prompt, self.n, guidance != Guidance::Off)
+        let prompts = encode_prompts(model, &base.prompt, self.negative.as_deref(), guidance != Guidance::Off)?;
+        let size = SizeConditioning::for_picture(base.width, base.height);
+        assemble(model, &prompts, branches(guidance), self.n, &size, base.guidance_scale)
+    }
+
+    /// Where the scheduler's later draws come from.
+    fn step_noise(&mut self) -> &mut dyn NoiseSource {
+        match self.step_noise.as_deref_mut() {
+            Some(noise) => noise,
+            None => &mut self.generators,
+        }
     }
 
     fn start_call(&self, sched: &dyn Scheduler) -> Result<usize, EngineError> {
@@ -140,18 +173,18 @@ impl Job<'_> {
         let start = self.start_call(sched)?;
         let original = repeat(&scaled_latents(model, self.pixels.view())?, self.n)?;
         let latents = sched.add_noise(original.view(), self.noise.view(), start);
-        let guidance = self.classifier_guidance();
-        let embeddings = self.embeddings(model, guidance)?;
+        let guidance = self.classifier_guidance(model);
+        let conditioning = self.conditioning(model, guidance)?;
         let run = Denoise {
             latents,
             start,
-            embeddings: &embeddings,
+            conditioning: &conditioning,
             guidance,
             extra_channels: None,
             blend: None,
             size: self.size(),
         };
-        let latents = denoise(model, sched, run, &mut self.generators, observer)?;
+        let latents = denoise(model, sched, run, self.step_noise(), observer)?;
         decode(model, latents)
     }
 
@@ -190,8 +223,8 @@ impl Job<'_> {
             Some(original) if !strength_max => sched.add_noise(original.view(), self.noise.view(), start),
             _ => &self.noise * sched.init_noise_sigma() as f32,
         };
-        let guidance = self.classifier_guidance();
-        let embeddings = self.embeddings(model, guidance)?;
+        let guidance = self.classifier_guidance(model);
+        let conditioning = self.conditioning(model, guidance)?;
         let batch = guidance.copies() * self.n;
         let (extra_channels, blend) = match original {
             Some(original) if blended => {
@@ -210,8 +243,8 @@ impl Job<'_> {
             }
         };
         let run =
-            Denoise { latents, start, embeddings: &embeddings, guidance, extra_channels, blend, size: self.size() };
-        let latents = denoise(model, sched, run, &mut self.generators, observer)?;
+            Denoise { latents, start, conditioning: &conditioning, guidance, extra_channels, blend, size: self.size() };
+        let latents = denoise(model, sched, run, self.step_noise(), observer)?;
         let images = decode(model, latents)?;
         if !blended {
             return Ok(images);
@@ -232,28 +265,26 @@ impl Job<'_> {
         // diffusers: `guidance_scale > 1 and image_guidance_scale >= 1`.
         let guided = base.guidance_scale > 1.0 && image_scale >= 1.0;
         let image_latents = repeat(&encode_mean(model, self.pixels.view())?, self.n)?;
-        let (guidance, embeddings, extra) = if guided {
-            let hidden = encode_texts(model, &[&base.prompt, &base.negative_prompt])?;
-            let embeddings = stack(&[&hidden[0], &hidden[1], &hidden[1]], self.n)?;
+        let (guidance, extra) = if guided {
             let zeros = ArrayD::<f32>::zeros(image_latents.raw_dim());
             let extra = concatenate(Axis(0), &[image_latents.view(), image_latents.view(), zeros.view()])
                 .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-            (Guidance::InstructPix2Pix { text: base.guidance_scale, image: image_scale }, embeddings, extra)
+            (Guidance::InstructPix2Pix { text: base.guidance_scale, image: image_scale }, extra)
         } else {
-            let hidden = encode_texts(model, &[&base.prompt])?;
-            (Guidance::Off, stack(&[&hidden[0]], self.n)?, image_latents)
+            (Guidance::Off, image_latents)
         };
+        let conditioning = self.conditioning(model, guidance)?;
         let latents = &self.noise * sched.init_noise_sigma() as f32;
         let run = Denoise {
             latents,
             start: 0,
-            embeddings: &embeddings,
+            conditioning: &conditioning,
             guidance,
             extra_channels: Some(extra),
             blend: None,
             size: self.size(),
         };
-        let latents = denoise(model, sched, run, &mut self.generators, observer)?;
+        let latents = denoise(model, sched, run, self.step_noise(), observer)?;
         decode(model, latents)
     }
 }

@@ -1,17 +1,21 @@
-//! Text to image, as diffusers' `StableDiffusionPipeline` computes it: encode the prompt and the negative
-//! prompt, start from seeded (or given) unit-Gaussian latents scaled by the scheduler's initial sigma, run
-//! the denoising loop with classifier-free guidance on the batch `[uncond × n, cond × n]`, then decode.
+//! Text to image, as diffusers' `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and
+//! `LatentConsistencyModelPipeline` compute it: encode the prompt and the negative prompt, start from seeded
+//! (or given) unit-Gaussian latents scaled by the scheduler's initial sigma, run the denoising loop with
+//! classifier-free guidance on the batch `[uncond × n, cond × n]` (one branch for guidance-embedding U-Nets),
+//! then decode. The family only changes the conditioning ([`super::conditioning`]).
 
 use image::RgbImage;
 use ndarray::ArrayD;
 
+use super::conditioning::{assemble, branches, classifier_guidance, SizeConditioning};
 use super::denoise::{denoise, initial_noise, Denoise, Guidance};
 use super::noise::BatchNoise;
-use super::prompt::cfg_embeddings;
+use super::prompt::encode_prompts;
 use super::vae::decode;
-use super::StepObserver;
+use super::{RunExtras, StepObserver};
 use crate::engine::error::EngineError;
 use crate::engine::model::{Capability, LoadedModel, ModelInfo};
+use crate::engine::rng::NoiseSource;
 use crate::engine::scheduler::{self, SchedulerKind};
 
 /// A fully validated text-to-image request.
@@ -19,7 +23,8 @@ use crate::engine::scheduler::{self, SchedulerKind};
 pub struct GenerateRequest {
     /// What to draw.
     pub prompt: String,
-    /// What to steer away from (empty: the unconditional embedding of "").
+    /// What to steer away from. Empty means none: the encoding of `""`, or zeros for models that set
+    /// `force_zeros_for_empty_prompt` (SDXL base); see [`super::RunExtras::encode_empty_negative`].
     pub negative_prompt: String,
     /// Output width in pixels (a multiple of the VAE scale factor).
     pub width: u32,
@@ -54,18 +59,26 @@ pub fn text_to_image(
     request: &GenerateRequest,
     observer: &mut dyn StepObserver,
 ) -> Result<Vec<RgbImage>, EngineError> {
+    text_to_image_with(model, request, RunExtras::default(), observer)
+}
+
+/// [`text_to_image`] with [`RunExtras`].
+pub fn text_to_image_with(
+    model: &mut LoadedModel,
+    request: &GenerateRequest,
+    extras: RunExtras<'_>,
+    observer: &mut dyn StepObserver,
+) -> Result<Vec<RgbImage>, EngineError> {
     model.info.require(Capability::TextToImage)?;
     let shape = latent_shape(&model.info, request)?;
-    let mut noise = BatchNoise::new(&request.seeds());
-    let initial = initial_noise(request.latents.as_ref(), &shape, &mut noise)?;
+    let mut generators = BatchNoise::new(&request.seeds());
+    let initial = initial_noise(request.latents.as_ref(), &shape, &mut generators)?;
 
-    let guidance = if request.guidance_scale > 1.0 {
-        Guidance::Classifier { scale: request.guidance_scale, rescale: request.guidance_rescale }
-    } else {
-        Guidance::Off
-    };
-    let guided = guidance != Guidance::Off;
-    let embeddings = cfg_embeddings(model, &request.prompt, &request.negative_prompt, shape[0], guided)?;
+    let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
+    let negative = extras.negative_prompt(request);
+    let prompts = encode_prompts(model, &request.prompt, negative, guidance != Guidance::Off)?;
+    let size = SizeConditioning::for_picture(request.width, request.height);
+    let conditioning = assemble(model, &prompts, branches(guidance), shape[0], &size, request.guidance_scale)?;
 
     let mut sched = scheduler::build(request.scheduler, &model.info.scheduler_config, request.steps as usize)
         .map_err(|e| EngineError::Scheduler(e.to_string()))?;
@@ -73,13 +86,17 @@ pub fn text_to_image(
     let run = Denoise {
         latents,
         start: 0,
-        embeddings: &embeddings,
+        conditioning: &conditioning,
         guidance,
         extra_channels: None,
         blend: None,
         size: (request.width, request.height),
     };
-    let latents = denoise(model, sched.as_mut(), run, &mut noise, observer)?;
+    let noise: &mut dyn NoiseSource = match extras.step_noise {
+        Some(noise) => noise,
+        None => &mut generators,
+    };
+    let latents = denoise(model, sched.as_mut(), run, noise, observer)?;
     decode(model, latents)
 }
 

@@ -1,0 +1,383 @@
+//! Parity of the SDXL and LCM families with optimum/diffusers 0.36 (`tests/fixtures/reference-family/`, made
+//! by `tests/fixtures/make_family_fixtures.py`): with the same graphs, prompts and noise, the engine draws the
+//! pictures optimum drew within 2/255 per pixel, and its intermediates (prompt embeddings, pooled embeddings,
+//! `time_ids`, `timestep_cond`, image latents) match the recorded arrays.
+
+mod common;
+
+use std::path::PathBuf;
+
+use denoised::engine::family::Family;
+use denoised::engine::model::{Capability, LoadedModel, ModelInfo};
+use denoised::engine::pipeline::conditioning::{assemble, guidance_embedding, Branch, SizeConditioning};
+use denoised::engine::pipeline::edit::scaled_latents;
+use denoised::engine::pipeline::mask::binarise;
+use denoised::engine::pipeline::prompt::{encode_prompts, PromptEmbedding};
+use denoised::engine::pipeline::{
+    edit_with, text_to_image_with, EditMode, EditRequest, GenerateRequest, NoObserver, RunExtras,
+};
+use denoised::engine::rng::NoiseSource;
+use denoised::engine::runtime::Device;
+use denoised::engine::scheduler::SchedulerKind;
+use image::RgbImage;
+use ndarray::{ArrayD, Axis};
+use serde_json::Value;
+
+const TOLERANCE: f32 = 2.0 / 255.0;
+const CLOSE: f32 = 1e-4;
+
+fn dir() -> PathBuf {
+    common::fixture("reference-family")
+}
+
+fn npy(name: &str) -> ArrayD<f32> {
+    common::read_npy(&dir().join(name))
+}
+
+fn case(name: &str) -> Value {
+    let text = std::fs::read_to_string(dir().join("cases.json")).unwrap();
+    let json: Value = serde_json::from_str(&text).unwrap();
+    json["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned().unwrap()
+}
+
+fn fixture_of(case: &Value) -> String {
+    case["model"].as_str().unwrap().trim_start_matches("tests/fixtures/").to_string()
+}
+
+fn load(fixture: &str) -> LoadedModel {
+    let info = ModelInfo::read(&common::fixture(fixture)).unwrap();
+    LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap()
+}
+
+fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn close(what: &str, got: &ArrayD<f32>, expected: &ArrayD<f32>) {
+    let d = max_abs(got, expected);
+    eprintln!("{what}: max abs difference {d:e}");
+    assert!(d <= CLOSE, "{what} differs by {d}");
+}
+
+fn request(case: &Value, latents_key: &str) -> GenerateRequest {
+    GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap_or_default().into(),
+        width: case["width"].as_u64().unwrap() as u32,
+        height: case["height"].as_u64().unwrap() as u32,
+        steps: case["num_inference_steps"].as_u64().unwrap() as u32,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
+        guidance_rescale: 0.0,
+        scheduler: SchedulerKind::from_class_name(case["scheduler"].as_str().unwrap()).unwrap(),
+        seed: 0,
+        images: 1,
+        latents: Some(npy(case[latents_key].as_str().unwrap())),
+    }
+}
+
+/// Checks `images` against the case's output and returns the max difference.
+fn check_images(name: &str, images: &[RgbImage], case: &Value) -> f32 {
+    let reference = npy(case["output_npy"].as_str().unwrap());
+    assert_eq!(images.len(), reference.shape()[0], "{name}: image count");
+    let worst = common::max_difference(images, &reference);
+    eprintln!("{name}: max pixel difference {worst} ({:.2}/255)", worst * 255.0);
+    assert!(worst <= TOLERANCE, "{name}: max pixel difference {worst} > {TOLERANCE}");
+    worst
+}
+
+fn run_text_to_image(name: &str) {
+    let case = case(name);
+    let mut model = load(&fixture_of(&case));
+    // `negative_prompt: ""` in a case is diffusers' explicit empty text; null is an absent one.
+    let extras = RunExtras { encode_empty_negative: case["negative_prompt"] == "", ..Default::default() };
+    let images = text_to_image_with(&mut model, &request(&case, "latents_npy"), extras, &mut NoObserver).unwrap();
+    check_images(name, &images, &case);
+}
+
+fn edit_request(case: &Value, mode: EditMode, mask_blur: u32) -> EditRequest {
+    EditRequest {
+        base: request(case, "noise_npy"),
+        mode,
+        image: image::open(dir().join("input.png")).unwrap().to_rgb8(),
+        mask: case.get("mask_png").and_then(Value::as_str).map(|m| image::open(dir().join(m)).unwrap().to_luma8()),
+        strength: case["strength"].as_f64().unwrap() as f32,
+        image_guidance_scale: 1.5,
+        mask_blur,
+    }
+}
+
+fn run_edit(name: &str, mode: EditMode) {
+    let case = case(name);
+    let mut model = load(&fixture_of(&case));
+    let images = edit_with(&mut model, &edit_request(&case, mode, 0), RunExtras::default(), &mut NoObserver).unwrap();
+    check_images(name, &images, &case);
+}
+
+/// 4-channel inpainting: the engine pastes the input's pixels back outside the mask (diffusers does not), so
+/// the reference is compared inside the mask, and outside it the picture must be the input exactly.
+fn run_blended_inpaint(name: &str) {
+    let case = case(name);
+    let mut model = load(&fixture_of(&case));
+    let request = edit_request(&case, EditMode::Inpaint, 0);
+    let images = edit_with(&mut model, &request, RunExtras::default(), &mut NoObserver).unwrap();
+    let reference = npy(case["output_npy"].as_str().unwrap());
+    let binary = binarise(request.mask.as_ref().unwrap());
+    let (mut inside, mut outside) = (0f32, 0u8);
+    for (x, y, px) in images[0].enumerate_pixels() {
+        let original = request.image.get_pixel(x, y);
+        for c in 0..3 {
+            if binary[[y as usize, x as usize]] > 0.5 {
+                let expected = reference[[0, y as usize, x as usize, c]];
+                inside = inside.max((px[c] as f32 / 255.0 - expected).abs());
+            } else {
+                outside = outside.max(px[c].abs_diff(original[c]));
+            }
+        }
+    }
+    eprintln!("{name}: max pixel difference inside the mask {inside} ({:.2}/255)", inside * 255.0);
+    assert!(inside <= TOLERANCE, "{name}: inside the mask {inside} > {TOLERANCE}");
+    assert_eq!(outside, 0, "{name}: pixels outside the mask changed");
+}
+
+#[test]
+fn families_and_capabilities_are_read_from_the_exports() {
+    use Capability::*;
+    let info = |f: &str| ModelInfo::read(&common::fixture(f)).unwrap();
+    let sdxl = info("tiny-sdxl");
+    assert_eq!(sdxl.family(), Family::StableDiffusionXl);
+    assert_eq!(sdxl.capabilities, [TextToImage, Img2img, Inpaint, Outpaint]);
+    assert_eq!(sdxl.native_size, 64);
+    assert_eq!(info("tiny-sdxl-refiner").capabilities, [Img2img, Inpaint, Outpaint]);
+    assert_eq!(info("tiny-sdxl-inpaint").capabilities, [Inpaint, Outpaint]);
+    let lcm = info("tiny-lcm");
+    assert_eq!((lcm.family(), lcm.capabilities.clone()), (Family::LatentConsistency, vec![TextToImage]));
+    assert_eq!(info("tiny-sd").family(), Family::StableDiffusion);
+    for unsupported in ["tiny-sd3", "tiny-flux"] {
+        let err = ModelInfo::read(&common::fixture(unsupported)).unwrap_err().to_string();
+        assert!(err.contains(unsupported) && err.contains("not supported yet"), "{err}");
+    }
+}
+
+#[test]
+fn a_missing_graph_is_named_at_read_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::fixture("tiny-sdxl");
+    for entry in ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"] {
+        let to = tmp.path().join(entry);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(src.join(entry), to).unwrap();
+    }
+    let err = ModelInfo::read(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains(&tmp.path().display().to_string()) && err.contains("missing unet/model.onnx"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+}
+
+#[test]
+fn sdxl_prompt_embeddings_and_unet_inputs_match() {
+    let case = case("sdxl_t2i");
+    let mut model = load("tiny-sdxl");
+    let prompts = encode_prompts(&mut model, "a red circle on a blue background", Some("blurry"), true).unwrap();
+    let check = |what: &str, got: &PromptEmbedding, prefix: &str| {
+        close(&format!("{what} embeds"), &got.hidden, &npy(&format!("sdxl_t2i_{prefix}prompt_embeds.npy")));
+        let pooled = got.pooled.as_ref().unwrap();
+        close(&format!("{what} pooled"), pooled, &npy(&format!("sdxl_t2i_{prefix}pooled_prompt_embeds.npy")));
+    };
+    check("positive", &prompts.positive, "");
+    check("negative", prompts.negative.as_ref().unwrap(), "negative_");
+    let size = SizeConditioning::for_picture(64, 64);
+    let unet = assemble(&model, &prompts, &[Branch::Negative, Branch::Positive], 1, &size, 5.0).unwrap();
+    close("encoder_hidden_states", &unet.encoder_hidden_states, &npy("sdxl_t2i_unet_encoder_hidden_states.npy"));
+    close("text_embeds", unet.text_embeds.as_ref().unwrap(), &npy("sdxl_t2i_unet_text_embeds.npy"));
+    close("time_ids", unet.time_ids.as_ref().unwrap(), &npy(case["unet_time_ids_npy"].as_str().unwrap()));
+    assert!(unet.timestep_cond.is_none());
+
+    // An absent negative prompt is zeros (force_zeros_for_empty_prompt); an empty one is encoded.
+    let none = encode_prompts(&mut model, "a red circle on a blue background", None, true).unwrap();
+    let zeros = none.negative.unwrap();
+    assert!(zeros.hidden.iter().chain(zeros.pooled.as_ref().unwrap().iter()).all(|v| *v == 0.0));
+    let empty = encode_prompts(&mut model, "a red circle on a blue background", Some(""), true).unwrap();
+    let empty = empty.negative.unwrap();
+    close("empty negative embeds", &empty.hidden, &npy("sdxl_t2i_neg_empty_negative_prompt_embeds.npy"));
+    let pooled = npy("sdxl_t2i_neg_empty_negative_pooled_prompt_embeds.npy");
+    close("empty negative pooled", empty.pooled.as_ref().unwrap(), &pooled);
+}
+
+#[test]
+fn refiner_embeddings_and_aesthetic_time_ids_match() {
+    let mut model = load("tiny-sdxl-refiner");
+    let prompts = encode_prompts(&mut model, "a red circle on a blue background", None, true).unwrap();
+    close("refiner embeds", &prompts.positive.hidden, &npy("sdxl_refiner_img2img_prompt_embeds.npy"));
+    let pooled = npy("sdxl_refiner_img2img_pooled_prompt_embeds.npy");
+    close("refiner pooled", prompts.positive.pooled.as_ref().unwrap(), &pooled);
+    // force_zeros_for_empty_prompt is false for the refiner: an absent negative prompt is "" encoded.
+    assert!(prompts.negative.as_ref().unwrap().hidden.iter().any(|v| *v != 0.0));
+    let prompts = encode_prompts(&mut model, "a red circle on a blue background", Some("blurry"), true).unwrap();
+    let negative = prompts.negative.as_ref().unwrap();
+    close("refiner negative embeds", &negative.hidden, &npy("sdxl_refiner_img2img_negative_prompt_embeds.npy"));
+    let size = SizeConditioning::for_picture(64, 64);
+    let unet = assemble(&model, &prompts, &[Branch::Negative, Branch::Positive], 1, &size, 5.0).unwrap();
+    close("refiner time_ids", unet.time_ids.as_ref().unwrap(), &npy("sdxl_refiner_img2img_unet_time_ids.npy"));
+}
+
+#[test]
+fn sdxl_image_latents_match() {
+    let pixels = denoised::engine::image::image_to_tensor(&image::open(dir().join("input.png")).unwrap().to_rgb8());
+    let mut model = load("tiny-sdxl");
+    close("init latents", &scaled_latents(&mut model, pixels.view()).unwrap(), &npy("sdxl_img2img_init_latents.npy"));
+}
+
+#[test]
+fn lcm_embeddings_and_timestep_cond_match() {
+    let mut model = load("tiny-lcm");
+    let prompts = encode_prompts(&mut model, "a red circle on a blue background", None, false).unwrap();
+    close("lcm prompt embeds", &prompts.positive.hidden, &npy("lcm_prompt_embeds.npy"));
+    let size = SizeConditioning::for_picture(64, 64);
+    let unet = assemble(&model, &prompts, &[Branch::Positive], 1, &size, 8.5).unwrap();
+    // PyTorch's vectorised float32 `exp` is one ulp off for one frequency (k = 4, f ≈ 0.748) where the
+    // engine rounds correctly; at the angle 7500·f one ulp moves sin/cos by up to 4.5e-4.
+    let expected = npy("lcm_timestep_cond.npy");
+    let got = unet.timestep_cond.as_ref().unwrap();
+    let d = max_abs(got, &expected);
+    eprintln!("timestep_cond: max abs difference {d:e}");
+    assert!(d <= 5e-4, "timestep_cond differs by {d}");
+    let direct = ArrayD::from_shape_vec(expected.raw_dim(), guidance_embedding(7.5, 256)).unwrap();
+    assert_eq!(&direct, got);
+}
+
+#[test]
+fn sdxl_text_to_image_matches_optimum() {
+    run_text_to_image("sdxl_t2i");
+}
+
+#[test]
+fn sdxl_absent_negative_prompt_is_zeros_like_optimum() {
+    run_text_to_image("sdxl_t2i_neg_none");
+}
+
+#[test]
+fn sdxl_explicit_empty_negative_prompt_is_encoded_like_optimum() {
+    run_text_to_image("sdxl_t2i_neg_empty");
+}
+
+#[test]
+fn sdxl_img2img_matches_optimum() {
+    run_edit("sdxl_img2img", EditMode::Img2img);
+}
+
+#[test]
+fn sdxl_refiner_img2img_matches_optimum() {
+    run_edit("sdxl_refiner_img2img", EditMode::Img2img);
+}
+
+#[test]
+fn sdxl_inpaint_unet_matches_optimum() {
+    run_edit("sdxl_inpaint9", EditMode::Inpaint);
+    run_edit("sdxl_inpaint9_s060", EditMode::Inpaint);
+}
+
+#[test]
+fn sdxl_base_inpainting_by_blending_matches_optimum_inside_the_mask() {
+    run_blended_inpaint("sdxl_inpaint4");
+    run_blended_inpaint("sdxl_inpaint4_s060");
+}
+
+/// Replays the noise LCMScheduler drew between steps.
+struct Replay {
+    draws: Vec<ArrayD<f32>>,
+}
+
+impl NoiseSource for Replay {
+    fn fill_normal(&mut self, out: &mut [f32]) {
+        assert!(!self.draws.is_empty(), "more draws than recorded");
+        let draw = self.draws.remove(0);
+        assert_eq!(draw.len(), out.len());
+        out.iter_mut().zip(draw.iter()).for_each(|(o, v)| *o = *v);
+    }
+}
+
+#[test]
+fn lcm_text_to_image_matches_optimum() {
+    let case = case("lcm_t2i");
+    let mut model = load("tiny-lcm");
+    let recorded = npy(case["step_noise_npy"].as_str().unwrap());
+    let mut replay = Replay { draws: recorded.axis_iter(Axis(0)).map(|d| d.to_owned()).collect() };
+    let extras = RunExtras { step_noise: Some(&mut replay), ..Default::default() };
+    let images = text_to_image_with(&mut model, &request(&case, "latents_npy"), extras, &mut NoObserver).unwrap();
+    check_images("lcm_t2i", &images, &case);
+    assert!(replay.draws.is_empty(), "{} recorded draws not consumed", replay.draws.len());
+}
+
+/// Through HTTP: `GET /v1/models` reports each family with its defaults, and `POST /v1/images` on the SDXL
+/// model with the reference's latents draws optimum's `sdxl_t2i` picture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_generates_through_http_like_optimum() {
+    use base64::Engine as _;
+    let server = common::TestServer::start(&common::extra_models(&["tiny-sdxl", "tiny-lcm"])).await;
+    let client = reqwest::Client::new();
+    let models: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let card = |id: &str| models["data"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone();
+    let (sdxl, lcm, sd) = (card("tiny-sdxl"), card("tiny-lcm"), card("tiny-sd"));
+    assert_eq!((sdxl["family"].as_str(), sdxl["width"].as_u64()), (Some("sdxl"), Some(64)));
+    assert_eq!(sdxl["default_guidance_scale"], 5.0);
+    assert_eq!((lcm["family"].as_str(), lcm["default_steps"].as_u64()), (Some("lcm"), Some(4)));
+    assert_eq!((lcm["default_guidance_scale"].as_f64(), lcm["default_scheduler"].as_str()), (Some(8.5), Some("lcm")));
+    assert_eq!(sd["family"], "sd");
+
+    let case = case("sdxl_t2i");
+    let latents = std::fs::read(dir().join(case["latents_npy"].as_str().unwrap())).unwrap();
+    let body = serde_json::json!({
+        "model": "tiny-sdxl",
+        "prompt": case["prompt"],
+        "negative_prompt": case["negative_prompt"],
+        "steps": case["num_inference_steps"],
+        "guidance_scale": case["guidance_scale"],
+        "scheduler": "euler",
+        "latents": base64::engine::general_purpose::STANDARD.encode(latents),
+    });
+    let picture = run_http_job(&client, &server, body).await;
+    check_images("sdxl_t2i over HTTP", &[picture], &case);
+
+    // LCM runs with its defaults (4 steps, guidance embedded) from a seed.
+    let lcm_picture = run_http_job(&client, &server, serde_json::json!({"model": "tiny-lcm", "prompt": "a cat"})).await;
+    assert_eq!(lcm_picture.dimensions(), (64, 64));
+    server.shutdown().await;
+}
+
+/// Submits a generation, waits for it and returns its first picture.
+async fn run_http_job(client: &reqwest::Client, server: &common::TestServer, body: Value) -> RgbImage {
+    let response = client.post(server.url("/v1/images")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let job = common::wait_for_job(client, &server.url(&location), std::time::Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let url = job["images"][0]["url"].as_str().unwrap();
+    let bytes = client.get(server.url(url)).send().await.unwrap().bytes().await.unwrap();
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
+
+#[test]
+fn graphs_that_contradict_the_pipeline_class_are_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&common::fixture("tiny-sdxl"), tmp.path());
+    let index = tmp.path().join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, text.replace("StableDiffusionXLPipeline", "StableDiffusionPipeline")).unwrap();
+    let info = ModelInfo::read(tmp.path()).unwrap();
+    let err = LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap_err().to_string();
+    assert!(err.contains("unet") && err.contains("`text_embeds` is not supported for family sd"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
