@@ -83,11 +83,19 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Seconds that running jobs get to finish on SIGTERM/SIGINT before they are handed back to the queue.
     pub shutdown_grace_seconds: u64,
+    /// The server's address as clients reach it (`https://images.example.com`), for the absolute image URLs
+    /// of the OpenAI routes. Unset: those URLs are relative paths; never taken from a request's `Host`.
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:8080".into(), max_body_bytes: 32 * 1024 * 1024, shutdown_grace_seconds: 30 }
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace_seconds: 30,
+            public_url: None,
+        }
     }
 }
 
@@ -341,6 +349,14 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.bind_addr()?;
+        if let Some(url) = &self.server.public_url {
+            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+            if !scheme_ok || url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
+                return Err(ConfigError::Invalid(format!(
+                    "server.public_url `{url}` must be an http:// or https:// address without query or fragment"
+                )));
+            }
+        }
         if self.models.is_empty() {
             return Err(ConfigError::Invalid("no [[models]] configured".into()));
         }

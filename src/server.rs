@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::api::{self, AppState, AuthState};
+use crate::api::{self, AppState, AuthState, HttpSettings};
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::engine::runtime::{Device, Runtime};
@@ -87,7 +87,10 @@ impl Server {
             jobs: jobs.clone(),
             models: registry,
             limits: config.limits.clone(),
-            max_body_bytes: config.server.max_body_bytes,
+            http: HttpSettings {
+                max_body_bytes: config.server.max_body_bytes,
+                public_url: config.server.public_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+            },
             workers_ready: pool.ready_flag(),
             auth: AuthState { enabled: config.auth.enabled, keys },
         };

@@ -300,3 +300,28 @@ async fn health_models_and_openapi() {
     assert_eq!(docs.status(), 200);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_image_urls_come_from_public_url_never_from_the_host_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = common::test_config_toml(dir.path(), "")
+        .replace("[server]\n", "[server]\npublic_url = \"https://images.example.com/\"\n");
+    let server = TestServer::start_configured(dir, toml).await;
+    let client = reqwest::Client::new();
+    let answer: Value = client
+        .post(server.url("/v1/images/generations"))
+        .header("host", "evil.example.com/phish?x=")
+        .json(&json!({"prompt": "a red circle", "steps": 2, "response_format": "url"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = answer["data"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with("https://images.example.com/v1/jobs/"), "{url}");
+    assert!(!url.contains("evil"), "{url}");
+    let path = url.trim_start_matches("https://images.example.com");
+    assert_eq!(client.get(server.url(path)).send().await.unwrap().status(), 200);
+    server.shutdown().await;
+}

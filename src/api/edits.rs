@@ -214,11 +214,25 @@ async fn read_body(
     Ok((fields, image, mask))
 }
 
-/// Base64 or a `data:image/…;base64,` URL.
+/// The `data:` URL media types a picture may declare.
+const DATA_URL_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp"];
+
+/// Base64, or a `data:image/png|jpeg|webp;base64,` URL (any other declared type, or a URL that is not
+/// base64, is refused: the declared type is part of what the client said).
 fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     let payload = match text.trim().strip_prefix("data:") {
         Some(rest) => {
-            rest.split_once(',').map(|(_, data)| data).ok_or_else(|| ApiError::field(field, "malformed data URL"))?
+            let (header, data) = rest.split_once(',').ok_or_else(|| ApiError::field(field, "malformed data URL"))?;
+            let media_type = header.strip_suffix(";base64").ok_or_else(|| {
+                ApiError::field(field, format!("{field} must be a base64 data URL (`data:image/png;base64,…`)"))
+            })?;
+            if !DATA_URL_TYPES.contains(&media_type.to_ascii_lowercase().as_str()) {
+                return Err(ApiError::field(
+                    field,
+                    format!("{field} declares `{media_type}`; one of {} is needed", DATA_URL_TYPES.join(", ")),
+                ));
+            }
+            data
         }
         None => text.trim(),
     };

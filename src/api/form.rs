@@ -64,7 +64,7 @@ fn form_value(name: &str, text: String) -> serde_json::Value {
 
 /// Reads a multipart body under the body limit.
 pub async fn read_form(request: Request, state: &AppState) -> Result<Form, ApiError> {
-    let limit = state.max_body_bytes;
+    let limit = state.http.max_body_bytes;
     let mut multipart =
         Multipart::from_request(request, state).await.map_err(|e| ApiError::MalformedJson(e.body_text()))?;
     let failed = |e: axum::extract::multipart::MultipartError| {

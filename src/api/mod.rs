@@ -43,12 +43,31 @@ pub struct AppState {
     pub models: Arc<ModelRegistry>,
     /// Request limits.
     pub limits: LimitsConfig,
-    /// Largest accepted body.
-    pub max_body_bytes: usize,
+    /// What the HTTP layer itself is configured with.
+    pub http: HttpSettings,
     /// True while every worker has its models loaded.
     pub workers_ready: Arc<AtomicBool>,
     /// API keys.
     pub auth: AuthState,
+}
+
+/// The HTTP layer's own settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// `server.public_url` without a trailing slash: the prefix of absolute URLs handed to clients.
+    pub public_url: Option<String>,
+}
+
+impl HttpSettings {
+    /// The URL clients are given for `path`: absolute under `server.public_url` when set, else the path.
+    pub fn url(&self, path: &str) -> String {
+        match &self.public_url {
+            Some(base) => format!("{base}{path}"),
+            None => path.to_string(),
+        }
+    }
 }
 
 /// Whether requests need a key, and where keys are checked.
@@ -142,7 +161,7 @@ fn document_links(spec: &mut serde_json::Value) {
 
 /// The complete HTTP application.
 pub fn app(state: AppState) -> Router {
-    let limit = state.max_body_bytes;
+    let limit = state.http.max_body_bytes;
     let router = api_router().split_for_parts().0;
     router
         .merge(

@@ -271,7 +271,7 @@ pub async fn generations(
     if body.stream.unwrap_or(false) {
         return Ok(stream(state, who, job, partial, "image_generation"));
     }
-    respond(&state, &who, &headers, job, format).await
+    respond(&state, &who, job, format).await
 }
 
 fn partial_images(value: Option<u32>) -> Result<u32, ApiError> {
@@ -283,13 +283,7 @@ fn partial_images(value: Option<u32>) -> Result<u32, ApiError> {
 }
 
 /// Waits for the job (ending early at shutdown), then builds OpenAI's answer.
-async fn respond(
-    state: &AppState,
-    who: &Principal,
-    headers: &HeaderMap,
-    job: Job,
-    format: ResponseFormat,
-) -> Result<Response, OpenAiError> {
+async fn respond(state: &AppState, who: &Principal, job: Job, format: ResponseFormat) -> Result<Response, OpenAiError> {
     let id = job.id;
     let finished = state.jobs.wait(who, id, WAIT_LIMIT).await.map_err(ApiError::from)?;
     match finished.status {
@@ -301,13 +295,12 @@ async fn respond(
         }
     }
     let records = state.jobs.images(&finished).await.map_err(ApiError::from)?;
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
     let mut data = Vec::with_capacity(records.len());
     for record in &records {
         let image = match format {
             ResponseFormat::Url => OpenAiImage {
                 b64_json: None,
-                url: Some(format!("http://{host}{}", ImageInfo::url(id, record.index))),
+                url: Some(state.http.url(&ImageInfo::url(id, record.index))),
                 revised_prompt: None,
             },
             ResponseFormat::B64Json => {
@@ -535,7 +528,7 @@ pub async fn edits(
     if streaming {
         return Ok(stream(state, who, job, partial, "image_edit"));
     }
-    respond(&state, &who, &headers, job, format).await
+    respond(&state, &who, job, format).await
 }
 
 #[cfg(test)]

@@ -133,7 +133,10 @@ impl Dispatcher {
         match outcome {
             Some(Ok(images)) => self.jobs.succeeded(id, &owner, params.output_format, images).await,
             Some(Err(WorkError::Engine { code: "cancelled", .. })) => self.stopped(id, &owner, stop.reason()).await,
-            Some(Err(e)) => self.jobs.failed(id, &owner, e.code(), &e.to_string()).await,
+            Some(Err(e)) => {
+                error!(%id, code = e.code(), detail = %e, "the job's run failed");
+                self.jobs.failed(id, &owner, e.code(), e.public_message()).await
+            }
             None => {
                 self.jobs.failed(id, &owner, "worker_lost", "the worker thread stopped while running the job").await
             }

@@ -105,6 +105,18 @@ impl WorkError {
             WorkError::Panicked(_) => "worker_panicked",
         }
     }
+
+    /// What the job record and its client are told: a plain sentence per code. The detail (ONNX Runtime's
+    /// messages carry internal file paths and buffer sizes) goes to the server log only.
+    pub fn public_message(&self) -> &'static str {
+        match self.code() {
+            "inference_error" => "the model failed while running (for example, out of memory); see the server log",
+            "image_error" => "the pictures could not be read or encoded; see the server log",
+            "worker_panicked" => "the worker failed unexpectedly while running the job; see the server log",
+            "unknown_model" => "the model is not loaded by this worker",
+            _ => "the job failed; see the server log",
+        }
+    }
 }
 
 impl From<EngineError> for WorkError {

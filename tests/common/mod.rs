@@ -105,7 +105,8 @@ impl TestServer {
         Self::start_configured(dir, toml).await
     }
 
-    async fn start_configured(dir: tempfile::TempDir, toml: String) -> Self {
+    /// Starts a server from a whole config text whose `data_dir` is `dir`.
+    pub async fn start_configured(dir: tempfile::TempDir, toml: String) -> Self {
         let config =
             denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
                 .expect("test config");

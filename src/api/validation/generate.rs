@@ -80,10 +80,11 @@ pub fn generation(
     Ok((served.name.clone(), params))
 }
 
-/// A prompt: non-empty when `required`, at most `limits.max_prompt_chars` characters.
+/// A prompt: with at least one visible character when `required`, at most `limits.max_prompt_chars`
+/// characters.
 fn prompt(field: &'static str, text: &str, limits: &LimitsConfig, required: bool) -> Result<(), ValidationError> {
-    if required && text.trim().is_empty() {
-        return Err(ValidationError::field(field, format!("{field} must not be empty")));
+    if required && !text.chars().any(visible) {
+        return Err(ValidationError::field(field, format!("{field} must have visible characters")));
     }
     if text.chars().count() > limits.max_prompt_chars {
         return Err(ValidationError::field(
@@ -92,6 +93,19 @@ fn prompt(field: &'static str, text: &str, limits: &LimitsConfig, required: bool
         ));
     }
     Ok(())
+}
+
+/// Whether `c` shows: not white space, not a control character, and not one of Unicode's invisible format
+/// characters (zero-width spaces and joiners, bidirectional marks, the word joiner, the byte-order mark, the
+/// soft hyphen, …), which a prompt made only of would count as empty.
+fn visible(c: char) -> bool {
+    let invisible = matches!(
+        c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}' | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}'
+    );
+    !(c.is_whitespace() || c.is_control() || invisible)
 }
 
 /// A picture side: a multiple of the model's `multiple`, from `multiple` up to `limits.max_side`.
@@ -241,6 +255,7 @@ mod tests {
         let big = "x".repeat(limits.max_prompt_chars + 1);
         let cases = [
             ("prompt", json!({"prompt": " "})),
+            ("prompt", json!({"prompt": "\u{200B}\u{200D}\u{FEFF} \u{2060}"})),
             ("prompt", json!({"prompt": big})),
             ("negative_prompt", json!({"negative_prompt": big})),
             ("model", json!({"model": "nope"})),
