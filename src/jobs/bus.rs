@@ -295,6 +295,27 @@ struct Inner {
     progress: broadcast::Sender<JobEvent>,
     ring: Mutex<VecDeque<JobEvent>>,
     owners: Mutex<HashMap<Uuid, Option<Arc<str>>>>,
+    /// Open all-jobs streams by what they may see: `None` every job (admins), `Some(owner)` one key's jobs.
+    all_followers: Mutex<HashMap<Option<Arc<str>>, usize>>,
+}
+
+/// An open all-jobs stream's place in the follower count; dropping it ends the count.
+#[derive(Debug)]
+pub struct AllJobsFollower {
+    bus: EventBus,
+    scope: Option<Arc<str>>,
+}
+
+impl Drop for AllJobsFollower {
+    fn drop(&mut self) {
+        let mut counts = self.bus.inner.all_followers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.scope) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.scope);
+            }
+        }
+    }
 }
 
 /// The process-wide progress bus. Cheap to clone.
@@ -328,6 +349,7 @@ impl EventBus {
                 progress: broadcast::channel(64).0,
                 ring: Mutex::new(VecDeque::with_capacity(REPLAY_RING)),
                 owners: Mutex::new(HashMap::new()),
+                all_followers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -418,19 +440,33 @@ impl EventBus {
         self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);
     }
 
-    /// Whether anyone would see a progress event for `job_id` (worth rendering a preview for).
+    /// Whether anyone who may see `job_id` would see its progress events (worth rendering a preview for): a
+    /// follower of the job, or an all-jobs stream of an admin or of the job's own key.
     pub fn has_followers(&self, job_id: Uuid) -> bool {
-        if self.inner.progress.receiver_count() > 0 {
+        let following = self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if following.get(&job_id).is_some_and(|s| s.receiver_count() > 0) {
             return true;
         }
-        let jobs = self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-        jobs.get(&job_id).is_some_and(|s| s.receiver_count() > 0)
+        drop(following);
+        let counts = self.inner.all_followers.lock().unwrap_or_else(PoisonError::into_inner);
+        if counts.contains_key(&None) {
+            return true;
+        }
+        let owners = self.inner.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        matches!(owners.get(&job_id), Some(Some(owner)) if counts.contains_key(&Some(owner.clone())))
     }
 
     /// Follows every job: lifecycle events (never skipped unless a reader falls thousands behind) and
-    /// progress events (skipped when the reader is slow).
-    pub fn subscribe_all(&self) -> (broadcast::Receiver<JobEvent>, broadcast::Receiver<JobEvent>) {
-        (self.inner.lifecycle.subscribe(), self.inner.progress.subscribe())
+    /// progress events (skipped when the reader is slow). `scope` is what the stream may show: `None` every
+    /// job, `Some(owner)` that key's jobs; hold the returned follower for as long as the stream is open.
+    pub fn subscribe_all(
+        &self,
+        scope: Option<&str>,
+    ) -> (broadcast::Receiver<JobEvent>, broadcast::Receiver<JobEvent>, AllJobsFollower) {
+        let scope: Option<Arc<str>> = scope.map(Arc::from);
+        *self.inner.all_followers.lock().unwrap_or_else(PoisonError::into_inner).entry(scope.clone()).or_insert(0) += 1;
+        let follower = AllJobsFollower { bus: self.clone(), scope };
+        (self.inner.lifecycle.subscribe(), self.inner.progress.subscribe(), follower)
     }
 
     /// Recent lifecycle events after `last_id`, for a reconnecting all-jobs follower.
@@ -477,6 +513,24 @@ mod tests {
         assert!(rx.borrow_and_update().is_terminal());
         assert!(!bus.has_followers(job));
         assert_eq!(bus.replay_after(0).len(), 1);
+    }
+
+    #[test]
+    fn previews_are_wanted_only_by_followers_who_may_see_the_job() {
+        let bus = EventBus::new();
+        let (alices, bobs) = (Uuid::now_v7(), Uuid::now_v7());
+        bus.note_owner(alices, Some("alice"));
+        bus.note_owner(bobs, Some("bob"));
+        assert!(!bus.has_followers(alices));
+        let (_l, _p, alice) = bus.subscribe_all(Some("alice"));
+        assert!(bus.has_followers(alices) && !bus.has_followers(bobs), "alice's stream shows only her jobs");
+        let (_l2, _p2, admin) = bus.subscribe_all(None);
+        assert!(bus.has_followers(bobs), "an admin stream shows every job");
+        drop(admin);
+        drop(alice);
+        assert!(!bus.has_followers(alices) && !bus.has_followers(bobs));
+        let _one = bus.subscribe(bobs);
+        assert!(bus.has_followers(bobs));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
-use super::bus::{CompletedEvent, EventKind, EventOwner, ImageInfo, JobEvent, Snapshot, StartedEvent};
+use super::bus::{AllJobsFollower, CompletedEvent, EventKind, EventOwner, ImageInfo, JobEvent, Snapshot, StartedEvent};
 use super::service::{Jobs, JobsError};
 use super::{Job, JobStatus};
 use crate::auth::Principal;
@@ -104,10 +104,12 @@ impl Jobs {
 
     /// Follows every job `who` may see; lifecycle events after `after` are replayed first.
     pub fn follow_all(&self, who: Principal, after: u64, until: impl Future<Output = ()> + Send + 'static) -> Follow {
-        let (lifecycle, progress) = self.bus.subscribe_all();
+        let scope = if who.admin { None } else { Some(who.key_id.clone().unwrap_or_default()) };
+        let (lifecycle, progress, counted) = self.bus.subscribe_all(scope.as_deref());
         let replay = if after > 0 { self.bus.replay_after(after) } else { Vec::new() };
         let (tx, out) = mpsc::channel(64);
-        let follower = AllJobs { jobs: self.clone(), visibility: Visibility::new(who), lifecycle, progress };
+        let follower =
+            AllJobs { jobs: self.clone(), visibility: Visibility::new(who), lifecycle, progress, _counted: counted };
         tokio::spawn(follower.run(replay, tx, until));
         Follow { rx: out }
     }
@@ -252,6 +254,8 @@ struct AllJobs {
     visibility: Visibility,
     lifecycle: broadcast::Receiver<JobEvent>,
     progress: broadcast::Receiver<JobEvent>,
+    /// Counts this stream among the followers that previews are rendered for.
+    _counted: AllJobsFollower,
 }
 
 impl AllJobs {
