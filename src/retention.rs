@@ -22,6 +22,9 @@ pub async fn sweep(jobs: &Jobs, keep: Duration) -> Result<usize, JobsError> {
     loop {
         let expired = jobs.store().delete_finished_before(cutoff, BATCH).await?;
         if expired.is_empty() {
+            if total > 0 {
+                jobs.store().reclaim_space().await?;
+            }
             return Ok(total);
         }
         total += expired.len();

@@ -73,7 +73,12 @@ impl Server {
             max_outstanding_per_key: config.limits.max_outstanding_per_key,
             workers: specs.len(),
         };
-        let jobs = Jobs::new(store, ImageFiles::new(&config.storage.data_dir), rules, stop_rx.clone());
+        let files = ImageFiles::new(&config.storage.data_dir);
+        let stray = files.remove_stray_temporaries().context("removing temporary files left by a crash")?;
+        if stray > 0 {
+            info!(stray, "removed temporary files left by an interrupted write");
+        }
+        let jobs = Jobs::new(store, files, rules, stop_rx.clone());
         let (runtime_for_pool, registry_for_pool) = (runtime.clone(), registry.clone());
         let (progress, bus) = (jobs.progress().clone(), jobs.bus().clone());
         let pool = tokio::task::spawn_blocking(move || {

@@ -62,6 +62,25 @@ impl ImageFiles {
         tokio::fs::read(&path).await.map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
     }
 
+    /// Removes the temporary files a crash left in the middle of a write (`.NAME.UUID.tmp` in a job's image
+    /// folder or an input folder); nothing refers to them. Called at start-up; returns how many went.
+    pub fn remove_stray_temporaries(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        for area in ["images", "inputs"] {
+            let Ok(folders) = fs::read_dir(self.root.join(area)) else { continue };
+            for folder in folders.filter_map(Result::ok).filter(|e| e.path().is_dir()) {
+                for file in fs::read_dir(folder.path())?.filter_map(Result::ok) {
+                    let name = file.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') && name.ends_with(".tmp") {
+                        fs::remove_file(file.path())?;
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes the inputs stored under `folder` (missing ones are fine).
     pub fn remove_input(&self, folder: Uuid) -> std::io::Result<()> {
         remove_dir(&self.root.join("inputs").join(folder.to_string()))
@@ -147,6 +166,23 @@ mod tests {
         assert!(!dir.path().join("images").join(job.to_string()).exists());
         assert!(!dir.path().join("inputs").join(folder.to_string()).exists());
         files.remove_job_files(job, Some(&input)).unwrap();
+    }
+
+    #[test]
+    fn stray_temporaries_are_removed_and_real_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ImageFiles::new(dir.path());
+        let job = Uuid::now_v7();
+        let kept = files.write(job, 0, "png", b"whole").unwrap();
+        let folder = dir.path().join("images").join(job.to_string());
+        fs::write(folder.join(format!(".1.png.{}.tmp", Uuid::new_v4())), b"half").unwrap();
+        let inputs = dir.path().join("inputs").join(Uuid::new_v4().to_string());
+        fs::create_dir_all(&inputs).unwrap();
+        fs::write(inputs.join(format!(".image.png.{}.tmp", Uuid::new_v4())), b"half").unwrap();
+        assert_eq!(files.remove_stray_temporaries().unwrap(), 2);
+        assert_eq!(leftovers(&folder) + leftovers(&inputs), 0);
+        assert!(files.resolve(&kept).unwrap().exists());
+        assert_eq!(ImageFiles::new(&dir.path().join("nothing")).remove_stray_temporaries().unwrap(), 0);
     }
 
     #[tokio::test]

@@ -19,7 +19,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::FromRow;
 use uuid::Uuid;
 
@@ -35,6 +37,9 @@ pub const MAX_ATTEMPTS_EXCEEDED: &str = "max_attempts_exceeded";
 
 /// How long a statement waits for another connection's write lock before failing with `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `PRAGMA auto_vacuum`'s value for `INCREMENTAL`.
+const INCREMENTAL_VACUUM: i64 = 2;
 
 /// Connections per pool for a database file. SQLite serialises writers anyway; a few connections let reads
 /// (status polls, image lookups) proceed while a write waits.
@@ -73,7 +78,8 @@ impl JobStore {
     /// Accepts `sqlite://path/to/file.db` (relative or absolute: `sqlite:///abs/path.db`) and
     /// `sqlite::memory:` (for tests: one connection, since each in-memory connection is its own database).
     /// Files are opened with WAL, `synchronous=FULL` (a job is on disk before the API answers 202),
-    /// a 5 s busy timeout and foreign keys on.
+    /// a 5 s busy timeout, foreign keys on and incremental auto-vacuum (a database made before it is
+    /// vacuumed once, here, to switch), so that [`JobStore::reclaim_space`] can shrink the file.
     pub async fn connect(database_url: &str) -> Result<Self, StoreError> {
         let in_memory = database_url.contains(":memory:") || database_url.contains("mode=memory");
         let mut options = SqliteConnectOptions::from_str(database_url)?
@@ -92,12 +98,24 @@ impl JobStore {
             sqlx::migrate!("./migrations").run(&pool).await?;
             return Ok(Self { writer: pool.clone(), pool });
         }
-        options = options.journal_mode(SqliteJournalMode::Wal);
+        options = options.journal_mode(SqliteJournalMode::Wal).auto_vacuum(SqliteAutoVacuum::Incremental);
         create_parent_dir(options.get_filename()).await?;
         let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations").run(&writer).await?;
+        let (mode,): (i64,) = sqlx::query_as("PRAGMA auto_vacuum").fetch_one(&writer).await?;
+        if mode != INCREMENTAL_VACUUM {
+            sqlx::query("PRAGMA auto_vacuum = INCREMENTAL").execute(&writer).await?;
+            sqlx::query("VACUUM").execute(&writer).await?;
+        }
         let pool = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(options).await?;
         Ok(Self { pool, writer })
+    }
+
+    /// Returns the pages freed by deletions to the file system (the retention sweep calls it), so the
+    /// database file shrinks instead of keeping its largest size.
+    pub async fn reclaim_space(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA incremental_vacuum").execute(&self.writer).await?;
+        Ok(())
     }
 
     /// Checks that the database answers a query, for `/readyz`.

@@ -665,3 +665,32 @@ async fn retention_deletes_only_finished_jobs_older_than_the_cutoff() {
     assert!(store.images(done.id).await.unwrap().is_empty());
     assert!(store.get(waiting.id).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn the_file_shrinks_after_retention_deletes_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let file = dir.path().join("data/db/jobs.db");
+    let size = |store: JobStore| {
+        let file = file.clone();
+        async move {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&store.writer).await.unwrap();
+            std::fs::metadata(&file).unwrap().len()
+        }
+    };
+    let mut big = match params() {
+        JobParams::Generate(p) => p,
+        _ => unreachable!(),
+    };
+    big.prompt = "x".repeat(20_000);
+    for _ in 0..200 {
+        let job = store.insert(NewJob { params: JobParams::Generate(big.clone()), ..new_job(0) }).await.unwrap();
+        assert!(store.cancel_queued(job.id).await.unwrap());
+    }
+    let full = size(store.clone()).await;
+    assert!(full > 4_000_000, "{full} bytes");
+    assert_eq!(store.delete_finished_before(time::now_millis() + 1, 1000).await.unwrap().len(), 200);
+    store.reclaim_space().await.unwrap();
+    let after = size(store.clone()).await;
+    assert!(after < full / 10, "the file kept {after} of its {full} bytes");
+}
