@@ -74,7 +74,11 @@ pub async fn serve(listener: TcpListener, app: Router, settings: ConnectionSetti
             accepted = accept::next(&listener, &registry, &mut backoff) => accepted,
             _ = stop.wait_for(|stop| *stop) => break,
         };
-        let Some(ticket) = registry.admit() else {
+        let ticket = tokio::select! {
+            ticket = admission(&registry) => ticket,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let Some(ticket) = ticket else {
             metrics::counter!("denoised_connections_refused_total").increment(1);
             continue;
         };
@@ -84,4 +88,17 @@ pub async fn serve(listener: TcpListener, app: Router, settings: ConnectionSetti
     drop(listener);
     drop(open);
     all_closed.closed().await;
+}
+
+/// A slot for a connection just accepted: at once if there is room or a pending connection to evict,
+/// after a wait if the pending ones are all within their head start (the listener's queue holds the
+/// rest meanwhile), `None` if every connection has a request in progress.
+async fn admission(registry: &Arc<Registry>) -> Option<registry::Ticket> {
+    loop {
+        match registry.admit() {
+            Ok(ticket) => return Some(ticket),
+            Err(registry::Full::Busy) => return None,
+            Err(registry::Full::Until(at)) => tokio::time::sleep_until(at.into()).await,
+        }
+    }
 }

@@ -3,11 +3,28 @@
 //! header, or it sits idle between requests. When the table is full, the oldest pending connection is
 //! evicted to admit a new one, so that a flood of slow-header connections cannot keep real requests out:
 //! a client that sends its header at once is past the pending stage long before the flood can evict it.
+//! A connection is never evicted in its first [`HEAD_START`] of waiting: when every pending connection is
+//! younger, the newcomer waits (and the rest wait in the kernel's accept queue), which also bounds how
+//! fast a flood can churn connections.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+
+/// How long a pending connection is safe from eviction: time for its task to run and read a header that
+/// was sent at once, even on a busy machine.
+pub const HEAD_START: Duration = Duration::from_millis(100);
+
+/// Why a connection cannot be admitted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Every connection has a request in progress.
+    Busy,
+    /// The oldest pending connection may be evicted from this instant on.
+    Until(Instant),
+}
 
 /// The connection table shared by the accept loop and every connection task.
 #[derive(Debug)]
@@ -22,8 +39,9 @@ struct Table {
     open: usize,
     next_id: u64,
     next_turn: u64,
-    /// Pending connections by the turn at which they became pending: the first is the oldest.
-    pending: BTreeMap<u64, u64>,
+    /// Pending connections (id, since when) by the turn at which they became pending: the first is the
+    /// oldest.
+    pending: BTreeMap<u64, (u64, Instant)>,
     connections: HashMap<u64, Entry>,
 }
 
@@ -56,20 +74,28 @@ impl Registry {
     }
 
     /// Admits a new connection (pending until its first request starts), evicting the oldest pending one
-    /// if the table is full. `None` when the table is full of connections with requests in progress.
-    pub fn admit(self: &Arc<Self>) -> Option<Ticket> {
+    /// if the table is full and that one has had its [`HEAD_START`].
+    pub fn admit(self: &Arc<Self>) -> Result<Ticket, Full> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(self: &Arc<Self>, now: Instant) -> Result<Ticket, Full> {
         let mut table = self.lock();
-        if table.open >= self.cap && !table.evict_oldest() {
-            return None;
+        if table.open >= self.cap {
+            match table.pending.first_key_value() {
+                None => return Err(Full::Busy),
+                Some((_, (_, since))) if now < *since + HEAD_START => return Err(Full::Until(*since + HEAD_START)),
+                Some(_) => table.evict_oldest(),
+            };
         }
         table.open += 1;
         let id = table.next_id;
         table.next_id += 1;
         let evict = Arc::new(Notify::new());
         table.connections.insert(id, Entry { in_flight: 0, pending_turn: None, evicted: false, evict: evict.clone() });
-        table.park(id);
+        table.park(id, now);
         metrics::gauge!("denoised_connections_open").set(table.open as f64);
-        Some(Ticket { registry: self.clone(), id, evict })
+        Ok(Ticket { registry: self.clone(), id, evict })
     }
 
     /// Evicts the oldest pending connection, if any (the accept loop calls it when the process is out of
@@ -81,7 +107,7 @@ impl Registry {
 
 impl Table {
     fn evict_oldest(&mut self) -> bool {
-        let Some((_, id)) = self.pending.pop_first() else {
+        let Some((_, (id, _))) = self.pending.pop_first() else {
             return false;
         };
         if let Some(entry) = self.connections.get_mut(&id) {
@@ -94,7 +120,7 @@ impl Table {
     }
 
     /// Makes `id` pending, as the newest.
-    fn park(&mut self, id: u64) {
+    fn park(&mut self, id: u64, now: Instant) {
         let turn = self.next_turn;
         self.next_turn += 1;
         if let Some(entry) = self.connections.get_mut(&id) {
@@ -102,7 +128,7 @@ impl Table {
                 return;
             }
             entry.pending_turn = Some(turn);
-            self.pending.insert(turn, id);
+            self.pending.insert(turn, (id, now));
         }
     }
 }
@@ -171,7 +197,7 @@ impl Drop for RequestGuard {
             None => false,
         };
         if idle {
-            table.park(id);
+            table.park(id, Instant::now());
         }
     }
 }
@@ -180,17 +206,21 @@ impl Drop for RequestGuard {
 mod tests {
     use super::*;
 
+    fn later() -> Instant {
+        Instant::now() + HEAD_START
+    }
+
     #[test]
     fn a_full_table_evicts_the_oldest_pending_connection() {
         let registry = Registry::new(2);
         let first = Arc::new(registry.admit().expect("room"));
         let second = Arc::new(registry.admit().expect("room"));
         let busy = second.begin_request();
-        let third = registry.admit().expect("the pending first one makes room");
+        let third = registry.admit_at(later()).expect("the pending first one makes room");
         assert_eq!(registry.open(), 3, "the evicted one holds its slot until its task closes it");
         drop(first);
         assert_eq!(registry.open(), 2);
-        assert!(registry.admit().is_some(), "the third is pending, so it goes");
+        assert!(registry.admit_at(later() + HEAD_START).is_ok(), "the third is pending, so it goes");
         assert!(!second.is_pending());
         drop(busy);
         assert!(second.is_pending(), "idle between requests counts as pending");
@@ -198,11 +228,22 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_has_a_head_start_before_it_can_be_evicted() {
+        let registry = Registry::new(1);
+        let _young = registry.admit().expect("room");
+        match registry.admit() {
+            Err(Full::Until(at)) => assert!(at > Instant::now() && at <= later()),
+            other => panic!("expected to wait, got {other:?}"),
+        }
+        assert!(registry.admit_at(later()).is_ok());
+    }
+
+    #[test]
     fn a_table_of_busy_connections_refuses_new_ones() {
         let registry = Registry::new(1);
         let only = Arc::new(registry.admit().expect("room"));
         let _busy = only.begin_request();
-        assert!(registry.admit().is_none());
+        assert_eq!(registry.admit_at(later()).err(), Some(Full::Busy));
         assert!(!registry.evict_oldest_pending());
     }
 
@@ -210,7 +251,7 @@ mod tests {
     async fn eviction_wakes_the_connection() {
         let registry = Registry::new(1);
         let victim = registry.admit().expect("room");
-        let _newcomer = registry.admit().expect("evicts the victim");
+        let _newcomer = registry.admit_at(later()).expect("evicts the victim");
         tokio::time::timeout(std::time::Duration::from_secs(1), victim.evicted()).await.expect("woken");
     }
 
@@ -220,7 +261,7 @@ mod tests {
         let older = Arc::new(registry.admit().expect("room"));
         let newer = Arc::new(registry.admit().expect("room"));
         drop(older.begin_request());
-        let _third = registry.admit().expect("evicts `newer`, now the oldest pending");
+        let _third = registry.admit_at(later() + HEAD_START).expect("evicts `newer`, now the oldest pending");
         assert!(registry.lock().connections.get(&1).is_some_and(|e| e.evicted));
         drop(newer);
     }

@@ -41,11 +41,17 @@ pub fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
 
 /// A config for the tiny fixture model with everything under `data_dir`.
 pub fn test_config_toml(data_dir: &Path, extra: &str) -> String {
+    test_config_toml_with_server(data_dir, "", extra)
+}
+
+/// [`test_config_toml`] with `server` keys added to the `[server]` section.
+pub fn test_config_toml_with_server(data_dir: &Path, server: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 bind = "127.0.0.1:0"
 shutdown_grace_seconds = 5
+{server}
 [storage]
 data_dir = "{data}"
 database_url = "sqlite://{data}/denoised.db"
@@ -87,9 +93,19 @@ impl TestServer {
     /// Starts a server whose `data_dir` is `dir` (which may already hold a database and files).
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
         let toml = test_config_toml(dir.path(), extra);
-        let config =
-            denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
-                .expect("test config");
+        Self::start_configured(dir, &toml).await
+    }
+
+    /// Starts a server with `server` keys added to `[server]` and `extra` sections added.
+    pub async fn start_with_server(server: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = test_config_toml_with_server(dir.path(), server, extra);
+        Self::start_configured(dir, &toml).await
+    }
+
+    async fn start_configured(dir: tempfile::TempDir, toml: &str) -> Self {
+        let config = denoised::config::Config::from_toml_str(toml, "test", dir.path(), Vec::new(), &Default::default())
+            .expect("test config");
         let server = denoised::server::Server::start(&config).await.expect("server start");
         let base = format!("http://{}", server.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -44,7 +44,7 @@ mod tests {
     async fn bodies_are_read_whole_under_the_limit() {
         assert_eq!(to_vec(Body::from("hello"), 5).await.unwrap(), b"hello");
         assert!(matches!(to_vec(Body::from("hello!"), 5).await, Err(CollectError::TooLarge)));
-        let chunks = futures::stream::iter(["ab", "cd", "ef"].map(|s| Ok::<_, std::io::Error>(s)));
+        let chunks = futures::stream::iter(["ab", "cd", "ef"].map(Ok::<_, std::io::Error>));
         assert!(matches!(to_vec(Body::from_stream(chunks), 5).await, Err(CollectError::TooLarge)));
     }
 }
