@@ -86,6 +86,25 @@ pub struct ServerConfig {
     /// The server's address as clients reach it (`https://images.example.com`), for the absolute image URLs
     /// of the OpenAI routes. Unset: those URLs are relative paths; never taken from a request's `Host`.
     pub public_url: Option<String>,
+    /// A request's header must arrive whole within this many seconds of the connection opening (or of the
+    /// previous response, for a kept-alive connection); else the connection is closed. Slow-header clients
+    /// ("slowloris") and idle keep-alive connections cannot hold a socket longer.
+    pub header_timeout_seconds: u64,
+    /// Largest request header (request line plus fields), in bytes; a longer one gets `431`. Bounds the memory
+    /// of connections that are still sending their header.
+    pub max_header_bytes: usize,
+    /// A request body that sends nothing for this many seconds is cut off with `408`.
+    pub body_idle_timeout_seconds: u64,
+    /// A request body must arrive whole within this many seconds of its header; else `408`. Cuts off bodies
+    /// that trickle forever.
+    pub body_timeout_seconds: u64,
+    /// Most open connections. When full, the oldest connection that has not delivered a complete request
+    /// header (or sits idle between requests) is closed to admit a new one; if there is none, the new one is
+    /// closed. Lowered at start to fit under the process's open-file limit.
+    pub max_connections: usize,
+    /// Most request-body bytes being received at once, over all requests; past it a request gets `503` with
+    /// `Retry-After` instead of being buffered. At least `max_body_bytes`.
+    pub max_body_bytes_in_flight: usize,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +114,12 @@ impl Default for ServerConfig {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace_seconds: 30,
             public_url: None,
+            header_timeout_seconds: 10,
+            max_header_bytes: 32 * 1024,
+            body_idle_timeout_seconds: 10,
+            body_timeout_seconds: 120,
+            max_connections: 1024,
+            max_body_bytes_in_flight: 256 * 1024 * 1024,
         }
     }
 }
@@ -171,6 +196,10 @@ pub struct LimitsConfig {
     pub max_input_pixels: u64,
     /// Most queued plus running jobs one API key may have; beyond it its submissions get `429`.
     pub max_outstanding_per_key: u64,
+    /// Most request-body bytes one API key may have in flight at once (with `[auth]` on); past it its requests
+    /// get `429` with `Retry-After`, so one tenant's uploads cannot take the whole
+    /// `server.max_body_bytes_in_flight`. At least `server.max_body_bytes`.
+    pub max_body_bytes_in_flight_per_key: usize,
 }
 
 impl Default for LimitsConfig {
@@ -183,6 +212,7 @@ impl Default for LimitsConfig {
             max_input_side: 8192,
             max_input_pixels: 4096 * 4096,
             max_outstanding_per_key: 100,
+            max_body_bytes_in_flight_per_key: 64 * 1024 * 1024,
         }
     }
 }
@@ -408,8 +438,38 @@ impl Config {
         if self.limits.max_outstanding_per_key == 0 {
             return Err(ConfigError::Invalid("limits.max_outstanding_per_key must be at least 1".into()));
         }
+        self.validate_server()?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        if server.header_timeout_seconds == 0
+            || server.body_idle_timeout_seconds == 0
+            || server.body_timeout_seconds == 0
+        {
+            return Err(ConfigError::Invalid(
+                "server.header_timeout_seconds, body_idle_timeout_seconds and body_timeout_seconds must be at least 1"
+                    .into(),
+            ));
+        }
+        if server.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid("server.max_header_bytes must be at least 8192".into()));
+        }
+        if server.max_connections == 0 {
+            return Err(ConfigError::Invalid("server.max_connections must be at least 1".into()));
+        }
+        if server.max_body_bytes_in_flight < server.max_body_bytes
+            || self.limits.max_body_bytes_in_flight_per_key < server.max_body_bytes
+        {
+            return Err(ConfigError::Invalid(
+                "server.max_body_bytes_in_flight and limits.max_body_bytes_in_flight_per_key must be at least \
+                 server.max_body_bytes, or no largest body could ever be received"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -570,6 +630,10 @@ threads = 2
         assert!(load(&MINIMAL.replace("threads = 2", "threads = 0"), &[]).is_err());
         let zero_outstanding = load(MINIMAL, &[("DENOISED_LIMITS__MAX_OUTSTANDING_PER_KEY", "0")]).unwrap_err();
         assert!(zero_outstanding.to_string().contains("max_outstanding_per_key"), "{zero_outstanding}");
+        let small_budget = load(MINIMAL, &[("DENOISED_SERVER__MAX_BODY_BYTES_IN_FLIGHT", "1024")]).unwrap_err();
+        assert!(small_budget.to_string().contains("max_body_bytes_in_flight"), "{small_budget}");
+        assert!(load(MINIMAL, &[("DENOISED_SERVER__HEADER_TIMEOUT_SECONDS", "0")]).is_err());
+        assert!(load(MINIMAL, &[("DENOISED_SERVER__MAX_CONNECTIONS", "0")]).is_err());
         let unknown_auth_key = load(MINIMAL, &[("DENOISED_AUTH__ENABLE", "true")]).unwrap_err();
         assert!(unknown_auth_key.to_string().contains("enable"), "{unknown_auth_key}");
     }

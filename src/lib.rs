@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod jobs;
 pub mod models;
+pub mod net;
 pub mod retention;
 pub mod server;
 pub mod storage;

@@ -17,6 +17,9 @@ use crate::config::Config;
 use crate::engine::runtime::{Device, Runtime};
 use crate::jobs::{JobRules, JobStore, Jobs};
 use crate::models::ModelRegistry;
+use crate::net::body::budget::BodyBudget;
+use crate::net::body::{BodyDeadlines, BodyRules};
+use crate::net::ConnectionSettings;
 use crate::storage::ImageFiles;
 use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
 use crate::worker::pool::{WorkerPool, WorkerSpec};
@@ -24,6 +27,7 @@ use crate::worker::pool::{WorkerPool, WorkerSpec};
 /// A server that has bound its socket and loaded its models, ready to run.
 pub struct Server {
     listener: TcpListener,
+    connections: ConnectionSettings,
     state: AppState,
     dispatcher: Dispatcher,
     pool: Arc<WorkerPool>,
@@ -95,10 +99,21 @@ impl Server {
             http: HttpSettings {
                 max_body_bytes: config.server.max_body_bytes,
                 public_url: config.server.public_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+                bodies: BodyRules {
+                    budget: BodyBudget::new(
+                        config.server.max_body_bytes_in_flight,
+                        config.limits.max_body_bytes_in_flight_per_key,
+                    ),
+                    deadlines: BodyDeadlines {
+                        idle: Duration::from_secs(config.server.body_idle_timeout_seconds),
+                        total: Duration::from_secs(config.server.body_timeout_seconds),
+                    },
+                },
             },
             workers_ready: pool.ready_flag(),
             auth: AuthState { enabled: config.auth.enabled, keys },
         };
+        let connections = ConnectionSettings::from_config(&config.server);
         let dispatcher = Dispatcher {
             jobs,
             pool: pool.clone(),
@@ -112,7 +127,7 @@ impl Server {
         };
         let retention = (config.storage.retention_hours > 0.0)
             .then(|| Duration::from_secs_f64(config.storage.retention_hours * 3600.0));
-        Ok(Self { listener, state, dispatcher, pool, stop_tx, stop_rx, retention })
+        Ok(Self { listener, connections, state, dispatcher, pool, stop_tx, stop_rx, retention })
     }
 
     /// The bound address (useful with port 0).
@@ -130,18 +145,15 @@ impl Server {
             .map(|keep| tokio::spawn(crate::retention::run(self.state.jobs.clone(), keep, stop_rx.clone())));
         let ready = self.state.workers_ready.clone();
         let app = api::app(self.state);
-        info!(addr = %self.listener.local_addr()?, "listening");
-        let mut http_stop = stop_rx;
-        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
-            let _ = http_stop.wait_for(|stop| *stop).await;
-        });
+        info!(addr = %self.listener.local_addr()?, max_connections = self.connections.max_connections, "listening");
+        let server = crate::net::serve(self.listener, app, self.connections, stop_rx);
         let signal = tokio::spawn(async move {
             shutdown.await;
             info!("shutting down");
             ready.store(false, Ordering::SeqCst);
             let _ = stop_tx.send(true);
         });
-        server.await?;
+        server.await;
         dispatcher.await?;
         if let Some(sweeper) = sweeper {
             sweeper.abort();

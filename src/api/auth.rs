@@ -19,7 +19,7 @@ pub fn is_public(path: &str) -> bool {
 }
 
 /// Routes that answer errors in OpenAI's shape.
-fn speaks_openai(path: &str) -> bool {
+pub(crate) fn speaks_openai(path: &str) -> bool {
     path.starts_with("/v1/images/generations") || path.starts_with("/v1/images/edits")
 }
 

@@ -1,7 +1,6 @@
 //! One error type for every HTTP answer that is not a success, one status table, one JSON body:
 //! `{"error": {"code", "message", "field"?}}`. Internal errors are logged, never leaked.
 
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -86,6 +85,27 @@ pub enum ApiError {
         /// The limit.
         limit: u64,
     },
+    /// The request body stopped arriving, or did not arrive whole in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The server is receiving as many request-body bytes as it may hold; retry shortly.
+    #[error(
+        "the server is already receiving its limit of {limit} request-body bytes \
+         (server.max_body_bytes_in_flight); retry shortly"
+    )]
+    BodiesInFlight {
+        /// The limit.
+        limit: usize,
+    },
+    /// This key is sending as many request-body bytes as it may; retry when its uploads are received.
+    #[error(
+        "this API key is already sending its limit of {limit} request-body bytes \
+         (limits.max_body_bytes_in_flight_per_key); retry when its other uploads are received"
+    )]
+    KeyBodiesInFlight {
+        /// The limit.
+        limit: usize,
+    },
     /// Not ready to serve (models loading, database down).
     #[error("{0}")]
     Unavailable(String),
@@ -118,7 +138,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::QueueFull { .. } | ApiError::TooManyOutstanding { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::KeyBodiesInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) | ApiError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,8 +159,20 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::TooManyOutstanding { .. } => "too_many_outstanding_jobs",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::BodiesInFlight { .. } => "server_busy",
+            ApiError::KeyBodiesInFlight { .. } => "too_many_body_bytes",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// Seconds to send as `Retry-After`, for errors that a later retry can get past.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
+            ApiError::BodiesInFlight { .. } | ApiError::KeyBodiesInFlight { .. } => Some(1),
+            _ => None,
         }
     }
 }
@@ -154,8 +188,8 @@ impl IntoResponse for ApiError {
         };
         let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string(), field } };
         let mut response = (self.status(), Json(body)).into_response();
-        if let ApiError::QueueFull { retry_after, .. } = self {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+        if let Some(seconds) = self.retry_after() {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
         }
         if response.status() == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -191,6 +225,17 @@ impl From<crate::jobs::JobsError> for ApiError {
     }
 }
 
+impl From<crate::net::body::Cut> for ApiError {
+    fn from(cut: crate::net::body::Cut) -> Self {
+        use crate::net::body::Cut;
+        match cut {
+            Cut::Stalled(_) | Cut::TooSlow(_) => ApiError::RequestTimeout(cut.to_string()),
+            Cut::ServerBudget { limit } => ApiError::BodiesInFlight { limit },
+            Cut::KeyBudget { limit } => ApiError::KeyBodiesInFlight { limit },
+        }
+    }
+}
+
 impl From<crate::jobs::StoreError> for ApiError {
     fn from(e: crate::jobs::StoreError) -> Self {
         ApiError::internal(e)
@@ -218,17 +263,16 @@ where
 }
 
 /// Reads a JSON body: `415` unless it is declared JSON, a JSON `413` over the body limit, then
-/// [`parse_json`]. Every JSON route reads its body through here.
-pub async fn read_json<T: DeserializeOwned, S: Send + Sync>(req: Request, state: &S) -> Result<T, ApiError> {
+/// [`parse_json`]. Every JSON route reads its body through here, into one buffer (held once).
+pub async fn read_json<T: DeserializeOwned, S: Send + Sync>(req: Request, _state: &S) -> Result<T, ApiError> {
+    use crate::net::body::collect::{to_vec, CollectError};
     if !is_json(req.headers()) {
         return Err(ApiError::UnsupportedMediaType);
     }
     let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-    let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(inner) if inner.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::PayloadTooLarge { limit }
-        }
-        other => ApiError::MalformedJson(other.body_text()),
+    let bytes = to_vec(req.into_body(), limit).await.map_err(|e| match e {
+        CollectError::TooLarge => ApiError::PayloadTooLarge { limit },
+        CollectError::Read(detail) => ApiError::MalformedJson(format!("Failed to buffer the request body: {detail}")),
     })?;
     parse_json(&bytes)
 }

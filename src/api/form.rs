@@ -75,7 +75,7 @@ pub async fn read_form(request: Request, state: &AppState) -> Result<Form, ApiEr
         }
     };
     let mut form = Form::default();
-    while let Some(field) = multipart.next_field().await.map_err(failed)? {
+    while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
         let name = field.name().unwrap_or_default().trim_end_matches("[]").to_string();
         let slot = match name.as_str() {
             "image" => &mut form.image,
@@ -92,7 +92,12 @@ pub async fn read_form(request: Request, state: &AppState) -> Result<Form, ApiEr
             let field = if name == "image" { "image" } else { "mask" };
             return Err(ApiError::field(field, format!("only one `{field}` file is supported")));
         }
-        *slot = Some(field.bytes().await.map_err(failed)?.to_vec());
+        // Chunk by chunk into one buffer: `field.bytes()` would grow its own and `to_vec` copy it again.
+        let mut file = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(failed)? {
+            file.extend_from_slice(&chunk);
+        }
+        *slot = Some(file);
     }
     Ok(form)
 }

@@ -2,6 +2,7 @@
 //! it never runs a model.
 
 pub mod auth;
+pub mod body_guard;
 pub mod edits;
 pub mod error;
 pub mod events;
@@ -58,6 +59,8 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     /// `server.public_url` without a trailing slash: the prefix of absolute URLs handed to clients.
     pub public_url: Option<String>,
+    /// The budget and deadlines of request bodies.
+    pub bodies: crate::net::body::BodyRules,
 }
 
 impl HttpSettings {
@@ -120,6 +123,7 @@ fn api_router() -> OpenApiRouter<AppState> {
 pub fn openapi() -> serde_json::Value {
     let mut spec = api_router().split_for_parts().1;
     auth::document(&mut spec);
+    body_guard::document(&mut spec);
     let mut json = serde_json::to_value(&spec).unwrap_or_default();
     document_links(&mut json);
     json
@@ -171,6 +175,7 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), body_guard::guard))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(BodyLimit(limit)))

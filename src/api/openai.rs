@@ -83,10 +83,7 @@ impl IntoResponse for OpenAiError {
             ApiError::InvalidField { field, .. } => Some(field.clone()),
             _ => None,
         };
-        let retry_after = match &error {
-            ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
-            _ => None,
-        };
+        let retry_after = error.retry_after();
         let code = match &error {
             ApiError::Unauthorized(_) => "invalid_api_key",
             other => other.code(),

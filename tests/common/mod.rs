@@ -42,16 +42,27 @@ pub fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
 /// A config for the tiny fixture model with everything under `data_dir`; `extra` lands in `[queue]` (and
 /// may open further sections).
 pub fn test_config_toml(data_dir: &Path, extra: &str) -> String {
-    test_config_toml_with(data_dir, extra, "")
+    test_config_toml_full(data_dir, "", extra, "")
 }
 
 /// [`test_config_toml`] with `model_extra` keys in the `tiny-sd` model's table.
 pub fn test_config_toml_with(data_dir: &Path, extra: &str, model_extra: &str) -> String {
+    test_config_toml_full(data_dir, "", extra, model_extra)
+}
+
+/// [`test_config_toml`] with `server` keys added to the `[server]` section.
+pub fn test_config_toml_with_server(data_dir: &Path, server: &str, extra: &str) -> String {
+    test_config_toml_full(data_dir, server, extra, "")
+}
+
+/// The test config with keys added to `[server]`, `[queue]` (or new sections) and the model's table.
+pub fn test_config_toml_full(data_dir: &Path, server: &str, extra: &str, model_extra: &str) -> String {
     format!(
         r#"
 [server]
 bind = "127.0.0.1:0"
 shutdown_grace_seconds = 5
+{server}
 [storage]
 data_dir = "{data}"
 database_url = "sqlite://{data}/denoised.db"
@@ -102,6 +113,13 @@ impl TestServer {
     pub async fn start_with_model(extra: &str, model_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let toml = test_config_toml_with(dir.path(), extra, model_extra);
+        Self::start_configured(dir, toml).await
+    }
+
+    /// Starts a server with `server` keys added to `[server]` and `extra` sections added.
+    pub async fn start_with_server(server: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = test_config_toml_with_server(dir.path(), server, extra);
         Self::start_configured(dir, toml).await
     }
 
