@@ -215,3 +215,33 @@ async fn memory_returns_near_its_baseline_after_a_large_job() {
     assert!(after < baseline + 300, "{after} MiB after the job, {baseline} MiB before: the arena kept its peak");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_latents_live_outside_the_job_row_and_go_with_the_job() {
+    use base64::Engine as _;
+    let server = TestServer::start("").await;
+    let client = reqwest::Client::new();
+    let noise = ndarray::ArrayD::<f32>::from_elem(ndarray::IxDyn(&[8, 4, 8, 8]), 0.5);
+    let latents = base64::engine::general_purpose::STANDARD.encode(denoised::engine::npy::write_f32(&noise));
+    let body = json!({"prompt": "blobs", "steps": 2, "n": 8, "latents": latents});
+    let accepted: Value = post(&client, &server, &body, None).await.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_for_job(&client, &server.url(&format!("/v1/jobs/{id}")), TIMEOUT).await["status"], "succeeded");
+    let store =
+        denoised::jobs::JobStore::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+            .await
+            .unwrap();
+    let (params,): (String,) =
+        sqlx::query_as("SELECT params FROM jobs WHERE id = ?1").bind(&id).fetch_one(store.writer()).await.unwrap();
+    store.close().await;
+    assert!(params.len() < latents.len() / 4, "the row holds {} bytes: {params}", params.len());
+    let stored: Value = serde_json::from_str(&params).unwrap();
+    let file = server.dir.path().join(stored["latents_path"].as_str().unwrap());
+    assert!(file.exists());
+    let listed: Value = client.get(server.url("/v1/jobs")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"][0]["params"]["has_latents"], true);
+    assert!(listed["data"][0]["params"].get("latents_path").is_none());
+    assert_eq!(client.delete(server.url(&format!("/v1/jobs/{id}"))).send().await.unwrap().status(), 204);
+    assert!(!file.exists(), "the latents file goes with the job");
+    server.shutdown().await;
+}

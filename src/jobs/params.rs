@@ -87,11 +87,22 @@ impl JobParams {
         }
     }
 
-    /// The stored input picture of an edit (relative to `data_dir`), whose folder goes with the job.
+    /// A stored input of the job (an edit's picture, or the client's latents; relative to `data_dir`), whose
+    /// folder holds all of them and goes with the job.
     pub fn input_path(&self) -> Option<&str> {
         match self {
             JobParams::Edit(p) => Some(&p.image_path),
-            _ => None,
+            JobParams::Generate(p) => p.latents_path.as_deref(),
+            JobParams::Unreadable { .. } => None,
+        }
+    }
+
+    /// The generation fields, to change them before the job is stored.
+    pub fn generation_mut(&mut self) -> Option<&mut GenerateParams> {
+        match self {
+            JobParams::Generate(p) => Some(p),
+            JobParams::Edit(p) => Some(&mut p.generate),
+            JobParams::Unreadable { .. } => None,
         }
     }
 
@@ -105,7 +116,7 @@ impl JobParams {
         }
         .unwrap_or_default();
         if let Some(map) = view.as_object_mut() {
-            let had = map.remove("latents").is_some();
+            let had = map.remove("latents").is_some() | map.remove("latents_path").is_some();
             map.remove("image_path");
             map.remove("mask_path");
             map.insert("has_latents".into(), serde_json::Value::Bool(had));
@@ -185,25 +196,32 @@ pub struct GenerateParams {
     /// How previews are rendered.
     #[serde(default)]
     pub preview: PreviewMode,
-    /// Base64 `.npy` float32 initial latents, when the client supplied them.
+    /// Base64 `.npy` float32 initial latents as the client sent them. The jobs service moves them to a file
+    /// ([`GenerateParams::latents_path`]) before the job is stored; rows of release 0.1 still carry them
+    /// here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latents: Option<String>,
+    /// The client's initial latents as a `.npy` file, relative to `data_dir`: blobs live outside the job
+    /// row, so listings and status reads never load them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_path: Option<String>,
 }
 
 impl GenerateParams {
-    /// Rebuilds the engine request. Fails only if the stored JSON was tampered with or the scheduler name
-    /// is no longer known.
-    pub fn to_request(&self) -> Result<GenerateRequest, String> {
+    /// Rebuilds the engine request, with the bytes of [`GenerateParams::latents_path`] when the job has that
+    /// file. Fails only if the stored data was tampered with or the scheduler name is no longer known.
+    pub fn to_request(&self, latents_file: Option<&[u8]>) -> Result<GenerateRequest, String> {
         let scheduler = SchedulerKind::from_request_name(&self.scheduler)
             .ok_or_else(|| format!("unknown scheduler `{}`", self.scheduler))?;
-        let latents = match &self.latents {
-            None => None,
-            Some(b64) => {
-                let bytes =
-                    base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("latents: {e}"))?;
-                Some(crate::engine::npy::read_f32(&bytes).map_err(|e| format!("latents: {e}"))?)
+        let npy = match (latents_file, &self.latents) {
+            (Some(bytes), _) => Some(bytes.to_vec()),
+            (None, Some(b64)) => {
+                Some(base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("latents: {e}"))?)
             }
+            (None, None) => None,
         };
+        let latents =
+            npy.map(|bytes| crate::engine::npy::read_f32(&bytes).map_err(|e| format!("latents: {e}"))).transpose()?;
         Ok(GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -245,10 +263,16 @@ pub struct EditParams {
 }
 
 impl EditParams {
-    /// Rebuilds the engine request with the stored picture and mask (already decoded by the caller).
-    pub fn to_request(&self, image: image::RgbImage, mask: Option<image::GrayImage>) -> Result<EditRequest, String> {
+    /// Rebuilds the engine request with the stored picture, mask and latents file (already read by the
+    /// caller).
+    pub fn to_request(
+        &self,
+        image: image::RgbImage,
+        mask: Option<image::GrayImage>,
+        latents_file: Option<&[u8]>,
+    ) -> Result<EditRequest, String> {
         Ok(EditRequest {
-            base: self.generate.to_request()?,
+            base: self.generate.to_request(latents_file)?,
             mode: self.mode.pipeline(),
             image,
             mask,

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 use uuid::Uuid;
@@ -213,25 +214,62 @@ impl Jobs {
     ) -> Result<Submitted, JobsError> {
         let JobRequest { model, mut params, inputs } = request;
         let folder = Uuid::new_v4();
-        if let (Some(inputs), JobParams::Edit(edit)) = (inputs, &mut params) {
-            let files = self.files.clone();
-            let (image_path, mask_path) = tokio::task::spawn_blocking(move || {
-                let image = files.write_input(folder, "image.png", &inputs.image_png)?;
-                let mask = inputs.mask_png.map(|m| files.write_input(folder, "mask.png", &m)).transpose()?;
-                Ok::<_, std::io::Error>((image, mask))
-            })
-            .await
-            .map_err(|e| JobsError::Files(e.to_string()))?
-            .map_err(|e| JobsError::Files(format!("storing the input image: {e}")))?;
-            edit.image_path = image_path;
-            edit.mask_path = mask_path;
-        }
-        let outcome = self.enqueue(who, model, params, idempotency_key).await;
+        let stored = self.store_inputs(folder, &mut params, inputs).await;
+        let outcome = match stored {
+            Ok(()) => self.enqueue(who, model, params, idempotency_key).await,
+            Err(e) => Err(e),
+        };
         if !matches!(outcome, Ok(Submitted { created: true, .. })) {
             // Refused, failed, or a replay whose first request's job keeps its own inputs.
             let _ = self.files.remove_input(folder);
         }
         outcome
+    }
+
+    /// Writes the job's blobs — an edit's pictures, the client's latents — under `inputs/{folder}/` and
+    /// points the parameters at them, so the job row stays small.
+    async fn store_inputs(
+        &self,
+        folder: Uuid,
+        params: &mut JobParams,
+        inputs: Option<EditInputs>,
+    ) -> Result<(), JobsError> {
+        let latents = match params.generation_mut().and_then(|g| g.latents.take()) {
+            Some(b64) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| JobsError::Files(format!("latents: {e}")))?,
+            ),
+            None => None,
+        };
+        if inputs.is_none() && latents.is_none() {
+            return Ok(());
+        }
+        let files = self.files.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let latents = latents.map(|bytes| files.write_input(folder, "latents.npy", &bytes)).transpose()?;
+            let pictures = match inputs {
+                Some(inputs) => {
+                    let image = files.write_input(folder, "image.png", &inputs.image_png)?;
+                    let mask = inputs.mask_png.map(|m| files.write_input(folder, "mask.png", &m)).transpose()?;
+                    Some((image, mask))
+                }
+                None => None,
+            };
+            Ok::<_, std::io::Error>((latents, pictures))
+        })
+        .await
+        .map_err(|e| JobsError::Files(e.to_string()))?
+        .map_err(|e| JobsError::Files(format!("storing the job's inputs: {e}")))?;
+        let (latents_path, pictures) = written;
+        if let Some(generation) = params.generation_mut() {
+            generation.latents_path = latents_path;
+        }
+        if let (Some((image_path, mask_path)), JobParams::Edit(edit)) = (pictures, params) {
+            edit.image_path = image_path;
+            edit.mask_path = mask_path;
+        }
+        Ok(())
     }
 
     async fn enqueue(

@@ -158,20 +158,31 @@ impl Dispatcher {
         }
     }
 
-    /// Rebuilds a job's work from its stored parameters (and, for edits, its stored input pictures).
+    /// Rebuilds a job's work from its stored parameters and its stored inputs (an edit's pictures, the
+    /// client's latents), read off the async runtime.
     async fn task_of(&self, job: &Job) -> Result<(GenerateParams, Task, u32), String> {
-        match &job.params {
+        let files = self.jobs.files().clone();
+        match job.params.clone() {
             JobParams::Edit(params) => {
-                let files = self.jobs.files().clone();
-                let (image_path, mask_path) = (params.image_path.clone(), params.mask_path.clone());
-                let (image, mask) =
-                    tokio::task::spawn_blocking(move || load_inputs(&files, &image_path, mask_path.as_deref()))
-                        .await
-                        .map_err(|e| e.to_string())??;
-                let request = params.to_request(image, mask)?;
-                Ok((params.generate.clone(), Task::Edit(Box::new(request)), params.visible_steps()))
+                let inputs = tokio::task::spawn_blocking(move || {
+                    let latents = read_latents(&files, &params.generate)?;
+                    let (image, mask) = load_inputs(&files, &params.image_path, params.mask_path.as_deref())?;
+                    let request = params.to_request(image, mask, latents.as_deref())?;
+                    Ok::<_, String>((params, request))
+                });
+                let (params, request) = inputs.await.map_err(|e| e.to_string())??;
+                let steps = params.visible_steps();
+                Ok((params.generate, Task::Edit(Box::new(request)), steps))
             }
-            JobParams::Generate(params) => Ok((params.clone(), Task::Generate(params.to_request()?), params.steps)),
+            JobParams::Generate(params) => {
+                let latents = tokio::task::spawn_blocking({
+                    let params = params.clone();
+                    move || read_latents(&files, &params)
+                });
+                let request = params.to_request(latents.await.map_err(|e| e.to_string())??.as_deref())?;
+                let steps = params.steps;
+                Ok((params, Task::Generate(request), steps))
+            }
             JobParams::Unreadable { kind, error, .. } => Err(format!("stored parameters of kind `{kind}`: {error}")),
         }
     }
@@ -226,6 +237,13 @@ async fn reap(this: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(this.settings.poll) => {}
         }
     }
+}
+
+/// Reads a job's stored latents file, if it has one.
+fn read_latents(files: &ImageFiles, params: &GenerateParams) -> Result<Option<Vec<u8>>, String> {
+    let Some(relative) = params.latents_path.as_deref() else { return Ok(None) };
+    let path = files.resolve(relative).ok_or_else(|| format!("unsafe input path {relative}"))?;
+    std::fs::read(&path).map(Some).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Reads an edit job's stored picture and mask.

@@ -76,6 +76,7 @@ pub fn generation(
         preview_every,
         preview: request.preview.map(PreviewMode::from).unwrap_or_default(),
         latents: request.latents,
+        latents_path: None,
     };
     Ok((served.name.clone(), params))
 }
