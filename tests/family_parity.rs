@@ -543,3 +543,75 @@ fn flux_refuses_inpainting_and_diffusion_schedulers_in_one_line() {
     let err = text_to_image_with(&mut model, &t2i, RunExtras::default(), &mut NoObserver).unwrap_err().to_string();
     assert!(err.contains("multiples of 16") && err.lines().count() == 1, "{err}");
 }
+
+/// `POST /v1/images` on `fixture` with the case's latents and settings (the model's default scheduler,
+/// `flow_euler`) draws optimum's picture; `GET /v1/models` reports the family.
+async fn flow_model_generates_through_http(fixture: &str, name: &str, family: &str) {
+    use base64::Engine as _;
+    let server = common::TestServer::start(&common::extra_models(&[fixture])).await;
+    let client = reqwest::Client::new();
+    let models: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let card = models["data"].as_array().unwrap().iter().find(|m| m["id"] == fixture).unwrap().clone();
+    assert_eq!((card["family"].as_str(), card["default_scheduler"].as_str()), (Some(family), Some("flow_euler")));
+    assert_eq!(card["size_multiple"], 16);
+
+    let case = case(name);
+    let latents = std::fs::read(dir().join(case["latents_npy"].as_str().unwrap())).unwrap();
+    let body = serde_json::json!({
+        "model": fixture,
+        "prompt": case["prompt"],
+        "negative_prompt": case["negative_prompt"].as_str().unwrap_or_default(),
+        "width": case["width"],
+        "height": case["height"],
+        "steps": case["num_inference_steps"],
+        "guidance_scale": case["guidance_scale"],
+        "latents": base64::engine::general_purpose::STANDARD.encode(latents),
+    });
+    let picture = run_http_job(&client, &server, body).await;
+    check_images(&format!("{name} over HTTP"), &[picture], &case);
+
+    // A diffusion scheduler is refused for a flow-matching model.
+    let body =
+        serde_json::json!({"model": fixture, "prompt": "a cat", "width": 64, "height": 64, "scheduler": "euler"});
+    let response = client.post(server.url("/v1/images")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 422);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd3_generates_through_http_like_optimum() {
+    flow_model_generates_through_http("tiny-sd3", "sd3_t2i", "sd3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_generates_through_http_like_optimum() {
+    flow_model_generates_through_http("tiny-flux", "flux_t2i", "flux").await;
+}
+
+/// Asks for an approximate preview after every call and counts the pictures.
+struct Previews {
+    pictures: Vec<(u32, u32)>,
+}
+
+impl denoised::engine::pipeline::StepObserver for Previews {
+    fn on_step(&mut self, _step: usize, _total: usize, preview: Option<RgbImage>) {
+        self.pictures.extend(preview.map(|p| p.dimensions()));
+    }
+
+    fn preview_wanted(&self, _step: usize, _total: usize) -> Option<denoised::engine::preview::PreviewMode> {
+        Some(denoised::engine::preview::PreviewMode::Approx)
+    }
+}
+
+#[test]
+fn sixteen_channel_previews_fall_back_to_the_vae() {
+    for name in ["sd3_t2i", "flux_schnell_t2i"] {
+        let case = case(name);
+        let mut model = load(&fixture_of(&case));
+        assert!(!model.preview.is_available(), "{name}: no 16-channel linear map is shipped");
+        let mut observer = Previews { pictures: Vec::new() };
+        let request = request(&case, "latents_npy");
+        text_to_image_with(&mut model, &request, RunExtras::default(), &mut observer).unwrap();
+        assert_eq!(observer.pictures, vec![(64, 64); request.steps as usize], "{name}");
+    }
+}
