@@ -71,7 +71,10 @@ pub fn edit(
 
 /// [`edit`] with [`RunExtras`]. SDXL models run the same modes with their own conditioning (diffusers'
 /// `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline`: `time_ids` from the picture
-/// size, or the refiner's aesthetic scores).
+/// size, or the refiner's aesthetic scores). SD3 (`StableDiffusion3Img2ImgPipeline`,
+/// `StableDiffusion3InpaintPipeline`: latent blending with its 16-channel transformer, decoded without the VAE
+/// shift as diffusers 0.36 does) and Flux (`FluxImg2ImgPipeline`; no inpainting) encode pictures as
+/// `(mean - shift_factor) * scaling_factor` and noise them with the flow schedule's `scale_noise`.
 pub fn edit_with(
     model: &mut LoadedModel,
     request: &EditRequest,
