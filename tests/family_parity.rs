@@ -153,9 +153,20 @@ fn families_and_capabilities_are_read_from_the_exports() {
     let lcm = info("tiny-lcm");
     assert_eq!((lcm.family(), lcm.capabilities.clone()), (Family::LatentConsistency, vec![TextToImage]));
     assert_eq!(info("tiny-sd").family(), Family::StableDiffusion);
-    for unsupported in ["tiny-sd3", "tiny-flux"] {
-        let err = ModelInfo::read(&common::fixture(unsupported)).unwrap_err().to_string();
-        assert!(err.contains(unsupported) && err.contains("not supported yet"), "{err}");
+    let sd3 = info("tiny-sd3");
+    assert_eq!(
+        (sd3.family(), sd3.capabilities.clone()),
+        (Family::StableDiffusion3, vec![TextToImage, Img2img, Inpaint, Outpaint])
+    );
+    assert_eq!((sd3.latent_channels, sd3.size_multiple, sd3.native_size), (16, 16, 64));
+    assert_eq!((sd3.vae_scaling_factor, sd3.vae_shift_factor), (1.5305, 0.0609));
+    assert_eq!(sd3.text_encoders.len(), 3);
+    assert_eq!(sd3.default_scheduler, SchedulerKind::FlowEuler);
+    for flux in ["tiny-flux", "tiny-flux-schnell"] {
+        let flux = info(flux);
+        assert_eq!((flux.family(), flux.capabilities.clone()), (Family::Flux, vec![TextToImage, Img2img]));
+        assert_eq!((flux.latent_channels, flux.unet_in_channels, flux.size_multiple), (16, 16, 16));
+        assert_eq!(flux.run_options(64, 64).image_seq_len, Some(16));
     }
 }
 
@@ -379,5 +390,228 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         } else {
             std::fs::copy(entry.path(), target).unwrap();
         }
+    }
+}
+
+// ---- SD3 and Flux (flow matching) ----
+
+fn run_text_to_image_sd3_flux(name: &str) -> f32 {
+    let case = case(name);
+    let mut model = load(&fixture_of(&case));
+    // SD3 encodes an absent negative prompt as ""; Flux has no negative branch.
+    let images =
+        text_to_image_with(&mut model, &request(&case, "latents_npy"), RunExtras::default(), &mut NoObserver).unwrap();
+    check_images(name, &images, &case)
+}
+
+fn ids_of(case: &Value, which: &str, encoder: &str) -> Vec<u32> {
+    case["input_ids"][which][encoder].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn t5_tokenizer_pads_and_truncates_like_the_fast_tokenizer() {
+    use denoised::engine::t5_tokenizer::T5Tokenizer;
+    let sd3 = case("sd3_t2i");
+    let t5 = T5Tokenizer::from_dir(&common::fixture("tiny-sd3/tokenizer_3")).unwrap();
+    assert_eq!(
+        t5.encode_padded(sd3["prompt"].as_str().unwrap(), 256).unwrap(),
+        ids_of(&sd3, "prompt_input_ids", "text_encoder_3")
+    );
+    assert_eq!(t5.encode_padded("blurry", 256).unwrap(), ids_of(&sd3, "negative_input_ids", "text_encoder_3"));
+    let flux = case("flux_t2i");
+    let t5 = T5Tokenizer::from_dir(&common::fixture("tiny-flux/tokenizer_2")).unwrap();
+    let flux_ids: Vec<u32> =
+        flux["input_ids"]["text_encoder_2"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(t5.encode_padded(flux["prompt"].as_str().unwrap(), 512).unwrap(), flux_ids);
+    // Truncation keeps `</s>` last; an empty text is `</s>` then padding.
+    let long = "a red circle ".repeat(100);
+    let ids = t5.encode_padded(&long, 16).unwrap();
+    assert_eq!((ids.len(), ids[15]), (16, 1));
+    assert_eq!(&t5.encode_padded("", 4).unwrap(), &[1, 0, 0, 0]);
+}
+
+#[test]
+fn sd3_prompt_embeddings_and_transformer_inputs_match() {
+    let mut model = load("tiny-sd3");
+    let prompts = encode_prompts(&mut model, "a red circle on a blue background", Some("blurry"), true).unwrap();
+    close("sd3 embeds", &prompts.positive.hidden, &npy("sd3_prompt_embeds.npy"));
+    close("sd3 pooled", prompts.positive.pooled.as_ref().unwrap(), &npy("sd3_pooled_prompt_embeds.npy"));
+    let negative = prompts.negative.as_ref().unwrap();
+    close("sd3 negative embeds", &negative.hidden, &npy("sd3_negative_prompt_embeds.npy"));
+    close("sd3 negative pooled", negative.pooled.as_ref().unwrap(), &npy("sd3_negative_pooled_prompt_embeds.npy"));
+    let size = SizeConditioning::for_picture(64, 64);
+    let inputs = assemble(&model, &prompts, &[Branch::Negative, Branch::Positive], 1, &size, 5.0).unwrap();
+    assert_eq!(inputs.encoder_hidden_states.shape(), &[2, 333, 32]);
+    assert_eq!(inputs.pooled_projections.as_ref().unwrap().shape(), &[2, 20]);
+    assert!(inputs.img_ids.is_none() && inputs.guidance.is_none() && inputs.time_ids.is_none());
+}
+
+#[test]
+fn sd3_without_t5_feeds_zeros_in_its_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&common::fixture("tiny-sd3"), tmp.path());
+    std::fs::remove_dir_all(tmp.path().join("text_encoder_3")).unwrap();
+    let info = ModelInfo::read(tmp.path()).unwrap();
+    assert_eq!(info.text_encoders.len(), 2);
+    let mut model = LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap();
+    let prompt = encode_prompts(&mut model, "a red circle on a blue background", None, false).unwrap().positive;
+    let full = npy("sd3_prompt_embeds.npy");
+    assert_eq!(prompt.hidden.shape(), full.shape());
+    let clip = |a: &ArrayD<f32>| a.slice_axis(Axis(1), (0..77).into()).to_owned();
+    close("sd3 clip part without T5", &clip(&prompt.hidden), &clip(&full));
+    assert!(prompt.hidden.slice_axis(Axis(1), (77..333).into()).iter().all(|v| *v == 0.0));
+}
+
+#[test]
+fn sd3_text_to_image_matches_optimum() {
+    run_text_to_image_sd3_flux("sd3_t2i");
+}
+
+#[test]
+fn sd3_image_latents_match() {
+    let pixels = denoised::engine::image::image_to_tensor(&image::open(dir().join("input.png")).unwrap().to_rgb8());
+    let mut model = load("tiny-sd3");
+    close("sd3 init latents", &scaled_latents(&mut model, pixels.view()).unwrap(), &npy("sd3_init_latents.npy"));
+    let mut model = load("tiny-flux");
+    close("flux init latents", &scaled_latents(&mut model, pixels.view()).unwrap(), &npy("flux_init_latents.npy"));
+}
+
+#[test]
+fn sd3_img2img_matches_optimum() {
+    run_edit("sd3_img2img", EditMode::Img2img);
+}
+
+#[test]
+fn sd3_inpainting_by_blending_matches_optimum_inside_the_mask() {
+    run_blended_inpaint("sd3_inpaint");
+    run_blended_inpaint("sd3_inpaint_s060");
+}
+
+#[test]
+fn flux_prompt_embeddings_ids_and_packing_match() {
+    use denoised::engine::pipeline::packing::{pack, unpack};
+    for (fixture, prefix, guidance) in [("tiny-flux", "flux", Some(3.5)), ("tiny-flux-schnell", "flux_schnell", None)] {
+        let mut model = load(fixture);
+        let prompts = encode_prompts(&mut model, "a red circle on a blue background", None, false).unwrap();
+        assert!(prompts.negative.is_none());
+        close(&format!("{prefix} embeds"), &prompts.positive.hidden, &npy(&format!("{prefix}_prompt_embeds.npy")));
+        let pooled = npy(&format!("{prefix}_pooled_prompt_embeds.npy"));
+        close(&format!("{prefix} pooled"), prompts.positive.pooled.as_ref().unwrap(), &pooled);
+        let size = SizeConditioning::for_picture(64, 64);
+        let inputs = assemble(&model, &prompts, &[Branch::Positive], 1, &size, 3.5).unwrap();
+        let img_ids = inputs.img_ids.as_ref().unwrap().mapv(|v| v as f32);
+        assert_eq!(img_ids, npy(&format!("{prefix}_img_ids.npy")));
+        assert_eq!(inputs.txt_ids.as_ref().unwrap().shape(), &[512, 3]);
+        assert_eq!(inputs.guidance.as_ref().map(|g| g.iter().copied().collect::<Vec<_>>()), guidance.map(|g| vec![g]));
+        let latents = npy(&format!("latents_{prefix}_1x16x8x8.npy"));
+        assert_eq!(pack(&latents).unwrap(), npy(&format!("latents_{prefix}_packed_1x16x64.npy")));
+        let final_packed = npy(&format!("{prefix}_t2i_final_packed_latents.npy"));
+        assert_eq!(unpack(&final_packed, 8, 8).unwrap(), npy(&format!("{prefix}_t2i_final_latents.npy")));
+    }
+}
+
+#[test]
+fn flux_dev_text_to_image_matches_optimum() {
+    run_text_to_image_sd3_flux("flux_t2i");
+}
+
+#[test]
+fn flux_schnell_text_to_image_matches_optimum() {
+    run_text_to_image_sd3_flux("flux_schnell_t2i");
+}
+
+#[test]
+fn flux_img2img_matches_optimum() {
+    run_edit("flux_img2img", EditMode::Img2img);
+}
+
+#[test]
+fn flux_refuses_inpainting_and_diffusion_schedulers_in_one_line() {
+    let case = case("flux_img2img");
+    let mut model = load("tiny-flux");
+    let mut request = edit_request(&case, EditMode::Img2img, 0);
+    request.mode = EditMode::Inpaint;
+    request.mask = Some(image::open(dir().join("mask.png")).unwrap().to_luma8());
+    let err = edit_with(&mut model, &request, RunExtras::default(), &mut NoObserver).unwrap_err().to_string();
+    assert!(err.contains("tiny-flux") && err.contains("cannot do inpaint"), "{err}");
+    let mut t2i = request.base.clone();
+    t2i.scheduler = SchedulerKind::Euler;
+    let err = text_to_image_with(&mut model, &t2i, RunExtras::default(), &mut NoObserver).unwrap_err().to_string();
+    assert!(err.contains("flow-matching"), "{err}");
+    t2i.scheduler = SchedulerKind::FlowEuler;
+    t2i.width = 72;
+    let err = text_to_image_with(&mut model, &t2i, RunExtras::default(), &mut NoObserver).unwrap_err().to_string();
+    assert!(err.contains("multiples of 16") && err.lines().count() == 1, "{err}");
+}
+
+/// `POST /v1/images` on `fixture` with the case's latents and settings (the model's default scheduler,
+/// `flow_euler`) draws optimum's picture; `GET /v1/models` reports the family.
+async fn flow_model_generates_through_http(fixture: &str, name: &str, family: &str) {
+    use base64::Engine as _;
+    let server = common::TestServer::start(&common::extra_models(&[fixture])).await;
+    let client = reqwest::Client::new();
+    let models: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let card = models["data"].as_array().unwrap().iter().find(|m| m["id"] == fixture).unwrap().clone();
+    assert_eq!((card["family"].as_str(), card["default_scheduler"].as_str()), (Some(family), Some("flow_euler")));
+    assert_eq!(card["size_multiple"], 16);
+
+    let case = case(name);
+    let latents = std::fs::read(dir().join(case["latents_npy"].as_str().unwrap())).unwrap();
+    let body = serde_json::json!({
+        "model": fixture,
+        "prompt": case["prompt"],
+        "negative_prompt": case["negative_prompt"].as_str().unwrap_or_default(),
+        "width": case["width"],
+        "height": case["height"],
+        "steps": case["num_inference_steps"],
+        "guidance_scale": case["guidance_scale"],
+        "latents": base64::engine::general_purpose::STANDARD.encode(latents),
+    });
+    let picture = run_http_job(&client, &server, body).await;
+    check_images(&format!("{name} over HTTP"), &[picture], &case);
+
+    // A diffusion scheduler is refused for a flow-matching model.
+    let body =
+        serde_json::json!({"model": fixture, "prompt": "a cat", "width": 64, "height": 64, "scheduler": "euler"});
+    let response = client.post(server.url("/v1/images")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 422);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd3_generates_through_http_like_optimum() {
+    flow_model_generates_through_http("tiny-sd3", "sd3_t2i", "sd3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_generates_through_http_like_optimum() {
+    flow_model_generates_through_http("tiny-flux", "flux_t2i", "flux").await;
+}
+
+/// Asks for an approximate preview after every call and counts the pictures.
+struct Previews {
+    pictures: Vec<(u32, u32)>,
+}
+
+impl denoised::engine::pipeline::StepObserver for Previews {
+    fn on_step(&mut self, _step: usize, _total: usize, preview: Option<RgbImage>) {
+        self.pictures.extend(preview.map(|p| p.dimensions()));
+    }
+
+    fn preview_wanted(&self, _step: usize, _total: usize) -> Option<denoised::engine::preview::PreviewMode> {
+        Some(denoised::engine::preview::PreviewMode::Approx)
+    }
+}
+
+#[test]
+fn sixteen_channel_previews_fall_back_to_the_vae() {
+    for name in ["sd3_t2i", "flux_schnell_t2i"] {
+        let case = case(name);
+        let mut model = load(&fixture_of(&case));
+        assert!(!model.preview.is_available(), "{name}: no 16-channel linear map is shipped");
+        let mut observer = Previews { pictures: Vec::new() };
+        let request = request(&case, "latents_npy");
+        text_to_image_with(&mut model, &request, RunExtras::default(), &mut observer).unwrap();
+        assert_eq!(observer.pictures, vec![(64, 64); request.steps as usize], "{name}");
     }
 }

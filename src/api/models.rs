@@ -27,7 +27,7 @@ pub struct ModelCard {
     pub id: String,
     /// Always `model`.
     pub object: &'static str,
-    /// The model family (`sd`, `sdxl`, `lcm`), from the export's pipeline class and graphs.
+    /// The model family (`sd`, `sdxl`, `lcm`, `sd3`, `flux`), from the export's pipeline class and graphs.
     #[schema(value_type = String, example = "sdxl")]
     pub family: Family,
     /// What it can do.

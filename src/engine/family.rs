@@ -9,6 +9,7 @@
 use serde_json::Value;
 
 use super::graph::Graph;
+use super::scheduler::Parameterization;
 
 /// The families of export the engine runs.
 /// Serialised as [`Family::as_str`].
@@ -25,6 +26,14 @@ pub enum Family {
     /// classifier-free-guidance batch, `LCMScheduler`.
     #[serde(rename = "lcm")]
     LatentConsistency,
+    /// Stable Diffusion 3: CLIP-L and CLIP-G (penultimate states, pooled `text_embeds`) plus an optional T5,
+    /// a joint-attention transformer on 16-channel latents, flow matching.
+    #[serde(rename = "sd3")]
+    StableDiffusion3,
+    /// Flux.1 (dev with a guidance embedding, schnell without): CLIP pooled plus T5 states, a transformer on
+    /// 2×2-packed 16-channel latents with position ids, flow matching with dynamic shifting.
+    #[serde(rename = "flux")]
+    Flux,
 }
 
 /// Pipeline classes per family, with and without optimum's `ORT` prefix.
@@ -38,9 +47,15 @@ const CLASSES: &[(&str, Family)] = &[
     ("StableDiffusionXLInpaintPipeline", Family::StableDiffusionXl),
     ("LatentConsistencyModelPipeline", Family::LatentConsistency),
     ("LatentConsistencyModelImg2ImgPipeline", Family::LatentConsistency),
+    ("StableDiffusion3Pipeline", Family::StableDiffusion3),
+    ("StableDiffusion3Img2ImgPipeline", Family::StableDiffusion3),
+    ("StableDiffusion3InpaintPipeline", Family::StableDiffusion3),
+    ("FluxPipeline", Family::Flux),
+    ("FluxImg2ImgPipeline", Family::Flux),
 ];
 
-/// Families that are recognised but not run yet, by class-name prefix.
+/// Families (or variants of supported ones: ControlNet, Fill, Kontext, …) that are recognised but not run yet,
+/// by class-name prefix; checked after the exact classes above.
 const KNOWN_UNSUPPORTED: &[(&str, &str)] =
     &[("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusionXLInstructPix2Pix", "sdxl_instruct")];
 
@@ -65,6 +80,33 @@ impl Family {
             Family::StableDiffusion => "sd",
             Family::StableDiffusionXl => "sdxl",
             Family::LatentConsistency => "lcm",
+            Family::StableDiffusion3 => "sd3",
+            Family::Flux => "flux",
+        }
+    }
+
+    /// What the family's denoiser predicts, which decides the schedulers that can drive it.
+    pub fn parameterization(self) -> Parameterization {
+        match self {
+            Family::StableDiffusion3 | Family::Flux => Parameterization::FlowMatching,
+            _ => Parameterization::Diffusion,
+        }
+    }
+
+    /// The folder of the denoiser graph: `unet` or `transformer`.
+    pub fn denoiser_dir(self) -> &'static str {
+        match self {
+            Family::StableDiffusion3 | Family::Flux => "transformer",
+            _ => "unet",
+        }
+    }
+
+    /// The T5 sequence length the family's pipeline pads to (`max_sequence_length`: SD3 256, Flux 512).
+    pub fn max_sequence_length(self) -> Option<usize> {
+        match self {
+            Family::StableDiffusion3 => Some(256),
+            Family::Flux => Some(512),
+            _ => None,
         }
     }
 
@@ -73,37 +115,96 @@ impl Family {
     pub fn default_steps(self) -> Option<u32> {
         match self {
             Family::LatentConsistency => Some(4),
+            Family::StableDiffusion3 | Family::Flux => Some(28),
             Family::StableDiffusion | Family::StableDiffusionXl => None,
         }
     }
 
     /// The guidance scale of the family's diffusers pipeline, where it differs from Stable Diffusion's 7.5
-    /// (SDXL: 5.0; LCM: 8.5, embedded into `timestep_cond` as `w = 7.5`).
+    /// (SDXL: 5.0; LCM: 8.5, embedded into `timestep_cond` as `w = 7.5`; SD3: 7.0; Flux: 3.5, the guidance
+    /// embedding's input, ignored by schnell).
     pub fn default_guidance_scale(self) -> Option<f32> {
         match self {
             Family::StableDiffusionXl => Some(5.0),
             Family::LatentConsistency => Some(8.5),
+            Family::StableDiffusion3 => Some(7.0),
+            Family::Flux => Some(3.5),
             Family::StableDiffusion => None,
         }
     }
 
-    /// Which hidden state of each text encoder conditions the U-Net.
-    pub fn hidden_layer(self) -> HiddenLayer {
+    /// The text encoders the family reads, in the order the pipeline combines them. SDXL's first encoder is
+    /// optional (the refiner has none): `text_encoder_present` says whether the export has it. SD3's T5 is
+    /// marked optional (diffusers feeds zeros without it); the caller drops it when the export lacks it.
+    pub fn text_encoders(self, text_encoder_present: bool) -> Vec<EncoderSpec> {
+        let clip = |graph, tokenizer, hidden, pooled| EncoderSpec {
+            graph,
+            tokenizer,
+            tokenizer_kind: TokenizerKind::Clip,
+            hidden,
+            pooled,
+            optional: false,
+        };
+        let t5 = |graph, tokenizer, optional| EncoderSpec {
+            graph,
+            tokenizer,
+            tokenizer_kind: TokenizerKind::T5,
+            hidden: Some(HiddenLayer::Last),
+            pooled: None,
+            optional,
+        };
+        let last = Some(HiddenLayer::Last);
+        let penultimate = Some(HiddenLayer::Penultimate);
         match self {
-            Family::StableDiffusionXl => HiddenLayer::Penultimate,
-            Family::StableDiffusion | Family::LatentConsistency => HiddenLayer::Last,
+            Family::StableDiffusion | Family::LatentConsistency => vec![clip("text_encoder", "tokenizer", last, None)],
+            Family::StableDiffusionXl => {
+                let second = clip("text_encoder_2", "tokenizer_2", penultimate, Some("text_embeds"));
+                if text_encoder_present {
+                    vec![clip("text_encoder", "tokenizer", penultimate, Some("text_embeds")), second]
+                } else {
+                    vec![second]
+                }
+            }
+            Family::StableDiffusion3 => vec![
+                clip("text_encoder", "tokenizer", penultimate, Some("text_embeds")),
+                clip("text_encoder_2", "tokenizer_2", penultimate, Some("text_embeds")),
+                t5("text_encoder_3", "tokenizer_3", true),
+            ],
+            Family::Flux => {
+                vec![
+                    clip("text_encoder", "tokenizer", None, Some("pooler_output")),
+                    t5("text_encoder_2", "tokenizer_2", false),
+                ]
+            }
         }
     }
+}
 
-    /// The text encoders (graph folder, tokenizer folder) the family reads, in concatenation order. SDXL's
-    /// first encoder is optional (the refiner has none): `text_encoder_present` says whether the export has it.
-    pub fn text_encoders(self, text_encoder_present: bool) -> Vec<(&'static str, &'static str)> {
-        match self {
-            Family::StableDiffusionXl if !text_encoder_present => vec![("text_encoder_2", "tokenizer_2")],
-            Family::StableDiffusionXl => vec![("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
-            Family::StableDiffusion | Family::LatentConsistency => vec![("text_encoder", "tokenizer")],
-        }
-    }
+/// Which tokenizer a text encoder reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// CLIP's byte-level BPE from `vocab.json` + `merges.txt`, 77 tokens.
+    Clip,
+    /// A T5 SentencePiece-Unigram tokenizer from `tokenizer.json`, padded to the family's `max_sequence_length`.
+    T5,
+}
+
+/// One text encoder of a family: its folders and which of its outputs the pipeline reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderSpec {
+    /// Graph folder (`text_encoder_2`).
+    pub graph: &'static str,
+    /// Tokenizer folder (`tokenizer_2`).
+    pub tokenizer: &'static str,
+    /// The tokenizer's kind.
+    pub tokenizer_kind: TokenizerKind,
+    /// Which hidden state conditions the denoiser; `None` when only the pooled output is used (Flux's CLIP).
+    pub hidden: Option<HiddenLayer>,
+    /// The pooled output the pipeline reads (`text_embeds`, or Flux's `pooler_output`); with `text_embeds`
+    /// the output is read only when the graph has it (SDXL's first encoder has none).
+    pub pooled: Option<&'static str>,
+    /// Whether the pipeline runs without it (SD3's T5: zeros instead).
+    pub optional: bool,
 }
 
 /// Which text-encoder output becomes `encoder_hidden_states`.
@@ -229,8 +330,10 @@ mod tests {
         assert_eq!(Family::detect("StableDiffusionPipeline"), Ok(Family::StableDiffusion));
         assert_eq!(Family::detect("ORTStableDiffusionXLImg2ImgPipeline"), Ok(Family::StableDiffusionXl));
         assert_eq!(Family::detect("LatentConsistencyModelPipeline"), Ok(Family::LatentConsistency));
-        assert!(Family::detect("FluxPipeline").unwrap_err().contains("family flux"));
-        assert!(Family::detect("StableDiffusion3Pipeline").unwrap_err().contains("not supported yet"));
+        assert_eq!(Family::detect("ORTFluxPipeline"), Ok(Family::Flux));
+        assert_eq!(Family::detect("StableDiffusion3InpaintPipeline"), Ok(Family::StableDiffusion3));
+        assert!(Family::detect("FluxFillPipeline").unwrap_err().contains("family flux"));
+        assert!(Family::detect("StableDiffusion3ControlNetPipeline").unwrap_err().contains("not supported yet"));
         assert!(Family::detect("KandinskyPipeline").unwrap_err().contains("no known family"));
     }
 

@@ -1,6 +1,7 @@
 //! The synchronous inference engine: everything needed to turn a prompt into pixels, with no knowledge of
 //! HTTP, tokio or the job store. Usable as a library on its own.
 
+pub mod denoiser;
 pub mod error;
 pub mod family;
 pub mod graph;
@@ -13,6 +14,7 @@ pub mod preview;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;
+pub mod t5_tokenizer;
 pub mod text_encoder;
 pub mod tokenizer;
 

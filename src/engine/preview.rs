@@ -48,6 +48,9 @@ pub enum ApproxDecoder {
     },
     /// A small ONNX network shipped with the model.
     Network(Box<Graph>),
+    /// No approximation for this latent space (16-channel SD3/Flux latents without a shipped preview decoder):
+    /// approximate previews fall back to the full VAE.
+    Unavailable,
 }
 
 impl std::fmt::Debug for ApproxDecoder {
@@ -55,12 +58,14 @@ impl std::fmt::Debug for ApproxDecoder {
         match self {
             ApproxDecoder::Linear { .. } => write!(f, "ApproxDecoder::Linear"),
             ApproxDecoder::Network(_) => write!(f, "ApproxDecoder::Network"),
+            ApproxDecoder::Unavailable => write!(f, "ApproxDecoder::Unavailable"),
         }
     }
 }
 
 impl ApproxDecoder {
-    /// Loads the model's preview decoder from `model_dir/preview_decoder/`, or falls back to the SD linear map.
+    /// Loads the model's preview decoder from `model_dir/preview_decoder/`, or falls back to the SD linear map
+    /// for 4-channel latents ([`ApproxDecoder::Unavailable`] for others).
     pub fn load(model_dir: &Path, factory: &SessionFactory, latent_channels: usize) -> Result<Self, EngineError> {
         let dir = model_dir.join("preview_decoder");
         let network = dir.join("model.onnx");
@@ -70,7 +75,15 @@ impl ApproxDecoder {
         if let Some(linear) = read_linear(&dir.join("config.json"), latent_channels) {
             return Ok(linear);
         }
+        if latent_channels != SD_LATENT_RGB.len() {
+            return Ok(ApproxDecoder::Unavailable);
+        }
         Ok(ApproxDecoder::Linear { weights: SD_LATENT_RGB.to_vec(), bias: [0.0; 3] })
+    }
+
+    /// Whether [`Self::decode`] can run (false for [`ApproxDecoder::Unavailable`]).
+    pub fn is_available(&self) -> bool {
+        !matches!(self, ApproxDecoder::Unavailable)
     }
 
     /// Decodes diffusion latents `[b, C, h, w]` into `[b, 3, H, W]` in about [-1, 1].
@@ -96,6 +109,9 @@ impl ApproxDecoder {
                     .into_dimensionality::<Ix4>()
                     .map_err(|e| EngineError::Inference { graph: "preview_decoder", message: e.to_string() })
             }
+            ApproxDecoder::Unavailable => Err(EngineError::InvalidRequest(
+                "no approximate preview for this latent space: use VAE previews".into(),
+            )),
         }
     }
 }

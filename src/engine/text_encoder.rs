@@ -1,77 +1,111 @@
-//! One CLIP text encoder with its tokenizer: which of its outputs the family reads, and encoding a text.
+//! One text encoder with its tokenizer (CLIP or T5): which of its outputs the family reads, and encoding a
+//! text.
 
 use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 
 use super::error::EngineError;
-use super::family::HiddenLayer;
+use super::family::{EncoderSpec, HiddenLayer, TokenizerKind};
 use super::graph::{Element, Feed, Graph};
 use super::runtime::SessionFactory;
+use super::t5_tokenizer::T5Tokenizer;
 use super::tokenizer::ClipTokenizer;
+
+/// The tokenizer of one text encoder.
+#[derive(Debug)]
+pub enum TextTokenizer {
+    /// CLIP, padded to its `model_max_length` (77).
+    Clip(ClipTokenizer),
+    /// T5, padded to `length` (the family's `max_sequence_length`, capped by the tokenizer's own maximum).
+    T5 {
+        /// The tokenizer.
+        tokenizer: T5Tokenizer,
+        /// The padded sequence length.
+        length: usize,
+    },
+}
+
+impl TextTokenizer {
+    /// The padded id sequence of `text`.
+    pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        match self {
+            TextTokenizer::Clip(clip) => clip.encode_padded(text),
+            TextTokenizer::T5 { tokenizer, length } => tokenizer.encode_padded(text, *length),
+        }
+    }
+}
 
 /// A text encoder graph, its tokenizer and the names of the outputs the pipeline uses.
 #[derive(Debug)]
 pub struct TextEncoder {
     /// The tokenizer of this encoder (SDXL's second one pads with `!`).
-    pub tokenizer: ClipTokenizer,
+    pub tokenizer: TextTokenizer,
     /// The graph (`input_ids` in).
     pub graph: Graph,
-    /// The output that conditions the U-Net (`last_hidden_state` or `hidden_states.{L-1}`).
-    pub hidden_output: String,
-    /// The pooled projection (`text_embeds`), when the graph has one.
+    /// The output that conditions the denoiser (`last_hidden_state` or `hidden_states.{L-1}`), when used.
+    pub hidden_output: Option<String>,
+    /// The pooled output (`text_embeds` or `pooler_output`), when the family reads one and the graph has it.
     pub pooled_output: Option<String>,
 }
 
 /// One text through one encoder.
 #[derive(Debug, Clone)]
 pub struct EncodedText {
-    /// Hidden states `[1, 77, D]`.
-    pub hidden: ArrayD<f32>,
+    /// Hidden states `[1, seq, D]`, when the family reads them from this encoder.
+    pub hidden: Option<ArrayD<f32>>,
     /// Pooled projection `[1, P]`, when the encoder has one.
     pub pooled: Option<ArrayD<f32>>,
 }
 
 impl TextEncoder {
-    /// Opens `dir/<graph_dir>/model.onnx` and `dir/<tokenizer_dir>/`, and picks the outputs for `layer`.
+    /// Opens `dir/<graph>/model.onnx` and `dir/<tokenizer>/` as `spec` says; T5 pads to `sequence_length`.
     pub fn load(
         factory: &SessionFactory,
         dir: &Path,
-        (graph_dir, tokenizer_dir): (&'static str, &'static str),
-        layer: HiddenLayer,
+        spec: &EncoderSpec,
+        sequence_length: Option<usize>,
     ) -> Result<Self, EngineError> {
-        let path = dir.join(graph_dir).join("model.onnx");
-        let tokenizer = ClipTokenizer::from_dir(&dir.join(tokenizer_dir))?;
-        let graph = Graph::open(factory, &path, graph_dir)?;
+        let path = dir.join(spec.graph).join("model.onnx");
+        let tokenizer_dir = dir.join(spec.tokenizer);
+        let tokenizer = match spec.tokenizer_kind {
+            TokenizerKind::Clip => TextTokenizer::Clip(ClipTokenizer::from_dir(&tokenizer_dir)?),
+            TokenizerKind::T5 => {
+                let tokenizer = T5Tokenizer::from_dir(&tokenizer_dir)?;
+                let length = sequence_length.unwrap_or(tokenizer.model_max_length()).min(tokenizer.model_max_length());
+                TextTokenizer::T5 { tokenizer, length }
+            }
+        };
+        let graph = Graph::open(factory, &path, spec.graph)?;
         let bad = |message: String| EngineError::Model { path: path.clone(), message };
         let ids = graph.input("input_ids").ok_or_else(|| bad("missing input `input_ids`".into()))?;
         if !matches!(ids.element, Element::I64 | Element::I32 | Element::F32) {
             return Err(bad(format!("input `input_ids` has an unsupported element type {:?}", ids.element)));
         }
-        let hidden_output = hidden_output(&graph, layer).map_err(bad)?;
-        let pooled_output = graph.output("text_embeds").map(|o| o.name.clone());
+        let hidden_output = spec.hidden.map(|layer| hidden_output(&graph, layer)).transpose().map_err(bad)?;
+        let pooled_output = spec.pooled.and_then(|name| graph.output(name)).map(|o| o.name.clone());
         Ok(Self { tokenizer, graph, hidden_output, pooled_output })
     }
 
     /// Tokenizes `text` (padded to the tokenizer's length) and runs the graph.
     pub fn encode(&mut self, text: &str) -> Result<EncodedText, EngineError> {
-        let max_len = self.tokenizer.max_length();
         let ids: Vec<i64> = self.tokenizer.encode_padded(text)?.into_iter().map(i64::from).collect();
+        let len = ids.len();
         let input_ids =
-            ArrayD::from_shape_vec(IxDyn(&[1, max_len]), ids).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            ArrayD::from_shape_vec(IxDyn(&[1, len]), ids).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let mut outputs = self.graph.run(vec![("input_ids", Feed::Int(input_ids))])?;
         let graph = self.graph.name();
-        let hidden = outputs
-            .remove(&self.hidden_output)
-            .ok_or_else(|| EngineError::Inference { graph, message: format!("no output `{}`", self.hidden_output) })?;
-        let pooled = match &self.pooled_output {
-            Some(name) => Some(
-                outputs
+        let mut take = |name: &Option<String>| -> Result<Option<ArrayD<f32>>, EngineError> {
+            match name {
+                Some(name) => outputs
                     .remove(name)
-                    .ok_or_else(|| EngineError::Inference { graph, message: format!("no output `{name}`") })?,
-            ),
-            None => None,
+                    .map(Some)
+                    .ok_or_else(|| EngineError::Inference { graph, message: format!("no output `{name}`") }),
+                None => Ok(None),
+            }
         };
+        let hidden = take(&self.hidden_output)?;
+        let pooled = take(&self.pooled_output)?;
         Ok(EncodedText { hidden, pooled })
     }
 }

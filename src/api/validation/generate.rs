@@ -39,7 +39,7 @@ pub fn generation(
     in_range("guidance_scale", guidance_scale, 0.0, 50.0)?;
     let guidance_rescale = request.guidance_rescale.unwrap_or(0.0);
     in_range("guidance_rescale", guidance_rescale, 0.0, 1.0)?;
-    let scheduler = scheduler(info, request.scheduler.as_deref(), steps)?;
+    let scheduler = scheduler(info, request.scheduler.as_deref(), steps, (width, height))?;
     let n = request.n.unwrap_or(1);
     if n == 0 || n > limits.max_images {
         return Err(ValidationError::field("n", format!("n must be between 1 and {}", limits.max_images)));
@@ -165,9 +165,15 @@ pub(super) fn in_range(field: &'static str, value: f32, min: f32, max: f32) -> R
     }
 }
 
-/// The scheduler a request names (or the model's own), built once so that a step count or config value it
-/// cannot take is a `422` now instead of a job that fails later.
-fn scheduler(info: &ModelInfo, name: Option<&str>, steps: u32) -> Result<SchedulerKind, ValidationError> {
+/// The scheduler a request names (or the model's own), built once for the picture's size (flow matching with
+/// dynamic shifting needs the image sequence length) so that a step count or config value it cannot take is
+/// a `422` now instead of a job that fails later.
+fn scheduler(
+    info: &ModelInfo,
+    name: Option<&str>,
+    steps: u32,
+    (width, height): (u32, u32),
+) -> Result<SchedulerKind, ValidationError> {
     let kind = match name.map(str::trim) {
         None | Some("") | Some("default") => info.default_scheduler,
         Some(name) => SchedulerKind::from_request_name(name).ok_or_else(|| {
@@ -180,7 +186,8 @@ fn scheduler(info: &ModelInfo, name: Option<&str>, steps: u32) -> Result<Schedul
     // A model's default scheduler tells its parameterisation; the other family would run and produce noise.
     kind.check_model(info.default_scheduler.parameterization())
         .map_err(|e| ValidationError::field("scheduler", e.to_string()))?;
-    scheduler::build(kind, &info.scheduler_config, steps as usize).map_err(|e| match e {
+    let options = info.run_options(width, height);
+    scheduler::build_with(kind, &info.scheduler_config, steps as usize, &options).map_err(|e| match e {
         SchedulerError::InvalidSteps { .. } => ValidationError::field("steps", e.to_string()),
         other => ValidationError::field("scheduler", format!("{} cannot run this model: {other}", kind.name())),
     })?;

@@ -1,6 +1,7 @@
-//! What the U-Net gets besides the sample and the timestep, for a whole batch: the text's hidden states and,
+//! What the denoiser gets besides the sample and the timestep, for a whole batch: the text's hidden states and,
 //! depending on the graph, SDXL's pooled `text_embeds` and `time_ids` (original size, crop, target size or
-//! aesthetic score) and the guidance-scale embedding `timestep_cond` of consistency-distilled U-Nets.
+//! aesthetic score), the guidance-scale embedding `timestep_cond` of consistency-distilled U-Nets, the
+//! transformers' `pooled_projections`, and Flux's `img_ids`/`txt_ids` and `guidance`.
 //!
 //! The batch is laid out branch by branch (for classifier-free guidance `[negative × n, positive × n]`);
 //! every input follows the same layout.
@@ -8,7 +9,9 @@
 use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
 
 use super::denoise::Guidance;
+use super::packing::{image_ids, text_ids};
 use super::prompt::{PromptEmbedding, Prompts};
+use crate::engine::denoiser::DenoiserKind;
 use crate::engine::error::EngineError;
 use crate::engine::family::TimeIds;
 use crate::engine::graph::Feed;
@@ -33,9 +36,15 @@ pub(super) fn branches(guidance: Guidance) -> &'static [Branch] {
 }
 
 /// Classifier-free guidance for `scale`, as diffusers decides it: on when `scale > 1`, except for U-Nets
-/// that take the guidance scale as an embedding (`timestep_cond`), which run one branch.
+/// that take the guidance scale as an embedding (`timestep_cond`) and Flux (a `guidance` input, or none for
+/// schnell), which run one branch.
 pub(super) fn classifier_guidance(model: &LoadedModel, scale: f32, rescale: f32) -> Guidance {
-    if scale > 1.0 && model.unet_extras.timestep_cond.is_none() {
+    let embedded = match model.denoiser_kind {
+        DenoiserKind::Unet(extras) => extras.timestep_cond.is_some(),
+        DenoiserKind::Flux { .. } => true,
+        DenoiserKind::Sd3 => false,
+    };
+    if scale > 1.0 && !embedded {
         Guidance::Classifier { scale, rescale }
     } else {
         Guidance::Off
@@ -87,7 +96,8 @@ impl SizeConditioning {
     }
 }
 
-/// The U-Net's conditioning inputs for a whole batch, `[branches × n, …]` each.
+/// The denoiser's conditioning inputs for a whole batch, `[branches × n, …]` each (the id tables of Flux are
+/// not batched).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnetConditioning {
     /// `encoder_hidden_states`.
@@ -98,16 +108,35 @@ pub struct UnetConditioning {
     pub time_ids: Option<ArrayD<f32>>,
     /// The guidance-scale embedding of consistency-distilled U-Nets.
     pub timestep_cond: Option<ArrayD<f32>>,
+    /// SD3's and Flux's pooled text input.
+    pub pooled_projections: Option<ArrayD<f32>>,
+    /// Flux dev's guidance scale per row, `[b]`.
+    pub guidance: Option<ArrayD<f32>>,
+    /// Flux's packed-token positions `(0, row, column)`, `[(h/2)(w/2), 3]`.
+    pub img_ids: Option<ArrayD<i64>>,
+    /// Flux's text positions (zeros), `[seq, 3]`.
+    pub txt_ids: Option<ArrayD<i64>>,
 }
 
 impl UnetConditioning {
     /// The named feeds for one U-Net call.
     pub(super) fn feeds(&self) -> Vec<(&'static str, Feed)> {
         let mut feeds = vec![("encoder_hidden_states", Feed::Float(self.encoder_hidden_states.clone()))];
-        let optional = [("text_embeds", &self.text_embeds), ("time_ids", &self.time_ids)];
-        for (name, value) in optional.into_iter().chain([("timestep_cond", &self.timestep_cond)]) {
+        let optional = [
+            ("text_embeds", &self.text_embeds),
+            ("time_ids", &self.time_ids),
+            ("timestep_cond", &self.timestep_cond),
+            ("pooled_projections", &self.pooled_projections),
+            ("guidance", &self.guidance),
+        ];
+        for (name, value) in optional {
             if let Some(value) = value {
                 feeds.push((name, Feed::Float(value.clone())));
+            }
+        }
+        for (name, value) in [("img_ids", &self.img_ids), ("txt_ids", &self.txt_ids)] {
+            if let Some(value) = value {
+                feeds.push((name, Feed::Int(value.clone())));
             }
         }
         feeds
@@ -137,8 +166,13 @@ pub fn assemble(
         text_embeds: None,
         time_ids: None,
         timestep_cond: None,
+        pooled_projections: None,
+        guidance: None,
+        img_ids: None,
+        txt_ids: None,
     };
-    if let Some(kind) = model.unet_extras.time_ids {
+    let extras = model.denoiser_kind.unet_extras();
+    if let Some(kind) = extras.time_ids {
         let pooled: Vec<&ArrayD<f32>> = chosen
             .iter()
             .map(|p| p.pooled.as_ref().ok_or_else(|| fail("no pooled text embedding")))
@@ -147,11 +181,32 @@ pub fn assemble(
         conditioning.text_embeds = Some(stack(&pooled, n)?);
         conditioning.time_ids = Some(stack(&rows.iter().collect::<Vec<_>>(), n)?);
     }
-    if let Some(dim) = model.unet_extras.timestep_cond {
+    if let Some(dim) = extras.timestep_cond {
         let embedding = row(guidance_embedding(guidance_scale - 1.0, dim));
         conditioning.timestep_cond = Some(stack(&vec![&embedding; branches.len()], n)?);
     }
+    if matches!(model.denoiser_kind, DenoiserKind::Sd3 | DenoiserKind::Flux { .. }) {
+        let pooled: Vec<&ArrayD<f32>> = chosen
+            .iter()
+            .map(|p| p.pooled.as_ref().ok_or_else(|| fail("no pooled text embedding")))
+            .collect::<Result<_, _>>()?;
+        conditioning.pooled_projections = Some(stack(&pooled, n)?);
+    }
+    if let DenoiserKind::Flux { guidance } = model.denoiser_kind {
+        flux_inputs(model, &mut conditioning, size, guidance.then_some(guidance_scale));
+    }
     Ok(conditioning)
+}
+
+/// Flux's position ids for the picture in `size`, and `guidance` (the scale as given) when the graph takes it.
+fn flux_inputs(model: &LoadedModel, conditioning: &mut UnetConditioning, size: &SizeConditioning, scale: Option<f32>) {
+    let factor = model.info.vae_scale_factor.max(1);
+    let (h, w) = ((size.target.0 / factor) as usize, (size.target.1 / factor) as usize);
+    let rows = conditioning.encoder_hidden_states.shape()[0];
+    let sequence = conditioning.encoder_hidden_states.shape().get(1).copied().unwrap_or(0);
+    conditioning.img_ids = Some(image_ids(h, w));
+    conditioning.txt_ids = Some(text_ids(sequence));
+    conditioning.guidance = scale.map(|g| ArrayD::from_elem(IxDyn(&[rows]), g));
 }
 
 /// diffusers' `get_guidance_scale_embedding(w)` for one `w`: `dim` values, `sin(1000·w·f_k)` then

@@ -2,7 +2,8 @@
 //!
 //! Each denoiser call: copy the latents once per guidance branch, scale them for the scheduler, append the
 //! pipeline's extra U-Net channels (inpainting mask and masked-image latents, InstructPix2Pix image latents),
-//! run the U-Net, combine the branches, step the scheduler, and (Blended Latent Diffusion) put the known
+//! run the denoiser (a U-Net, or a transformer: Flux's latents are packed only around the call), combine the
+//! branches, step the scheduler, and (Blended Latent Diffusion) put the known
 //! region back. Progress, previews and cancellation go through the [`StepObserver`].
 
 use ndarray::{concatenate, ArrayD, Axis, IxDyn, Zip};
@@ -10,6 +11,7 @@ use ndarray::{concatenate, ArrayD, Axis, IxDyn, Zip};
 use super::conditioning::UnetConditioning;
 use super::guidance::{guide, rescale};
 use super::noise::BatchNoise;
+use super::packing::{pack, unpack};
 use super::vae::render_preview;
 use super::StepObserver;
 use crate::engine::error::EngineError;
@@ -131,7 +133,7 @@ pub(super) fn denoise(
     let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
     let calls = timesteps.len();
     let total = calls.saturating_sub(run.start);
-    let timestep_rank = model.unet.input("timestep").map(|s| s.rank());
+    let timestep_rank = model.denoiser.input("timestep").map(|s| s.rank());
     let shape_err = |e: ndarray::ShapeError| EngineError::InvalidRequest(e.to_string());
     let mut latents = run.latents;
 
@@ -149,20 +151,16 @@ pub(super) fn denoise(
         if let Some(extra) = &run.extra_channels {
             sample = concatenate(Axis(1), &[sample.view(), extra.view()]).map_err(shape_err)?;
         }
+        let value = model.denoiser_kind.timestep_value(t);
         let timestep = match timestep_rank {
-            Some(0) => ArrayD::from_elem(IxDyn(&[]), t as f32),
-            _ => ArrayD::from_elem(IxDyn(&[copies * n]), t as f32),
+            Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
+            _ => ArrayD::from_elem(IxDyn(&[copies * n]), value),
         };
-        let mut feeds = vec![("sample", Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
-        feeds.extend(run.conditioning.feeds());
-        let mut outputs = model.unet.run(feeds)?;
-        let predicted = outputs
-            .remove(&model.unet_output)
-            .ok_or_else(|| EngineError::Inference { graph: "unet", message: "no output".into() })?;
-        if predicted.shape().first() != Some(&(copies * n)) {
+        let predicted = predict(model, sample, timestep, run.conditioning)?;
+        if predicted.shape() != model_input.shape() {
             return Err(EngineError::Inference {
-                graph: "unet",
-                message: format!("output has shape {:?}, expected batch {}", predicted.shape(), copies * n),
+                graph: model.denoiser.name(),
+                message: format!("output has shape {:?}, expected {:?}", predicted.shape(), model_input.shape()),
             });
         }
         let prediction = run.guidance.combine(predicted, n);
@@ -180,6 +178,31 @@ pub(super) fn denoise(
         observer.on_step(step, total, preview);
     }
     Ok(latents)
+}
+
+/// One denoiser call on `sample` `[b, C, h, w]` (packed around the call for Flux); the prediction comes back
+/// unpacked, `[b, C_out, h, w]`.
+fn predict(
+    model: &mut LoadedModel,
+    sample: ArrayD<f32>,
+    timestep: ArrayD<f32>,
+    conditioning: &UnetConditioning,
+) -> Result<ArrayD<f32>, EngineError> {
+    let kind = model.denoiser_kind;
+    let (h, w) = (sample.shape().get(2).copied().unwrap_or(0), sample.shape().get(3).copied().unwrap_or(0));
+    let sample = if kind.packs_latents() { pack(&sample)? } else { sample };
+    let mut feeds = vec![(kind.sample_input(), Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
+    feeds.extend(conditioning.feeds());
+    let graph = model.denoiser.name();
+    let mut outputs = model.denoiser.run(feeds)?;
+    let predicted = outputs
+        .remove(&model.denoiser_output)
+        .ok_or_else(|| EngineError::Inference { graph, message: "no output".into() })?;
+    if kind.packs_latents() {
+        unpack(&predicted, h, w)
+    } else {
+        Ok(predicted)
+    }
 }
 
 /// The run's unit-Gaussian noise `[n, C, h, w]`: the request's `latents` when given (checked against

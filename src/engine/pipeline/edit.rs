@@ -10,14 +10,15 @@ use super::denoise::{denoise, initial_noise, Denoise, Guidance, LatentBlend};
 use super::mask::{binarise, blend_pixels, feather, latent_mask, masked_pixels};
 use super::noise::BatchNoise;
 use super::prompt::encode_prompts;
-use super::text_to_image::latent_shape;
-use super::vae::{decode, encode_mean};
+use super::text_to_image::{build_scheduler, latent_shape};
+use super::vae::{decode, encode_mean, ShiftOnDecode};
 use super::{GenerateRequest, RunExtras, StepObserver};
 use crate::engine::error::EngineError;
+use crate::engine::family::Family;
 use crate::engine::image::image_to_tensor;
 use crate::engine::model::{Capability, LoadedModel};
 use crate::engine::rng::NoiseSource;
-use crate::engine::scheduler::{self, Scheduler};
+use crate::engine::scheduler::Scheduler;
 
 /// Which edit to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,7 +71,10 @@ pub fn edit(
 
 /// [`edit`] with [`RunExtras`]. SDXL models run the same modes with their own conditioning (diffusers'
 /// `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline`: `time_ids` from the picture
-/// size, or the refiner's aesthetic scores).
+/// size, or the refiner's aesthetic scores). SD3 (`StableDiffusion3Img2ImgPipeline`,
+/// `StableDiffusion3InpaintPipeline`: latent blending with its 16-channel transformer, decoded without the VAE
+/// shift as diffusers 0.36 does) and Flux (`FluxImg2ImgPipeline`; no inpainting) encode pictures as
+/// `(mean - shift_factor) * scaling_factor` and noise them with the flow schedule's `scale_noise`.
 pub fn edit_with(
     model: &mut LoadedModel,
     request: &EditRequest,
@@ -96,8 +100,7 @@ pub fn edit_with(
     }
     let mut generators = BatchNoise::new(&base.seeds());
     let noise = initial_noise(base.latents.as_ref(), &shape, &mut generators)?;
-    let mut sched = scheduler::build(base.scheduler, &model.info.scheduler_config, base.steps as usize)
-        .map_err(|e| EngineError::Scheduler(e.to_string()))?;
+    let mut sched = build_scheduler(&model.info, base)?;
     let negative = extras.negative_prompt(base).map(str::to_string);
     let mut job = Job {
         request,
@@ -185,7 +188,7 @@ impl Job<'_, '_> {
             size: self.size(),
         };
         let latents = denoise(model, sched, run, self.step_noise(), observer)?;
-        decode(model, latents)
+        decode(model, latents, ShiftOnDecode::Add)
     }
 
     /// Inpainting: a 9-channel U-Net gets the mask and the masked picture's latents; a plain U-Net runs
@@ -245,7 +248,10 @@ impl Job<'_, '_> {
         let run =
             Denoise { latents, start, conditioning: &conditioning, guidance, extra_channels, blend, size: self.size() };
         let latents = denoise(model, sched, run, self.step_noise(), observer)?;
-        let images = decode(model, latents)?;
+        // diffusers 0.36's SD3 inpainting decodes without the VAE's shift factor; optimum's pictures follow it.
+        let shift =
+            if model.info.family() == Family::StableDiffusion3 { ShiftOnDecode::Omit } else { ShiftOnDecode::Add };
+        let images = decode(model, latents, shift)?;
         if !blended {
             return Ok(images);
         }
@@ -285,14 +291,16 @@ impl Job<'_, '_> {
             size: self.size(),
         };
         let latents = denoise(model, sched, run, self.step_noise(), observer)?;
-        decode(model, latents)
+        decode(model, latents, ShiftOnDecode::Add)
     }
 }
 
-/// The picture's latents as the diffusion works with them: the VAE mean times `vae_scaling_factor`, `[1, C, h, w]`.
+/// The picture's latents as the diffusion works with them: `(mean - vae_shift_factor) * vae_scaling_factor`
+/// (the shift is 0 before SD3), `[1, C, h, w]`.
 pub fn scaled_latents(model: &mut LoadedModel, pixels: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, EngineError> {
-    let scaling = model.info.vae_scaling_factor;
-    Ok(encode_mean(model, pixels)? * scaling)
+    let (scaling, shift) = (model.info.vae_scaling_factor, model.info.vae_shift_factor);
+    let mean = encode_mean(model, pixels)?;
+    Ok(if shift == 0.0 { mean * scaling } else { (mean - shift) * scaling })
 }
 
 /// `count` copies of a `[1, …]` array along the batch axis.

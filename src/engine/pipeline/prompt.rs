@@ -1,8 +1,7 @@
-//! Prompt encoding: each text goes through every text encoder of the model once; the hidden states are
-//! concatenated on the feature axis (SDXL: `[1, 77, 768 + 1280]`) and the pooled projection comes from the
-//! last encoder that has one (SDXL's `text_encoder_2`).
+//! Prompt encoding: each text goes through every text encoder of the model once, and the outputs are joined
+//! as the family's pipeline joins them ([`super::joint_text`]).
 
-use ndarray::{concatenate, ArrayD, Axis};
+use ndarray::ArrayD;
 
 use crate::engine::error::EngineError;
 use crate::engine::model::LoadedModel;
@@ -10,9 +9,10 @@ use crate::engine::model::LoadedModel;
 /// One text as the U-Net sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptEmbedding {
-    /// `encoder_hidden_states` of one text, `[1, 77, D]`.
+    /// `encoder_hidden_states` of one text, `[1, seq, D]` (77 for CLIP, 333 for SD3, 512 for Flux).
     pub hidden: ArrayD<f32>,
-    /// Pooled text embedding `[1, P]` (SDXL's `text_embeds`), when the model has a pooled output.
+    /// Pooled text embedding `[1, P]` (SDXL's `text_embeds`, SD3's/Flux's `pooled_projections`), when the model
+    /// has a pooled output.
     pub pooled: Option<ArrayD<f32>>,
 }
 
@@ -35,25 +35,11 @@ pub struct Prompts {
     pub negative: Option<PromptEmbedding>,
 }
 
-/// Encodes `text` through every text encoder of `model`.
+/// Encodes `text` through every text encoder of `model` and joins the outputs as the family does
+/// ([`super::joint_text`]).
 pub fn encode_prompt(model: &mut LoadedModel, text: &str) -> Result<PromptEmbedding, EngineError> {
-    let fail = |message: String| EngineError::Inference { graph: "text_encoder", message };
-    let mut hidden = Vec::with_capacity(model.text_encoders.len());
-    let mut pooled = None;
-    for encoder in &mut model.text_encoders {
-        let encoded = encoder.encode(text)?;
-        hidden.push(encoded.hidden);
-        pooled = encoded.pooled.or(pooled);
-    }
-    let hidden = match hidden.len() {
-        0 => return Err(fail("the model has no text encoder".into())),
-        1 => hidden.remove(0),
-        _ => {
-            let views: Vec<_> = hidden.iter().map(|h| h.view()).collect();
-            concatenate(Axis(hidden[0].ndim() - 1), &views).map_err(|e| fail(e.to_string()))?
-        }
-    };
-    Ok(PromptEmbedding { hidden, pooled })
+    let outputs = model.text_encoders.iter_mut().map(|encoder| encoder.encode(text)).collect::<Result<Vec<_>, _>>()?;
+    super::joint_text::join(&model.info, outputs)
 }
 
 /// Encodes the prompt and, when `negative_branch`, the negative prompt as diffusers does: a negative prompt

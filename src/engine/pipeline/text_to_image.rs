@@ -1,8 +1,10 @@
-//! Text to image, as diffusers' `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and
-//! `LatentConsistencyModelPipeline` compute it: encode the prompt and the negative prompt, start from seeded
-//! (or given) unit-Gaussian latents scaled by the scheduler's initial sigma, run the denoising loop with
-//! classifier-free guidance on the batch `[uncond × n, cond × n]` (one branch for guidance-embedding U-Nets),
-//! then decode. The family only changes the conditioning ([`super::conditioning`]).
+//! Text to image, as diffusers' `StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+//! `LatentConsistencyModelPipeline`, `StableDiffusion3Pipeline` and `FluxPipeline` compute it: encode the
+//! prompt and the negative prompt, start from seeded (or given) unit-Gaussian latents scaled by the
+//! scheduler's initial sigma (1 for flow matching), run the denoising loop with classifier-free guidance on
+//! the batch `[uncond × n, cond × n]` (one branch for guidance-embedding U-Nets and Flux), then decode. The
+//! family only changes the conditioning ([`super::conditioning`]), the denoiser's feed
+//! ([`crate::engine::denoiser`]) and the schedule's options ([`ModelInfo::run_options`]).
 
 use image::RgbImage;
 use ndarray::ArrayD;
@@ -11,7 +13,7 @@ use super::conditioning::{assemble, branches, classifier_guidance, SizeCondition
 use super::denoise::{denoise, initial_noise, Denoise, Guidance};
 use super::noise::BatchNoise;
 use super::prompt::encode_prompts;
-use super::vae::decode;
+use super::vae::{decode, ShiftOnDecode};
 use super::{RunExtras, StepObserver};
 use crate::engine::error::EngineError;
 use crate::engine::model::{Capability, LoadedModel, ModelInfo};
@@ -80,8 +82,7 @@ pub fn text_to_image_with(
     let size = SizeConditioning::for_picture(request.width, request.height);
     let conditioning = assemble(model, &prompts, branches(guidance), shape[0], &size, request.guidance_scale)?;
 
-    let mut sched = scheduler::build(request.scheduler, &model.info.scheduler_config, request.steps as usize)
-        .map_err(|e| EngineError::Scheduler(e.to_string()))?;
+    let mut sched = build_scheduler(&model.info, request)?;
     let latents = initial * sched.init_noise_sigma() as f32;
     let run = Denoise {
         latents,
@@ -97,12 +98,25 @@ pub fn text_to_image_with(
         None => &mut generators,
     };
     let latents = denoise(model, sched.as_mut(), run, noise, observer)?;
-    decode(model, latents)
+    decode(model, latents, ShiftOnDecode::Add)
+}
+
+/// The request's scheduler for its size (flow matching shifts by the image sequence length), refused when it
+/// cannot drive the model's denoiser.
+pub(super) fn build_scheduler(
+    info: &ModelInfo,
+    request: &GenerateRequest,
+) -> Result<Box<dyn scheduler::Scheduler>, EngineError> {
+    let scheduler_err = |e: scheduler::SchedulerError| EngineError::Scheduler(e.to_string());
+    request.scheduler.check_model(info.family().parameterization()).map_err(scheduler_err)?;
+    let options = info.run_options(request.width, request.height);
+    scheduler::build_with(request.scheduler, &info.scheduler_config, request.steps as usize, &options)
+        .map_err(scheduler_err)
 }
 
 /// Checks the picture size and image count of `request` and returns the latent shape `[n, C, h, w]`.
 pub(super) fn latent_shape(info: &ModelInfo, request: &GenerateRequest) -> Result<[usize; 4], EngineError> {
-    let factor = info.vae_scale_factor;
+    let factor = info.vae_scale_factor * info.patch_size;
     if request.width % factor != 0 || request.height % factor != 0 || request.width == 0 || request.height == 0 {
         return Err(EngineError::InvalidRequest(format!("width and height must be positive multiples of {factor}")));
     }
@@ -110,5 +124,6 @@ pub(super) fn latent_shape(info: &ModelInfo, request: &GenerateRequest) -> Resul
     if n == 0 {
         return Err(EngineError::InvalidRequest("at least one image".into()));
     }
-    Ok([n, info.latent_channels as usize, (request.height / factor) as usize, (request.width / factor) as usize])
+    let f = info.vae_scale_factor;
+    Ok([n, info.latent_channels as usize, (request.height / f) as usize, (request.width / f) as usize])
 }

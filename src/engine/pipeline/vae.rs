@@ -38,9 +38,32 @@ pub fn encode_mean(model: &mut LoadedModel, pixels: ArrayView4<'_, f32>) -> Resu
     ndarray::concatenate(Axis(0), &views).map_err(|e| fail(e.to_string()))
 }
 
-/// Decodes latents one image at a time (bounded memory for large batches) into pictures.
-pub(super) fn decode(model: &mut LoadedModel, latents: ArrayD<f32>) -> Result<Vec<RgbImage>, EngineError> {
+/// Whether decoding adds the VAE's `shift_factor` after dividing by its scaling factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShiftOnDecode {
+    /// `latents / scaling + shift`: every pipeline (a no-op where the VAE has no shift).
+    Add,
+    /// `latents / scaling`: diffusers 0.36's `StableDiffusion3InpaintPipeline` forgets the shift, and the
+    /// engine follows it so that its pictures are optimum's.
+    Omit,
+}
+
+/// The VAE decoder's input for diffusion latents: `latents / scaling (+ shift)`.
+fn vae_input(model: &LoadedModel, latents: ArrayD<f32>, shift: ShiftOnDecode) -> ArrayD<f32> {
     let scaled = latents / model.info.vae_scaling_factor;
+    match shift {
+        ShiftOnDecode::Add if model.info.vae_shift_factor != 0.0 => scaled + model.info.vae_shift_factor,
+        _ => scaled,
+    }
+}
+
+/// Decodes latents one image at a time (bounded memory for large batches) into pictures.
+pub(super) fn decode(
+    model: &mut LoadedModel,
+    latents: ArrayD<f32>,
+    shift: ShiftOnDecode,
+) -> Result<Vec<RgbImage>, EngineError> {
+    let scaled = vae_input(model, latents, shift);
     let mut images = Vec::with_capacity(scaled.shape()[0]);
     for i in 0..scaled.shape()[0] {
         let one = scaled.slice_axis(Axis(0), (i..i + 1).into()).to_owned();
@@ -56,8 +79,8 @@ pub(super) fn decode(model: &mut LoadedModel, latents: ArrayD<f32>) -> Result<Ve
     Ok(images)
 }
 
-/// A preview of the first image of `latents` (diffusion latents). A preview that fails is skipped: it must
-/// never fail the job.
+/// A preview of the first image of `latents` (diffusion latents, unpacked). A preview that fails is skipped:
+/// it must never fail the job.
 pub(super) fn render_preview(
     model: &mut LoadedModel,
     latents: &ArrayD<f32>,
@@ -66,10 +89,12 @@ pub(super) fn render_preview(
     height: u32,
 ) -> Option<RgbImage> {
     let first = latents.slice_axis(Axis(0), (0..1).into()).to_owned();
+    // Without an approximation for this latent space (16-channel SD3/Flux latents), previews use the VAE.
+    let mode = if model.preview.is_available() { mode } else { PreviewMode::Vae };
     let decoded = match mode {
         PreviewMode::Approx => model.preview.decode(&first).ok()?,
         PreviewMode::Vae => {
-            let scaled = first / model.info.vae_scaling_factor;
+            let scaled = vae_input(model, first, ShiftOnDecode::Add);
             let mut outputs = model.vae_decoder.run(vec![("latent_sample", Feed::Float(scaled))]).ok()?;
             outputs.remove(&model.vae_output)?.into_dimensionality::<Ix4>().ok()?
         }
