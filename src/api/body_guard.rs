@@ -28,7 +28,11 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
     let openai = super::auth::speaks_openai(request.uri().path());
     let rules = &state.http.bodies;
     let declared = request.body().size_hint().exact().and_then(|n| usize::try_from(n).ok());
-    if let Some(declared) = declared.filter(|n| *n <= state.http.max_body_bytes) {
+    let limit = state.http.max_body_bytes;
+    if let Some(declared) = declared.filter(|n| *n > limit) {
+        return too_large(request, declared, limit, rules.deadlines, openai).await;
+    }
+    if let Some(declared) = declared {
         if let Err(cut) = rules.budget.fits(key.as_deref(), declared) {
             return refuse(cut, openai);
         }
@@ -43,6 +47,34 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         Some(cut) => refuse(*cut, openai),
         None => response,
     }
+}
+
+/// Bodies declared over the limit but under this many times it are read and dropped before the `413`, so
+/// that clients which only read the answer once they have sent everything (most HTTP libraries) see it
+/// instead of a broken pipe; larger ones are refused at once.
+const DRAIN_FACTOR: usize = 4;
+
+/// The `413` to a body whose `Content-Length` is over `server.max_body_bytes`, after dropping the body
+/// (within its deadlines, never holding more than one chunk) when it is not absurdly large.
+async fn too_large(
+    request: Request,
+    declared: usize,
+    limit: usize,
+    deadlines: crate::net::body::BodyDeadlines,
+    openai: bool,
+) -> Response {
+    use http_body_util::BodyExt as _;
+    if declared <= limit.saturating_mul(DRAIN_FACTOR) {
+        let mut body = request.into_body();
+        let drained = tokio::time::timeout(deadlines.total, async {
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(deadlines.idle, body.frame()).await {}
+        });
+        let _ = drained.await;
+    }
+    let error = ApiError::PayloadTooLarge { limit };
+    let mut response = if openai { OpenAiError(error).into_response() } else { error.into_response() };
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// The answer to a body cut off (or refused up front), in the route's error shape. The connection is
