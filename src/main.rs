@@ -151,7 +151,9 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
         }
         KeysAction::Revoke { name } => {
             let info = keys.revoke(&name).await?;
-            println!("revoked key `{}` (id {})", info.name, info.id);
+            let cancelled = store.cancel_queued_of(&info.id).await?;
+            println!("revoked key `{}` (id {}); cancelled its {cancelled} queued jobs", info.name, info.id);
+            println!("its running jobs stop at the server's next lease renewal");
             Ok(())
         }
     };

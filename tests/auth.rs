@@ -427,3 +427,36 @@ async fn revoking_a_key_ends_its_open_streams_and_owners_see_their_deletions() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_key_cancels_its_queued_jobs_and_stops_its_running_one() {
+    let server = TestServer::start(AUTH_ON).await;
+    let alice = keyed_client(&server.create_key("alice", false).await);
+    let admin = keyed_client(&server.create_key("admin", true).await);
+    let submit = |client: &reqwest::Client, body: serde_json::Value| {
+        let request = client.post(server.url("/v1/images")).json(&body).send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string() }
+    };
+    let long = json!({"prompt": "long", "steps": 150, "n": 8, "preview_every": 0});
+    let running = submit(&alice, long.clone()).await;
+    let queued = submit(&alice, json!({"prompt": "waits", "steps": 2})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = |id: &str| {
+        let request = admin.get(server.url(&format!("/v1/jobs/{id}"))).send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap()["status"].as_str().unwrap().to_string() }
+    };
+    while status(&running).await != "running" {
+        assert!(std::time::Instant::now() < deadline, "the long job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ok, out, err) = keys_cli(&server, &["revoke", "alice"]);
+    assert!(ok && out.contains("cancelled its 1 queued jobs"), "{out}{err}");
+    assert_eq!(status(&queued).await, "cancelled");
+    // The lease is renewed every third of its 5 s: the next renewal sees the revocation.
+    while status(&running).await == "running" {
+        assert!(std::time::Instant::now() < deadline, "the revoked key's job kept running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(&running).await, "cancelled");
+    server.shutdown().await;
+}

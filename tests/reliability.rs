@@ -62,6 +62,19 @@ async fn an_idempotency_key_returns_the_same_job() {
     assert_eq!(first["id"], again["id"]);
     let other: Value = post(&client, &server, &body, Some("order-43")).await.json().await.unwrap();
     assert_ne!(other["id"], first["id"]);
+    // The same key with another request, or on another route, is a mistake the client must hear about.
+    let changed = post(&client, &server, &json!({"prompt": "something else", "steps": 2}), Some("order-42")).await;
+    assert_eq!(changed.status(), 422);
+    assert_eq!(changed.json::<Value>().await.unwrap()["error"]["field"], "Idempotency-Key");
+    let elsewhere = client
+        .post(server.url("/v1/images/generations"))
+        .header("Idempotency-Key", "order-42")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 400, "OpenAI's status for a client mistake");
+    assert_eq!(elsewhere.json::<Value>().await.unwrap()["error"]["param"], "Idempotency-Key");
     let bad = post(&client, &server, &body, Some("")).await;
     assert_eq!(bad.status(), 422);
     assert_eq!(bad.json::<Value>().await.unwrap()["error"]["field"], "Idempotency-Key");

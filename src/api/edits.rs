@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::Response;
 use axum::Extension;
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{parse_json, ApiError, ErrorBody};
@@ -22,11 +22,11 @@ use super::AppState;
 use crate::auth::Principal;
 use crate::engine::input::ResizeMode;
 use crate::jobs::params::EditKind;
-use crate::jobs::{JobParams, JobRequest, Submitted};
+use crate::jobs::{Idempotency, JobParams, JobRequest, Submitted};
 
 /// An edit request. As JSON, `image` and `mask` are base64 or `data:` URLs; as multipart, they are files and
 /// every other field is a form value.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditImageRequest {
     /// `img2img`, `inpaint`, `outpaint` or `instruct` (see each model's `capabilities`).
@@ -93,7 +93,7 @@ pub struct EditImageRequest {
 }
 
 /// How an input picture reaches the target size.
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ResizeModeParam {
     /// Scale to cover, cut the overflow from the centre.
@@ -161,20 +161,29 @@ pub async fn create_edit_job(
 ) -> Result<Response, ApiError> {
     let key = super::submit::idempotency_key(request.headers())?;
     let (fields, image, mask) = read_body(&state, request).await?;
-    let submitted = submit_edit(&state, &who, fields, image, mask, key.as_deref()).await?;
+    let submitted = submit_edit(&state, &who, fields, image, mask, key, "/v1/edits").await?;
     super::submit::accepted(&state, submitted).await
 }
 
 /// Validates an edit (off the async runtime: it decodes pictures) and submits it with its prepared
-/// pictures (the native and the OpenAI route).
+/// pictures (the native and the OpenAI route); an `Idempotency-Key` is bound to `route` and the request.
 pub async fn submit_edit(
     state: &AppState,
     who: &Principal,
     fields: EditImageRequest,
     image: Vec<u8>,
     mask: Option<Vec<u8>>,
-    key: Option<&str>,
+    key: Option<String>,
+    route: &str,
 ) -> Result<Submitted, ApiError> {
+    let idempotency = match key {
+        Some(key) => {
+            let fields = serde_json::to_vec(&fields).map_err(ApiError::internal)?;
+            let mask = mask.as_deref().unwrap_or_default();
+            Some(Idempotency::new(key, route, &[&fields, &image, mask]))
+        }
+        None => None,
+    };
     let (models, limits) = (state.models.clone(), state.limits.clone());
     let prepared =
         tokio::task::spawn_blocking(move || validation::edit(&models, &limits, fields, &image, mask.as_deref()))
@@ -182,7 +191,7 @@ pub async fn submit_edit(
             .map_err(ApiError::internal)??;
     let request =
         JobRequest { model: prepared.model, params: JobParams::Edit(prepared.params), inputs: Some(prepared.inputs) };
-    Ok(state.jobs.submit(who, request, key).await?)
+    Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)
 }
 
 /// Reads the body as JSON or multipart into the fields and the raw image and mask bytes.

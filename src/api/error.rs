@@ -219,6 +219,7 @@ impl From<crate::jobs::JobsError> for ApiError {
             JobsError::QueueFull { queued, retry_after } => ApiError::QueueFull { queued, retry_after },
             JobsError::OwnerBusy { outstanding, limit } => ApiError::TooManyOutstanding { outstanding, limit },
             JobsError::TimedOut(_) | JobsError::ShuttingDown(_) => ApiError::Unavailable(e.to_string()),
+            JobsError::KeyReused => ApiError::field("Idempotency-Key", e.to_string()),
             JobsError::Store(store) => store.into(),
             JobsError::Files(detail) => ApiError::Internal(detail),
         }

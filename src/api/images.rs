@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, AppJson, ErrorBody};
@@ -14,10 +14,10 @@ use super::AppState;
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::engine::preview::PreviewMode;
-use crate::jobs::{JobParams, JobRequest, Submitted};
+use crate::jobs::{Idempotency, JobParams, JobRequest, Submitted};
 
 /// Encodings a client can ask for (the API's name for the engine's [`OutputFormat`]).
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     /// Lossless PNG.
@@ -39,7 +39,7 @@ impl From<ImageFormat> for OutputFormat {
 }
 
 /// How step previews are rendered (the API's name for the engine's [`PreviewMode`]).
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PreviewKind {
     /// The model's cheap approximate decoder.
@@ -58,7 +58,7 @@ impl From<PreviewKind> for PreviewMode {
 }
 
 /// A text-to-image request.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateImageRequest {
     /// What to draw.
@@ -149,18 +149,24 @@ pub async fn create_image_job(
     AppJson(request): AppJson<GenerateImageRequest>,
 ) -> Result<Response, ApiError> {
     let key = super::submit::idempotency_key(&headers)?;
-    let submitted = submit_generate(&state, &who, request, key.as_deref()).await?;
+    let submitted = submit_generate(&state, &who, request, key, "/v1/images").await?;
     super::submit::accepted(&state, submitted).await
 }
 
-/// Validates and enqueues a text-to-image request (the native and the OpenAI route).
+/// Validates and enqueues a text-to-image request (the native and the OpenAI route); an `Idempotency-Key` is
+/// bound to `route` and the request.
 pub async fn submit_generate(
     state: &AppState,
     who: &Principal,
     request: GenerateImageRequest,
-    key: Option<&str>,
+    key: Option<String>,
+    route: &str,
 ) -> Result<Submitted, ApiError> {
+    let idempotency = match key {
+        Some(key) => Some(Idempotency::new(key, route, &[&serde_json::to_vec(&request).map_err(ApiError::internal)?])),
+        None => None,
+    };
     let (model, params) = validation::generation(&state.models, &state.limits, request)?;
     let request = JobRequest { model, params: JobParams::Generate(params), inputs: None };
-    Ok(state.jobs.submit(who, request, key).await?)
+    Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)
 }

@@ -263,7 +263,7 @@ pub async fn generations(
         generation.preview_every = Some(total.div_ceil(partial + 1).max(1));
     }
     let key = super::submit::idempotency_key(&headers)?;
-    let job = submit_generate(&state, &who, generation, key.as_deref()).await?.job;
+    let job = submit_generate(&state, &who, generation, key, "/v1/images/generations").await?.job;
     let format = body.response_format.unwrap_or_default();
     if body.stream.unwrap_or(false) {
         return Ok(stream(state, who, job, partial, "image_generation"));
@@ -521,7 +521,7 @@ pub async fn edits(
     }
     let fields: EditImageRequest = parse_json(&serde_json::to_vec(&values).map_err(ApiError::internal)?)?;
     let key = super::submit::idempotency_key(&headers)?;
-    let job = submit_edit(&state, &who, fields, image, mask, key.as_deref()).await?.job;
+    let job = submit_edit(&state, &who, fields, image, mask, key, "/v1/images/edits").await?.job;
     if streaming {
         return Ok(stream(state, who, job, partial, "image_edit"));
     }

@@ -275,4 +275,24 @@ pub enum Submission {
         /// The owner's queued plus running jobs.
         outstanding: u64,
     },
+    /// Refused: the `Idempotency-Key` already names a job made from a different request.
+    KeyReused,
+}
+
+/// A client's `Idempotency-Key` with what it is used for and how long it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyKey<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// A digest of the route and the request; a replay must bring the same one (empty: not compared).
+    pub fingerprint: &'a str,
+    /// How long the key keeps pointing at its job.
+    pub window: std::time::Duration,
+}
+
+impl<'a> From<(&'a str, std::time::Duration)> for IdempotencyKey<'a> {
+    /// A key whose requests are not compared.
+    fn from((key, window): (&'a str, std::time::Duration)) -> Self {
+        Self { key, fingerprint: "", window }
+    }
 }

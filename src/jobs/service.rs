@@ -15,7 +15,9 @@ use uuid::Uuid;
 use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, StartedEvent};
 use super::params::JobParams;
 use super::progress::{Progress, ProgressBoard, StopReason};
-use super::{ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, StoreError, SubmitLimits};
+use super::{
+    IdempotencyKey, ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, StoreError, SubmitLimits,
+};
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::storage::ImageFiles;
@@ -75,6 +77,9 @@ pub enum JobsError {
         /// The limit.
         limit: u64,
     },
+    /// The `Idempotency-Key` already names a job made from a different request (or on another route).
+    #[error("this Idempotency-Key was used for a different request; use a new key for a new request")]
+    KeyReused,
     /// A wait ran out of time.
     #[error("job `{0}` did not finish in time; follow /v1/jobs/{0}")]
     TimedOut(Uuid),
@@ -90,6 +95,30 @@ pub enum JobsError {
     /// A file could not be written, read or removed.
     #[error("{0}")]
     Files(String),
+}
+
+/// A client's `Idempotency-Key` and a digest of what it was sent with (the route and the request), so a
+/// replay is told apart from a different request that reuses the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The key.
+    pub key: String,
+    /// Hex SHA-256 of the route and the request's parts.
+    pub fingerprint: String,
+}
+
+impl Idempotency {
+    /// The key with the digest of `route` and `parts` (each part length-prefixed, so parts cannot run into
+    /// each other).
+    pub fn new(key: String, route: &str, parts: &[&[u8]]) -> Self {
+        use sha2::Digest;
+        let mut digest = sha2::Sha256::new();
+        for part in std::iter::once(route.as_bytes()).chain(parts.iter().copied()) {
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part);
+        }
+        Self { key, fingerprint: digest.finalize().iter().map(|b| format!("{b:02x}")).collect() }
+    }
 }
 
 /// An edit's prepared pictures, stored beside the job so that a retried job edits the same pixels.
@@ -203,20 +232,21 @@ impl Jobs {
         *self.shutdown.borrow()
     }
 
-    /// Commits a job owned by `who` (or finds the one `who`'s `idempotency_key` created: a replay is answered
+    /// Commits a job owned by `who` (or finds the one `who`'s `Idempotency-Key` created for the same request:
+    /// a replay is answered
     /// even when the queue or the key is at its limit), stores an edit's pictures first, wakes the
     /// dispatcher and announces the job to followers.
     pub async fn submit(
         &self,
         who: &Principal,
         request: JobRequest,
-        idempotency_key: Option<&str>,
+        idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
         let JobRequest { model, mut params, inputs } = request;
         let folder = Uuid::new_v4();
         let stored = self.store_inputs(folder, &mut params, inputs).await;
         let outcome = match stored {
-            Ok(()) => self.enqueue(who, model, params, idempotency_key).await,
+            Ok(()) => self.enqueue(who, model, params, idempotency).await,
             Err(e) => Err(e),
         };
         if !matches!(outcome, Ok(Submitted { created: true, .. })) {
@@ -277,7 +307,7 @@ impl Jobs {
         who: &Principal,
         model: String,
         params: JobParams,
-        idempotency_key: Option<&str>,
+        idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
         let new = NewJob {
             model,
@@ -290,7 +320,11 @@ impl Jobs {
             max_queued: self.rules.max_queued,
             max_outstanding_per_owner: self.rules.max_outstanding_per_key,
         };
-        let key = idempotency_key.map(|k| (k, IDEMPOTENCY_WINDOW));
+        let key = idempotency.map(|i| IdempotencyKey {
+            key: &i.key,
+            fingerprint: &i.fingerprint,
+            window: IDEMPOTENCY_WINDOW,
+        });
         let (job, created) = match self.store.submit(new, key, limits).await? {
             super::Submission::Created(job) => (job, true),
             super::Submission::Replayed(job) => (job, false),
@@ -300,6 +334,7 @@ impl Jobs {
                 let retry_after = (per_job * queued.min(100) / 1000 / workers).clamp(1, 300);
                 return Err(JobsError::QueueFull { queued, retry_after });
             }
+            super::Submission::KeyReused => return Err(JobsError::KeyReused),
             super::Submission::OwnerBusy { outstanding } => {
                 return Err(JobsError::OwnerBusy { outstanding, limit: self.rules.max_outstanding_per_key });
             }
@@ -440,6 +475,15 @@ impl Jobs {
         .await
         .map_err(|e| JobsError::Files(e.to_string()))?
         .map_err(|e| JobsError::Files(format!("removing files: {e}")))
+    }
+
+    /// Whether `job`'s API key has been revoked since it was submitted (its running job is then stopped; a
+    /// database error counts as not revoked, so a hiccup stops nothing).
+    pub async fn owner_revoked(&self, job: &Job) -> bool {
+        match &job.owner {
+            Some(owner) => !crate::auth::KeyStore::new(&self.store).is_live(owner).await.unwrap_or(true),
+            None => false,
+        }
     }
 
     /// Records that a worker took `job` (announced to followers).

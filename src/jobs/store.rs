@@ -27,7 +27,8 @@ use uuid::Uuid;
 
 use super::error::StoreError;
 use super::model::{
-    ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits,
+    IdempotencyKey, ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission,
+    SubmitLimits,
 };
 use super::params::JobParams;
 use super::time::now_millis;
@@ -159,7 +160,7 @@ impl JobStore {
     /// `window` (then `false`: nothing was inserted), with no queue limits: [`submit`](Self::submit) without
     /// [`SubmitLimits`].
     pub async fn insert_idempotent(&self, new: NewJob, key: &str, window: Duration) -> Result<(Job, bool), StoreError> {
-        match self.submit(new, Some((key, window)), SubmitLimits::NONE).await? {
+        match self.submit(new, Some((key, window).into()), SubmitLimits::NONE).await? {
             Submission::Created(job) => Ok((job, true)),
             Submission::Replayed(job) => Ok((job, false)),
             other => Err(StoreError::InvalidArgument(format!("unexpected refusal without limits: {other:?}"))),
@@ -174,7 +175,7 @@ impl JobStore {
     pub async fn submit(
         &self,
         new: NewJob,
-        idempotency: Option<(&str, Duration)>,
+        idempotency: Option<IdempotencyKey<'_>>,
         limits: SubmitLimits,
     ) -> Result<Submission, StoreError> {
         if new.max_attempts == 0 {
@@ -182,7 +183,7 @@ impl JobStore {
         }
         let now = now_millis();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some((key, window)) = idempotency {
+        if let Some(IdempotencyKey { key, fingerprint, window }) = idempotency {
             let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
             sqlx::query(
                 "UPDATE jobs SET idempotency_key = NULL \
@@ -203,7 +204,16 @@ impl JobStore {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(row) = existing {
+                let (recorded,): (Option<String>,) =
+                    sqlx::query_as("SELECT idempotency_fingerprint FROM jobs WHERE id = ?1")
+                        .bind(&row.id)
+                        .fetch_one(&mut *tx)
+                        .await?;
                 tx.commit().await?;
+                let differs = matches!(recorded.as_deref(), Some(first) if !first.is_empty() && first != fingerprint);
+                if differs && !fingerprint.is_empty() {
+                    return Ok(Submission::KeyReused);
+                }
                 return Ok(Submission::Replayed(Job::try_from(row)?));
             }
         }
@@ -230,7 +240,8 @@ impl JobStore {
         }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-             idempotency_key, owner) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9) RETURNING ",
+             idempotency_key, owner, idempotency_fingerprint) \
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9, ?10) RETURNING ",
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
@@ -240,8 +251,9 @@ impl JobStore {
         .bind(new.priority)
         .bind(i64::from(new.max_attempts))
         .bind(now)
-        .bind(idempotency.map(|(key, _)| key))
+        .bind(idempotency.map(|i| i.key))
         .bind(&new.owner)
+        .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -459,6 +471,19 @@ impl JobStore {
                 .execute(&self.writer)
                 .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// Cancels every queued job of `owner` (its API key was revoked); returns how many.
+    pub async fn cancel_queued_of(&self, owner: &str) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?2 \
+             WHERE owner = ?1 AND status = 'queued' AND owner IS NOT NULL",
+        )
+        .bind(owner)
+        .bind(now_millis())
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected())
     }
 
     /// Marks a running job `cancelled` once its worker has stopped it at a client's request.

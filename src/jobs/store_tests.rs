@@ -630,14 +630,17 @@ async fn limits_are_checked_inside_the_write_and_replays_pass_them() {
     assert_eq!(created, 3);
     // Another owner is not held back; a replay of an existing key is answered even at the limit.
     let window = Duration::from_secs(60);
-    let first = store.submit(owned_by("bob"), Some(("k", window)), limits).await.unwrap();
+    let first = store.submit(owned_by("bob"), Some(("k", window).into()), limits).await.unwrap();
     let Submission::Created(job) = first else { panic!("{first:?}") };
     for _ in 0..2 {
         store.submit(owned_by("bob"), None, limits).await.unwrap();
     }
-    assert_eq!(store.submit(owned_by("bob"), Some(("k", window)), limits).await.unwrap(), Submission::Replayed(job));
+    assert_eq!(
+        store.submit(owned_by("bob"), Some(("k", window).into()), limits).await.unwrap(),
+        Submission::Replayed(job)
+    );
     assert!(matches!(
-        store.submit(owned_by("bob"), Some(("k2", window)), limits).await.unwrap(),
+        store.submit(owned_by("bob"), Some(("k2", window).into()), limits).await.unwrap(),
         Submission::OwnerBusy { .. }
     ));
     // The queue-depth limit counts every owner.

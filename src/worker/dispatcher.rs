@@ -128,7 +128,7 @@ impl Dispatcher {
         }
         info!(%id, worker, attempt = job.attempts, "job started");
         self.jobs.started(&job);
-        let outcome = self.wait_renewing(id, &owner, outcome).await;
+        let outcome = self.wait_renewing(&job, &owner, outcome).await;
         progress.finish(id);
         match outcome {
             Some(Ok(images)) => self.jobs.succeeded(id, &owner, params.output_format, images).await,
@@ -188,13 +188,15 @@ impl Dispatcher {
     }
 
     /// Waits for the worker's outcome, renewing the lease every third of its length. A job past its time
-    /// limit, or whose lease was lost (another process re-queued it), is asked to stop at its next step.
+    /// limit, whose lease was lost (another process re-queued it), or whose API key was revoked is asked to
+    /// stop.
     async fn wait_renewing(
         &self,
-        id: Uuid,
+        job: &Job,
         owner: &str,
         mut outcome: oneshot::Receiver<WorkOutcome>,
     ) -> Option<WorkOutcome> {
+        let id = job.id;
         let period = (self.settings.lease / 3).max(Duration::from_millis(100));
         let mut ticker = tokio::time::interval(period);
         ticker.tick().await;
@@ -210,6 +212,10 @@ impl Dispatcher {
                     self.jobs.progress().stop(id, StopReason::Timeout);
                 }
                 _ = ticker.tick() => match self.jobs.store().renew(id, owner, self.settings.lease).await {
+                    Ok(true) if self.jobs.owner_revoked(job).await => {
+                        warn!(%id, "the job's API key was revoked; stopping it");
+                        self.jobs.progress().stop(id, StopReason::Client);
+                    }
                     Ok(true) => {}
                     Ok(false) => {
                         warn!(%id, "lease lost while running; stopping the job");

@@ -66,6 +66,8 @@ def test_events_parse_into_the_generated_event_classes(server, api_key):
         "cancelled": CancelledEvent,
     }
     client = AuthenticatedClient(base_url=server, token=api_key, timeout=60)
+    # A job ahead keeps the followed one queued long enough for the stream to see its whole life.
+    create_image_job.sync(client=client, body=GenerateImageRequest(prompt="ahead", steps=60, n=4, preview_every=0))
     accepted = create_image_job.sync(
         client=client, body=GenerateImageRequest(prompt="a blue square", steps=6, seed=5, preview_every=2)
     )
