@@ -200,6 +200,9 @@ pub struct LimitsConfig {
     /// get `429` with `Retry-After`, so one tenant's uploads cannot take the whole
     /// `server.max_body_bytes_in_flight`. At least `server.max_body_bytes`.
     pub max_body_bytes_in_flight_per_key: usize,
+    /// Most bytes one API key may keep stored (its jobs' images and uploads, until they are deleted or
+    /// retention removes them); past it its submissions get `429 storage_quota_exceeded`.
+    pub max_stored_bytes_per_key: u64,
 }
 
 impl Default for LimitsConfig {
@@ -213,6 +216,7 @@ impl Default for LimitsConfig {
             max_input_pixels: 4096 * 4096,
             max_outstanding_per_key: 100,
             max_body_bytes_in_flight_per_key: 64 * 1024 * 1024,
+            max_stored_bytes_per_key: 1024 * 1024 * 1024,
         }
     }
 }

@@ -75,6 +75,7 @@ impl Server {
             max_attempts: config.queue.max_attempts,
             max_queued: config.queue.max_queued,
             max_outstanding_per_key: config.limits.max_outstanding_per_key,
+            max_stored_bytes_per_key: config.limits.max_stored_bytes_per_key,
             workers: specs.len(),
         };
         let files = ImageFiles::new(&config.storage.data_dir);

@@ -460,3 +460,34 @@ async fn revoking_a_key_cancels_its_queued_jobs_and_stops_its_running_one() {
     assert_eq!(status(&running).await, "cancelled");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_past_its_storage_quota_gets_429_until_it_deletes_jobs() {
+    let server = TestServer::start(&format!("{AUTH_ON}[limits]\nmax_stored_bytes_per_key = 40000\n")).await;
+    let alice = keyed_client(&server.create_key("alice", false).await);
+    let bob = keyed_client(&server.create_key("bob", false).await);
+    let mut finished = Vec::new();
+    let refused = loop {
+        let response =
+            alice.post(server.url("/v1/images")).json(&json!({"prompt": "x", "steps": 2})).send().await.unwrap();
+        if response.status() != 202 {
+            break response;
+        }
+        let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        let job = wait_for_job(&alice, &server.url(&format!("/v1/jobs/{id}")), Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded");
+        finished.push(id);
+        assert!(finished.len() < 50, "the quota never bit");
+    };
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "storage_quota_exceeded", "{body}");
+    let other = bob.post(server.url("/v1/images")).json(&json!({"prompt": "x", "steps": 2})).send().await.unwrap();
+    assert_eq!(other.status(), 202, "another key has its own quota");
+    for id in &finished {
+        assert_eq!(alice.delete(server.url(&format!("/v1/jobs/{id}"))).send().await.unwrap().status(), 204);
+    }
+    let again = alice.post(server.url("/v1/images")).json(&json!({"prompt": "x", "steps": 2})).send().await.unwrap();
+    assert_eq!(again.status(), 202, "deleting jobs frees the quota");
+    server.shutdown().await;
+}

@@ -115,7 +115,13 @@ async fn retention_deletes_finished_jobs_and_their_files() {
             .await
             .unwrap();
     let files = denoised::storage::ImageFiles::new(server.dir.path());
-    let rules = denoised::jobs::JobRules { max_attempts: 1, max_queued: 10, max_outstanding_per_key: 10, workers: 1 };
+    let rules = denoised::jobs::JobRules {
+        max_attempts: 1,
+        max_queued: 10,
+        max_outstanding_per_key: 10,
+        max_stored_bytes_per_key: u64::MAX,
+        workers: 1,
+    };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let jobs = denoised::jobs::Jobs::new(store, files, rules, stopped);
     let deleted = denoised::retention::sweep(&jobs, Duration::ZERO).await.unwrap();

@@ -106,6 +106,9 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The key keeps more images and uploads than `limits.max_stored_bytes_per_key`.
+    #[error("{0}")]
+    StorageQuota(String),
     /// Not ready to serve (models loading, database down).
     #[error("{0}")]
     Unavailable(String),
@@ -137,7 +140,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::QueueFull { .. } | ApiError::TooManyOutstanding { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } | ApiError::TooManyOutstanding { .. } | ApiError::StorageQuota(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::KeyBodiesInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -159,6 +164,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::TooManyOutstanding { .. } => "too_many_outstanding_jobs",
+            ApiError::StorageQuota(_) => "storage_quota_exceeded",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::BodiesInFlight { .. } => "server_busy",
             ApiError::KeyBodiesInFlight { .. } => "too_many_body_bytes",
@@ -220,6 +226,7 @@ impl From<crate::jobs::JobsError> for ApiError {
             JobsError::OwnerBusy { outstanding, limit } => ApiError::TooManyOutstanding { outstanding, limit },
             JobsError::TimedOut(_) | JobsError::ShuttingDown(_) => ApiError::Unavailable(e.to_string()),
             JobsError::KeyReused => ApiError::field("Idempotency-Key", e.to_string()),
+            JobsError::OverQuota { .. } => ApiError::StorageQuota(e.to_string()),
             JobsError::Store(store) => store.into(),
             JobsError::Files(detail) => ApiError::Internal(detail),
         }

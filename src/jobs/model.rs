@@ -83,6 +83,8 @@ pub struct NewJob {
     /// The id of the API key that submits it (`None` when authentication is off); only that key (and admin
     /// keys) may see the job.
     pub owner: Option<String>,
+    /// Bytes of the files stored beside the job (an edit's pictures, client latents), for storage quotas.
+    pub input_bytes: u64,
 }
 
 /// A job as stored: the queue's answer to `get`, `claim` and friends.
@@ -251,11 +253,17 @@ pub struct SubmitLimits {
     pub max_queued: u64,
     /// Queued plus running jobs per owner at most (`u64::MAX`: unchecked; ownerless jobs are never counted).
     pub max_outstanding_per_owner: u64,
+    /// Bytes an owner may keep stored, images and inputs (`u64::MAX`: unchecked; ownerless jobs never count).
+    pub max_stored_bytes_per_owner: u64,
 }
 
 impl SubmitLimits {
     /// No limits.
-    pub const NONE: SubmitLimits = SubmitLimits { max_queued: u64::MAX, max_outstanding_per_owner: u64::MAX };
+    pub const NONE: SubmitLimits = SubmitLimits {
+        max_queued: u64::MAX,
+        max_outstanding_per_owner: u64::MAX,
+        max_stored_bytes_per_owner: u64::MAX,
+    };
 }
 
 /// What [`JobStore::submit`](super::JobStore::submit) did.
@@ -277,6 +285,11 @@ pub enum Submission {
     },
     /// Refused: the `Idempotency-Key` already names a job made from a different request.
     KeyReused,
+    /// Refused: the owner keeps `stored` bytes already, and this job's inputs would pass its quota.
+    OverQuota {
+        /// Bytes the owner's jobs keep stored.
+        stored: u64,
+    },
 }
 
 /// A client's `Idempotency-Key` with what it is used for and how long it holds.

@@ -35,6 +35,8 @@ pub struct JobRules {
     pub max_queued: u64,
     /// Queued or running jobs per key at most (`limits.max_outstanding_per_key`).
     pub max_outstanding_per_key: u64,
+    /// Stored bytes per key at most (`limits.max_stored_bytes_per_key`).
+    pub max_stored_bytes_per_key: u64,
     /// Worker threads (for wait estimates).
     pub workers: usize,
 }
@@ -75,6 +77,17 @@ pub enum JobsError {
         /// Jobs outstanding.
         outstanding: u64,
         /// The limit.
+        limit: u64,
+    },
+    /// The key keeps too many bytes stored (images and uploads of jobs not yet deleted).
+    #[error(
+        "this key keeps {stored} bytes of images and uploads (limit {limit}); delete jobs (DELETE /v1/jobs/{{id}}) \
+         or wait for retention"
+    )]
+    OverQuota {
+        /// Bytes stored.
+        stored: u64,
+        /// The quota.
         limit: u64,
     },
     /// The `Idempotency-Key` already names a job made from a different request (or on another route).
@@ -246,7 +259,7 @@ impl Jobs {
         let folder = Uuid::new_v4();
         let stored = self.store_inputs(folder, &mut params, inputs).await;
         let outcome = match stored {
-            Ok(()) => self.enqueue(who, model, params, idempotency).await,
+            Ok(input_bytes) => self.enqueue(who, model, params, input_bytes, idempotency).await,
             Err(e) => Err(e),
         };
         if !matches!(outcome, Ok(Submitted { created: true, .. })) {
@@ -257,13 +270,13 @@ impl Jobs {
     }
 
     /// Writes the job's blobs — an edit's pictures, the client's latents — under `inputs/{folder}/` and
-    /// points the parameters at them, so the job row stays small.
+    /// points the parameters at them, so the job row stays small. Returns their size in bytes.
     async fn store_inputs(
         &self,
         folder: Uuid,
         params: &mut JobParams,
         inputs: Option<EditInputs>,
-    ) -> Result<(), JobsError> {
+    ) -> Result<u64, JobsError> {
         let latents = match params.generation_mut().and_then(|g| g.latents.take()) {
             Some(b64) => Some(
                 base64::engine::general_purpose::STANDARD
@@ -273,8 +286,10 @@ impl Jobs {
             None => None,
         };
         if inputs.is_none() && latents.is_none() {
-            return Ok(());
+            return Ok(0);
         }
+        let bytes = latents.as_ref().map_or(0, Vec::len)
+            + inputs.as_ref().map_or(0, |i| i.image_png.len() + i.mask_png.as_ref().map_or(0, Vec::len));
         let files = self.files.clone();
         let written = tokio::task::spawn_blocking(move || {
             let latents = latents.map(|bytes| files.write_input(folder, "latents.npy", &bytes)).transpose()?;
@@ -299,7 +314,7 @@ impl Jobs {
             edit.image_path = image_path;
             edit.mask_path = mask_path;
         }
-        Ok(())
+        Ok(bytes as u64)
     }
 
     async fn enqueue(
@@ -307,6 +322,7 @@ impl Jobs {
         who: &Principal,
         model: String,
         params: JobParams,
+        input_bytes: u64,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
         let new = NewJob {
@@ -315,10 +331,12 @@ impl Jobs {
             priority: 0,
             max_attempts: self.rules.max_attempts,
             owner: who.owner().map(str::to_string),
+            input_bytes,
         };
         let limits = SubmitLimits {
             max_queued: self.rules.max_queued,
             max_outstanding_per_owner: self.rules.max_outstanding_per_key,
+            max_stored_bytes_per_owner: self.rules.max_stored_bytes_per_key,
         };
         let key = idempotency.map(|i| IdempotencyKey {
             key: &i.key,
@@ -335,6 +353,9 @@ impl Jobs {
                 return Err(JobsError::QueueFull { queued, retry_after });
             }
             super::Submission::KeyReused => return Err(JobsError::KeyReused),
+            super::Submission::OverQuota { stored } => {
+                return Err(JobsError::OverQuota { stored, limit: self.rules.max_stored_bytes_per_key });
+            }
             super::Submission::OwnerBusy { outstanding } => {
                 return Err(JobsError::OwnerBusy { outstanding, limit: self.rules.max_outstanding_per_key });
             }

@@ -139,8 +139,8 @@ impl JobStore {
             return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
         }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
-            "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, owner) \
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8) RETURNING ",
+            "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, owner, \
+             input_bytes) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9) RETURNING ",
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
@@ -151,6 +151,7 @@ impl JobStore {
         .bind(i64::from(new.max_attempts))
         .bind(now_millis())
         .bind(&new.owner)
+        .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
         .fetch_all(&self.writer)
         .await?;
         one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))
@@ -238,10 +239,16 @@ impl JobStore {
                 return Ok(Submission::OwnerBusy { outstanding });
             }
         }
+        if let (Some(owner), true) = (&new.owner, limits.max_stored_bytes_per_owner != u64::MAX) {
+            let stored = stored_bytes(&mut tx, owner).await?;
+            if stored.saturating_add(new.input_bytes) > limits.max_stored_bytes_per_owner {
+                return Ok(Submission::OverQuota { stored });
+            }
+        }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-             idempotency_key, owner, idempotency_fingerprint) \
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9, ?10) RETURNING ",
+             idempotency_key, owner, idempotency_fingerprint, input_bytes) \
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING ",
             job_columns!()
         ))
         .bind(Uuid::now_v7().to_string())
@@ -254,6 +261,7 @@ impl JobStore {
         .bind(idempotency.map(|i| i.key))
         .bind(&new.owner)
         .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
+        .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -666,6 +674,18 @@ fn to_u32(table: &'static str, column: &str, value: i64) -> Result<u32, StoreErr
 
 fn non_negative(table: &'static str, column: &str, value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::corrupt(table, format!("{column} = {value} is negative")))
+}
+
+/// Bytes `owner`'s jobs keep stored: their inputs and their images.
+async fn stored_bytes(tx: &mut sqlx::SqliteConnection, owner: &str) -> Result<u64, StoreError> {
+    let (stored,): (i64,) = sqlx::query_as(
+        "SELECT COALESCE((SELECT SUM(input_bytes) FROM jobs WHERE owner = ?1 AND owner IS NOT NULL), 0) \
+         + COALESCE((SELECT SUM(i.bytes) FROM images i JOIN jobs j ON j.id = i.job_id WHERE j.owner = ?1), 0)",
+    )
+    .bind(owner)
+    .fetch_one(tx)
+    .await?;
+    non_negative("jobs", "stored bytes", stored)
 }
 
 /// A `jobs` row as SQLite types, converted (and checked) into a [`Job`].

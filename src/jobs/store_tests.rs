@@ -32,7 +32,7 @@ fn params() -> JobParams {
 }
 
 fn new_job(priority: i32) -> NewJob {
-    NewJob { model: "tiny-sd".into(), params: params(), priority, max_attempts: 3, owner: None }
+    NewJob { model: "tiny-sd".into(), params: params(), priority, max_attempts: 3, owner: None, input_bytes: 0 }
 }
 
 fn image(index: u32, seed: u64) -> NewImage {
@@ -611,7 +611,7 @@ async fn owners_keep_their_own_idempotency_keys_listings_and_counts() {
 async fn limits_are_checked_inside_the_write_and_replays_pass_them() {
     let dir = TempDir::new().unwrap();
     let store = Arc::new(store(&dir).await);
-    let limits = SubmitLimits { max_queued: 100, max_outstanding_per_owner: 3 };
+    let limits = SubmitLimits { max_queued: 100, max_outstanding_per_owner: 3, ..SubmitLimits::NONE };
     // Twenty racing submissions from one owner: exactly three get in.
     let handles: Vec<_> = (0..20)
         .map(|_| {
@@ -644,7 +644,7 @@ async fn limits_are_checked_inside_the_write_and_replays_pass_them() {
         Submission::OwnerBusy { .. }
     ));
     // The queue-depth limit counts every owner.
-    let tight = SubmitLimits { max_queued: 6, max_outstanding_per_owner: u64::MAX };
+    let tight = SubmitLimits { max_queued: 6, ..SubmitLimits::NONE };
     assert_eq!(store.submit(new_job(0), None, tight).await.unwrap(), Submission::QueueFull { queued: 6 });
     // Cancelling frees a slot.
     let listed = store.list(None, Some("alice"), None, 10).await.unwrap();
@@ -696,4 +696,29 @@ async fn the_file_shrinks_after_retention_deletes_jobs() {
     store.reclaim_space().await.unwrap();
     let after = size(store.clone()).await;
     assert!(after < full / 10, "the file kept {after} of its {full} bytes");
+}
+
+#[tokio::test]
+async fn an_owner_past_its_storage_quota_is_refused_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let limits = SubmitLimits { max_stored_bytes_per_owner: 10_000, ..SubmitLimits::NONE };
+    let with_inputs = |owner: &str, bytes: u64| NewJob { input_bytes: bytes, ..owned_by(owner) };
+    assert!(matches!(store.submit(with_inputs("alice", 6_000), None, limits).await.unwrap(), Submission::Created(_)));
+    let job = match store.submit(with_inputs("alice", 3_000), None, limits).await.unwrap() {
+        Submission::Created(job) => job,
+        other => panic!("{other:?}"),
+    };
+    // Its images count too, once recorded.
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    let mut picture = image(0, 1);
+    picture.bytes = 900;
+    assert!(store.complete(claimed.id, "w", &[picture]).await.unwrap());
+    assert_eq!(
+        store.submit(with_inputs("alice", 200), None, limits).await.unwrap(),
+        Submission::OverQuota { stored: 9_900 }
+    );
+    assert!(matches!(store.submit(with_inputs("bob", 9_000), None, limits).await.unwrap(), Submission::Created(_)));
+    assert!(store.delete(job.id).await.unwrap());
+    assert!(matches!(store.submit(with_inputs("alice", 200), None, limits).await.unwrap(), Submission::Created(_)));
 }
