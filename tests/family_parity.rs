@@ -615,3 +615,66 @@ fn sixteen_channel_previews_fall_back_to_the_vae() {
         assert_eq!(observer.pictures, vec![(64, 64); request.steps as usize], "{name}");
     }
 }
+
+// ---- SD-Turbo (an SD 2.x export run with guidance off and trailing ancestral steps) ----
+
+/// Engine parity for `case` (guidance 0, `EulerAncestralDiscreteScheduler` on trailing timesteps), replaying
+/// the noise the scheduler drew at every step.
+fn run_turbo(name: &str) -> f32 {
+    let case = case(name);
+    let mut model = load(&fixture_of(&case));
+    let recorded = npy(case["step_noise_npy"].as_str().unwrap());
+    let mut replay = Replay { draws: recorded.axis_iter(Axis(0)).map(|d| d.to_owned()).collect() };
+    let extras = RunExtras { step_noise: Some(&mut replay), ..Default::default() };
+    let images = text_to_image_with(&mut model, &request(&case, "latents_npy"), extras, &mut NoObserver).unwrap();
+    assert!(replay.draws.is_empty(), "{name}: {} recorded draws not consumed", replay.draws.len());
+    check_images(name, &images, &case)
+}
+
+#[test]
+fn sd_turbo_is_an_sd_export_with_an_ancestral_trailing_scheduler() {
+    let info = ModelInfo::read(&common::fixture("tiny-sd-turbo")).unwrap();
+    assert_eq!(info.family(), Family::StableDiffusion);
+    assert_eq!(info.default_scheduler, SchedulerKind::EulerA);
+    let mut model = load("tiny-sd-turbo");
+    let prompts = encode_prompts(&mut model, "a red circle on a blue background", None, false).unwrap();
+    close("turbo prompt embeds", &prompts.positive.hidden, &npy("turbo_prompt_embeds.npy"));
+}
+
+#[test]
+fn sd_turbo_one_step_matches_optimum() {
+    run_turbo("turbo_t2i_1step");
+}
+
+#[test]
+fn sd_turbo_four_steps_match_optimum() {
+    run_turbo("turbo_t2i_4step");
+}
+
+/// Through HTTP, with the defaults a turbo model is configured with (`guidance_scale = 0`, `steps = 1`):
+/// `GET /v1/models` reports them, and a request with only a prompt and the reference's latents draws optimum's
+/// one-step picture (the one step's ancestral noise is multiplied by zero, so no recorded draw is needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_turbo_configured_defaults_draw_optimums_one_step_picture_through_http() {
+    use base64::Engine as _;
+    let path = common::fixture("tiny-sd-turbo");
+    let models =
+        format!("[[models]]\nname = \"tiny-sd-turbo\"\npath = \"{}\"\nguidance_scale = 0\nsteps = 1\n", path.display());
+    let server = common::TestServer::start(&models).await;
+    let client = reqwest::Client::new();
+    let listed: Value = client.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let card = listed["data"].as_array().unwrap().iter().find(|m| m["id"] == "tiny-sd-turbo").unwrap().clone();
+    assert_eq!((card["family"].as_str(), card["default_scheduler"].as_str()), (Some("sd"), Some("euler_a")));
+    assert_eq!((card["default_steps"].as_u64(), card["default_guidance_scale"].as_f64()), (Some(1), Some(0.0)));
+
+    let case = case("turbo_t2i_1step");
+    let latents = std::fs::read(dir().join(case["latents_npy"].as_str().unwrap())).unwrap();
+    let body = serde_json::json!({
+        "model": "tiny-sd-turbo",
+        "prompt": case["prompt"],
+        "latents": base64::engine::general_purpose::STANDARD.encode(latents),
+    });
+    let picture = run_http_job(&client, &server, body).await;
+    check_images("turbo_t2i_1step over HTTP", &[picture], &case);
+    server.shutdown().await;
+}
