@@ -12,7 +12,8 @@ use crate::engine::image::OutputFormat;
 use crate::engine::input::ResizeMode;
 use crate::engine::pipeline::{EditMode, EditRequest, GenerateRequest};
 use crate::engine::preview::PreviewMode;
-use crate::engine::scheduler::SchedulerKind;
+use crate::engine::scheduler::flow_euler::flow_start_call;
+use crate::engine::scheduler::{start_call, Parameterization, SchedulerKind};
 
 /// A job's parameters, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,13 +284,19 @@ impl EditParams {
     }
 
     /// Steps the client will see: img2img and partial-strength inpainting run `strength` of the schedule,
-    /// as diffusers counts them.
+    /// counted as the engine's scheduler family counts them (diffusers' `int(n · strength)` steps for the
+    /// diffusion families; SD3 and Flux start at `int(n − n · strength)`).
     pub fn visible_steps(&self) -> u32 {
         let steps = self.generate.steps;
         if self.mode == EditKind::Instruct {
             return steps;
         }
-        ((steps as f32 * self.strength) as u32).clamp(1, steps)
+        let n = steps as usize;
+        let strength = f64::from(self.strength);
+        let flow = SchedulerKind::from_request_name(&self.generate.scheduler)
+            .is_some_and(|k| k.parameterization() == Parameterization::FlowMatching);
+        let start = if flow { flow_start_call(n, strength) } else { start_call(n, 1, n, strength) };
+        start.map_or(steps, |start| (n - start) as u32).clamp(1, steps)
     }
 }
 
@@ -326,8 +333,13 @@ mod tests {
             }
             assert_eq!(JobParams::decode(kind, &params.encode()).unwrap(), params);
         }
-        let JobParams::Edit(edit) = JobParams::decode("edit", EDIT_ROW).unwrap() else { panic!("not an edit") };
+        let JobParams::Edit(mut edit) = JobParams::decode("edit", EDIT_ROW).unwrap() else { panic!("not an edit") };
         assert_eq!((edit.mode, edit.visible_steps()), (EditKind::Img2img, 6));
+        // SD3 and Flux count from the start index: 8 steps at 0.6 run 5 (diffusion schedulers: 4).
+        (edit.generate.steps, edit.strength) = (8, 0.6);
+        assert_eq!(edit.visible_steps(), 4);
+        edit.generate.scheduler = "flow_euler".into();
+        assert_eq!(edit.visible_steps(), 5);
     }
 
     #[test]
