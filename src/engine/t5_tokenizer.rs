@@ -7,10 +7,10 @@
 
 use std::path::Path;
 
-use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::error::EngineError;
+use super::tokenizer::TokenizerSettings;
 
 /// A T5 tokenizer producing fixed-length id sequences.
 pub struct T5Tokenizer {
@@ -40,21 +40,12 @@ impl T5Tokenizer {
             return Err(err(format!("missing {}", file.display())));
         }
         let inner = Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
-        let config = read_json(&dir.join("tokenizer_config.json"));
-        let special = read_json(&dir.join("special_tokens_map.json"));
-        let token = |key: &str, default: &str| -> String {
-            token_content(special.get(key))
-                .or_else(|| token_content(config.get(key)))
-                .unwrap_or_else(|| default.to_string())
-        };
+        let settings = TokenizerSettings::read(dir);
+        let token = |key: &str, default: &str| settings.token(key, default);
         let id = |t: String| inner.token_to_id(&t).ok_or_else(|| err(format!("token `{t}` is not in tokenizer.json")));
         let eos = id(token("eos_token", "</s>"))?;
         let pad = id(token("pad_token", "<pad>"))?;
-        let model_max_length = config
-            .get("model_max_length")
-            .and_then(Value::as_f64)
-            .filter(|v| *v >= 2.0 && *v <= 1e6)
-            .map_or(512, |v| v as usize);
+        let model_max_length = settings.model_max_length(1_000_000).unwrap_or(512);
         Ok(Self { inner, eos, pad, model_max_length })
     }
 
@@ -77,18 +68,5 @@ impl T5Tokenizer {
         ids.push(self.eos);
         ids.resize(length, self.pad);
         Ok(ids)
-    }
-}
-
-fn read_json(path: &Path) -> Value {
-    std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
-}
-
-/// Special tokens appear either as plain strings or as `{"content": "…", …}` objects.
-fn token_content(value: Option<&Value>) -> Option<String> {
-    match value? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(map) => map.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
     }
 }

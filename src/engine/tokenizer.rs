@@ -54,22 +54,13 @@ impl ClipTokenizer {
                 return Err(err(format!("missing {}", file.display())));
             }
         }
-        let config = read_json(&dir.join("tokenizer_config.json"));
-        let special = read_json(&dir.join("special_tokens_map.json"));
-        let token = |key: &str, default: &str| -> String {
-            token_content(special.get(key))
-                .or_else(|| token_content(config.get(key)))
-                .unwrap_or_else(|| default.to_string())
-        };
+        let settings = TokenizerSettings::read(dir);
+        let token = |key: &str, default: &str| settings.token(key, default);
         let bos_token = token("bos_token", "<|startoftext|>");
         let eos_token = token("eos_token", "<|endoftext|>");
         let pad_token = token("pad_token", &eos_token);
         let unk_token = token("unk_token", &eos_token);
-        let max_length = config
-            .get("model_max_length")
-            .and_then(Value::as_f64)
-            .filter(|v| *v >= 2.0 && *v <= 4096.0)
-            .map_or(77, |v| v as usize);
+        let max_length = settings.model_max_length(4096).unwrap_or(77);
 
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .end_of_word_suffix("</w>".into())
@@ -125,15 +116,41 @@ impl ClipTokenizer {
     }
 }
 
-fn read_json(path: &Path) -> Value {
-    std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
+/// A tokenizer folder's settings as transformers saves them (`tokenizer_config.json` and
+/// `special_tokens_map.json`), read the same way by the CLIP and the T5 tokenizer. Missing or unreadable
+/// files count as empty: every setting has a default.
+pub(crate) struct TokenizerSettings {
+    config: Value,
+    special: Value,
 }
 
-/// Special tokens appear either as plain strings or as `{"content": "…", …}` objects.
-fn token_content(value: Option<&Value>) -> Option<String> {
-    match value? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(map) => map.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
+impl TokenizerSettings {
+    /// Reads `dir`'s settings files.
+    pub(crate) fn read(dir: &Path) -> Self {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Value::Null)
+        };
+        Self { config: read("tokenizer_config.json"), special: read("special_tokens_map.json") }
+    }
+
+    /// A special token's text (`eos_token`, …): the special-tokens map first, then the config, else
+    /// `default`. Tokens appear as plain strings or as `{"content": "…", …}` objects.
+    pub(crate) fn token(&self, key: &str, default: &str) -> String {
+        let content = |value: Option<&Value>| match value? {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(map) => map.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        content(self.special.get(key)).or_else(|| content(self.config.get(key))).unwrap_or_else(|| default.into())
+    }
+
+    /// `model_max_length`, when the config gives a sane one (at least 2, at most `cap`; transformers writes a
+    /// huge sentinel when there is none).
+    pub(crate) fn model_max_length(&self, cap: usize) -> Option<usize> {
+        let value = self.config.get("model_max_length").and_then(Value::as_f64)?;
+        (value >= 2.0 && value <= cap as f64).then_some(value as usize)
     }
 }

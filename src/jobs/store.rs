@@ -135,26 +135,10 @@ impl JobStore {
     /// Enqueues a job with a new UUID v7; when it returns `Ok`, the job is committed and synced to disk, so
     /// the API may answer `202 Accepted`.
     pub async fn insert(&self, new: NewJob) -> Result<Job, StoreError> {
-        if new.max_attempts == 0 {
-            return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
+        match self.submit(new, None, SubmitLimits::NONE).await? {
+            Submission::Created(job) => Ok(job),
+            other => Err(StoreError::InvalidArgument(format!("unexpected refusal without limits: {other:?}"))),
         }
-        let rows: Vec<JobRow> = sqlx::query_as(concat!(
-            "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, owner, \
-             input_bytes) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9) RETURNING ",
-            job_columns!()
-        ))
-        .bind(Uuid::now_v7().to_string())
-        .bind(new.params.kind())
-        .bind(&new.model)
-        .bind(new.params.encode())
-        .bind(new.priority)
-        .bind(i64::from(new.max_attempts))
-        .bind(now_millis())
-        .bind(&new.owner)
-        .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
-        .fetch_all(&self.writer)
-        .await?;
-        one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))
     }
 
     /// Inserts a job under a client's `Idempotency-Key`, or returns the job that key created within the last
