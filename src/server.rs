@@ -48,21 +48,7 @@ impl Server {
         let registry = Arc::new(ModelRegistry::load(&config.models)?);
         std::fs::create_dir_all(&config.storage.data_dir)
             .with_context(|| format!("creating data_dir {}", config.storage.data_dir.display()))?;
-        let store = JobStore::connect(&config.storage.database_url)
-            .await
-            .with_context(|| format!("opening database {}", config.storage.database_url))?;
-        let recovered = store.recover_expired().await?;
-        if !recovered.is_empty() {
-            info!(?recovered, "recovered jobs whose lease expired while no server ran them");
-        }
-        let keys = KeyStore::new(&store);
-        if config.auth.enabled {
-            if !keys.any_live().await? {
-                tracing::warn!("[auth] is enabled but no API key exists: create one with `denoised keys create`");
-            }
-        } else {
-            info!("authentication is off: every caller sees every job ([auth] enabled = false)");
-        }
+        let (store, keys) = open_store(config).await?;
         let specs = config
             .workers
             .iter()
@@ -71,13 +57,7 @@ impl Server {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let rules = JobRules {
-            max_attempts: config.queue.max_attempts,
-            max_queued: config.queue.max_queued,
-            max_outstanding_per_key: config.limits.max_outstanding_per_key,
-            max_stored_bytes_per_key: config.limits.max_stored_bytes_per_key,
-            workers: specs.len(),
-        };
+        let rules = job_rules(config, specs.len());
         let files = ImageFiles::new(&config.storage.data_dir);
         let stray = files.remove_stray_temporaries().context("removing temporary files left by a crash")?;
         if stray > 0 {
@@ -97,20 +77,7 @@ impl Server {
             jobs: jobs.clone(),
             models: registry,
             limits: config.limits.clone(),
-            http: HttpSettings {
-                max_body_bytes: config.server.max_body_bytes,
-                public_url: config.server.public_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
-                bodies: BodyRules {
-                    budget: BodyBudget::new(
-                        config.server.max_body_bytes_in_flight,
-                        config.limits.max_body_bytes_in_flight_per_key,
-                    ),
-                    deadlines: BodyDeadlines {
-                        idle: Duration::from_secs(config.server.body_idle_timeout_seconds),
-                        total: Duration::from_secs(config.server.body_timeout_seconds),
-                    },
-                },
-            },
+            http: http_settings(config),
             workers_ready: pool.ready_flag(),
             auth: AuthState { enabled: config.auth.enabled, keys },
         };
@@ -164,6 +131,54 @@ impl Server {
         tokio::task::spawn_blocking(move || drop(pool)).await?;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Opens the job store (recovering jobs whose lease expired while no server ran) and the key table, and says
+/// how requests will be authenticated.
+async fn open_store(config: &Config) -> anyhow::Result<(JobStore, KeyStore)> {
+    let store = JobStore::connect(&config.storage.database_url)
+        .await
+        .with_context(|| format!("opening database {}", config.storage.database_url))?;
+    let recovered = store.recover_expired().await?;
+    if !recovered.is_empty() {
+        info!(?recovered, "recovered jobs whose lease expired while no server ran them");
+    }
+    let keys = KeyStore::new(&store);
+    if !config.auth.enabled {
+        info!("authentication is off: every caller sees every job ([auth] enabled = false)");
+    } else if !keys.any_live().await? {
+        tracing::warn!("[auth] is enabled but no API key exists: create one with `denoised keys create`");
+    }
+    Ok((store, keys))
+}
+
+/// The queue rules of the jobs service, from the config.
+fn job_rules(config: &Config, workers: usize) -> JobRules {
+    JobRules {
+        max_attempts: config.queue.max_attempts,
+        max_queued: config.queue.max_queued,
+        max_outstanding_per_key: config.limits.max_outstanding_per_key,
+        max_stored_bytes_per_key: config.limits.max_stored_bytes_per_key,
+        workers,
+    }
+}
+
+/// The HTTP layer's settings, from the config.
+fn http_settings(config: &Config) -> HttpSettings {
+    HttpSettings {
+        max_body_bytes: config.server.max_body_bytes,
+        public_url: config.server.public_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+        bodies: BodyRules {
+            budget: BodyBudget::new(
+                config.server.max_body_bytes_in_flight,
+                config.limits.max_body_bytes_in_flight_per_key,
+            ),
+            deadlines: BodyDeadlines {
+                idle: Duration::from_secs(config.server.body_idle_timeout_seconds),
+                total: Duration::from_secs(config.server.body_timeout_seconds),
+            },
+        },
     }
 }
 

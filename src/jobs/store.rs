@@ -168,66 +168,14 @@ impl JobStore {
         }
         let now = now_millis();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(IdempotencyKey { key, fingerprint, window }) = idempotency {
-            let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-            sqlx::query(
-                "UPDATE jobs SET idempotency_key = NULL \
-                 WHERE COALESCE(owner, '') = COALESCE(?3, '') AND idempotency_key = ?1 AND created_at < ?2",
-            )
-            .bind(key)
-            .bind(cutoff)
-            .bind(&new.owner)
-            .execute(&mut *tx)
-            .await?;
-            let existing: Option<JobRow> = sqlx::query_as(concat!(
-                "SELECT ",
-                job_columns!(),
-                " FROM jobs WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1"
-            ))
-            .bind(key)
-            .bind(&new.owner)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = existing {
-                let (recorded,): (Option<String>,) =
-                    sqlx::query_as("SELECT idempotency_fingerprint FROM jobs WHERE id = ?1")
-                        .bind(&row.id)
-                        .fetch_one(&mut *tx)
-                        .await?;
+        if let Some(key) = idempotency {
+            if let Some(answer) = replay(&mut tx, key, new.owner.as_deref(), now).await? {
                 tx.commit().await?;
-                let differs = matches!(recorded.as_deref(), Some(first) if !first.is_empty() && first != fingerprint);
-                if differs && !fingerprint.is_empty() {
-                    return Ok(Submission::KeyReused);
-                }
-                return Ok(Submission::Replayed(Job::try_from(row)?));
+                return Ok(answer);
             }
         }
-        if limits.max_queued != u64::MAX {
-            let (queued,): (i64,) =
-                sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *tx).await?;
-            let queued = non_negative("jobs", "count", queued)?;
-            if queued >= limits.max_queued {
-                return Ok(Submission::QueueFull { queued });
-            }
-        }
-        if let (Some(owner), true) = (&new.owner, limits.max_outstanding_per_owner != u64::MAX) {
-            let (outstanding,): (i64,) = sqlx::query_as(
-                // `owner IS NOT NULL` repeats the partial index's condition so the planner can pick it.
-                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running') AND owner IS NOT NULL",
-            )
-            .bind(owner)
-            .fetch_one(&mut *tx)
-            .await?;
-            let outstanding = non_negative("jobs", "count", outstanding)?;
-            if outstanding >= limits.max_outstanding_per_owner {
-                return Ok(Submission::OwnerBusy { outstanding });
-            }
-        }
-        if let (Some(owner), true) = (&new.owner, limits.max_stored_bytes_per_owner != u64::MAX) {
-            let stored = stored_bytes(&mut tx, owner).await?;
-            if stored.saturating_add(new.input_bytes) > limits.max_stored_bytes_per_owner {
-                return Ok(Submission::OverQuota { stored });
-            }
+        if let Some(refusal) = refusal(&mut tx, &new, limits).await? {
+            return Ok(refusal);
         }
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
@@ -658,6 +606,84 @@ fn to_u32(table: &'static str, column: &str, value: i64) -> Result<u32, StoreErr
 
 fn non_negative(table: &'static str, column: &str, value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::corrupt(table, format!("{column} = {value} is negative")))
+}
+
+/// The job `key` already made for `owner` within its window (`Replayed`, or `KeyReused` when the request
+/// differs), after clearing the key from jobs older than the window.
+async fn replay(
+    tx: &mut sqlx::SqliteConnection,
+    IdempotencyKey { key, fingerprint, window }: IdempotencyKey<'_>,
+    owner: Option<&str>,
+    now: i64,
+) -> Result<Option<Submission>, StoreError> {
+    let cutoff = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    sqlx::query(
+        "UPDATE jobs SET idempotency_key = NULL \
+         WHERE COALESCE(owner, '') = COALESCE(?3, '') AND idempotency_key = ?1 AND created_at < ?2",
+    )
+    .bind(key)
+    .bind(cutoff)
+    .bind(owner)
+    .execute(&mut *tx)
+    .await?;
+    let existing: Option<JobRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM jobs WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1"
+    ))
+    .bind(key)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = existing else { return Ok(None) };
+    let (recorded,): (Option<String>,) = sqlx::query_as("SELECT idempotency_fingerprint FROM jobs WHERE id = ?1")
+        .bind(&row.id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let differs = matches!(recorded.as_deref(), Some(first) if !first.is_empty() && first != fingerprint);
+    if differs && !fingerprint.is_empty() {
+        return Ok(Some(Submission::KeyReused));
+    }
+    Ok(Some(Submission::Replayed(Job::try_from(row)?)))
+}
+
+/// Why `new` may not be inserted now, if it may not: the queue, the owner's outstanding jobs or its stored
+/// bytes at their limits (counted inside the caller's write transaction, so racing submissions cannot
+/// overshoot them).
+async fn refusal(
+    tx: &mut sqlx::SqliteConnection,
+    new: &NewJob,
+    limits: SubmitLimits,
+) -> Result<Option<Submission>, StoreError> {
+    if limits.max_queued != u64::MAX {
+        let (queued,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *tx).await?;
+        let queued = non_negative("jobs", "count", queued)?;
+        if queued >= limits.max_queued {
+            return Ok(Some(Submission::QueueFull { queued }));
+        }
+    }
+    let Some(owner) = &new.owner else { return Ok(None) };
+    if limits.max_outstanding_per_owner != u64::MAX {
+        let (outstanding,): (i64,) = sqlx::query_as(
+            // `owner IS NOT NULL` repeats the partial index's condition so the planner can pick it.
+            "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running') AND owner IS NOT NULL",
+        )
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?;
+        let outstanding = non_negative("jobs", "count", outstanding)?;
+        if outstanding >= limits.max_outstanding_per_owner {
+            return Ok(Some(Submission::OwnerBusy { outstanding }));
+        }
+    }
+    if limits.max_stored_bytes_per_owner != u64::MAX {
+        let stored = stored_bytes(&mut *tx, owner).await?;
+        if stored.saturating_add(new.input_bytes) > limits.max_stored_bytes_per_owner {
+            return Ok(Some(Submission::OverQuota { stored }));
+        }
+    }
+    Ok(None)
 }
 
 /// Bytes `owner`'s jobs keep stored: their inputs and their images.
