@@ -77,3 +77,30 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+/// Two CPU workers: the pool turns prepacking off so they share memory-mapped weights; both still serve, and
+/// the same seed draws the same picture on either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cpu_workers_sharing_weights_serve_the_same_pictures() {
+    let second_worker = "[[workers]]\ndevice = \"cpu\"\nthreads = 1\n";
+    let server = common::TestServer::start_with_model("", second_worker).await;
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"prompt": "a cat", "steps": 4, "seed": 7, "scheduler": "euler_a"});
+    let mut locations = Vec::new();
+    for _ in 0..2 {
+        let response = client.post(server.url("/v1/images")).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        locations.push(response.headers()["location"].to_str().unwrap().to_string());
+    }
+    let mut pictures = Vec::new();
+    for location in locations {
+        let timeout = std::time::Duration::from_secs(60);
+        let job = common::wait_for_job(&client, &server.url(&location), timeout).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let url = server.url(job["images"][0]["url"].as_str().unwrap());
+        let bytes = client.get(url).send().await.unwrap().bytes().await.unwrap();
+        pictures.push(image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw());
+    }
+    assert_eq!(pictures[0], pictures[1]);
+    server.shutdown().await;
+}
