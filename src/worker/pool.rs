@@ -198,10 +198,12 @@ impl WorkerPool {
     ) -> Result<Self, PoolError> {
         let mut workers = Vec::with_capacity(specs.len());
         let mut loaded = Vec::with_capacity(specs.len());
+        // With several CPU workers, weights memory-mapped from external data are shared, not re-packed per worker.
+        let share_weights = specs.iter().filter(|s| s.device == Device::Cpu).count() > 1;
         for (index, spec) in specs.iter().enumerate() {
             let (sender, receiver) = sync_channel::<WorkItem>(1);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
-            let factory = runtime.session_factory(spec.device, spec.threads);
+            let factory = runtime.session_factory(spec.device, spec.threads).with_shared_weights(share_weights);
             let control = factory.run_control().clone();
             let registry = registry.clone();
             let progress = progress.clone();
