@@ -61,15 +61,8 @@ async fn the_default_model_serves_canonical_prompts() {
         ("a large red circle top left on a blue background", BLUE),
         ("a large green square center on a yellow background", YELLOW),
     ] {
-        let accepted: Value = client
-            .post(format!("{base}/v1/images"))
-            .json(&json!({"prompt": prompt, "seed": 3, "preview_every": 5}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let submit = client.post(format!("{base}/v1/images"));
+        let accepted = common::json_of(submit.json(&json!({"prompt": prompt, "seed": 3, "preview_every": 5}))).await;
         assert_eq!(accepted["params"]["guidance_scale"], 2.5, "the model's configured default");
         let url = format!("{base}/v1/jobs/{}", accepted["id"].as_str().unwrap());
         let job = common::wait_for_job(&client, &url, Duration::from_secs(60)).await;

@@ -302,14 +302,7 @@ async fn delete_removes_jobs_and_images_and_the_list_pages_newest_first() {
     let listed: Vec<&str> = page["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(listed, vec![ids[2].as_str(), ids[1].as_str()]);
     let cursor = page["next_cursor"].as_str().unwrap();
-    let page2: Value = client
-        .get(server.url(&format!("/v1/jobs?limit=2&cursor={cursor}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page2 = common::json_of(client.get(server.url(&format!("/v1/jobs?limit=2&cursor={cursor}")))).await;
     assert_eq!(page2["data"][0]["id"], ids[0].as_str());
     assert!(page2.get("next_cursor").is_none());
     let succeeded: Value =

@@ -308,16 +308,9 @@ async fn openai_image_urls_come_from_public_url_never_from_the_host_header() {
         .replace("[server]\n", "[server]\npublic_url = \"https://images.example.com/\"\n");
     let server = TestServer::start_configured(dir, toml).await;
     let client = reqwest::Client::new();
-    let answer: Value = client
-        .post(server.url("/v1/images/generations"))
-        .header("host", "evil.example.com/phish?x=")
-        .json(&json!({"prompt": "a red circle", "steps": 2, "response_format": "url"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let forged = client.post(server.url("/v1/images/generations")).header("host", "evil.example.com/phish?x=");
+    let answer =
+        common::json_of(forged.json(&json!({"prompt": "a red circle", "steps": 2, "response_format": "url"}))).await;
     let url = answer["data"][0]["url"].as_str().unwrap();
     assert!(url.starts_with("https://images.example.com/v1/jobs/"), "{url}");
     assert!(!url.contains("evil"), "{url}");

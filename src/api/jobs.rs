@@ -142,11 +142,11 @@ pub async fn get_image(
     let id = parse_id(&id)?;
     let index: u32 = index.parse().map_err(|_| ApiError::NotFound(format!("no image `{index}`")))?;
     let (record, bytes) = state.jobs.image(&who, id, index).await?;
-    let mime = OutputFormat::parse(&record.format).map_or("application/octet-stream", OutputFormat::mime);
+    let mime = OutputFormat::parse(&record.image.format).map_or("application/octet-stream", OutputFormat::mime);
     Ok((
         [
             (header::CONTENT_TYPE, mime.to_string()),
-            (header::ETAG, format!("\"{}\"", record.sha256)),
+            (header::ETAG, format!("\"{}\"", record.image.sha256)),
             (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
         ],
         bytes,

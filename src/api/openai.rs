@@ -297,7 +297,7 @@ async fn respond(state: &AppState, who: &Principal, job: Job, format: ResponseFo
         let image = match format {
             ResponseFormat::Url => OpenAiImage {
                 b64_json: None,
-                url: Some(state.http.url(&ImageInfo::url(id, record.index))),
+                url: Some(state.http.url(&ImageInfo::url(id, record.image.index))),
                 revised_prompt: None,
             },
             ResponseFormat::B64Json => {
@@ -315,8 +315,8 @@ async fn respond(state: &AppState, who: &Principal, job: Job, format: ResponseFo
     let body = OpenAiImagesResponse {
         created: now_secs(),
         data,
-        output_format: first.map_or_else(|| "png".into(), |r| r.format.clone()),
-        size: first.map_or_else(|| "auto".into(), |r| format!("{}x{}", r.width, r.height)),
+        output_format: first.map_or_else(|| "png".into(), |r| r.image.format.clone()),
+        size: first.map_or_else(|| "auto".into(), |r| format!("{}x{}", r.image.width, r.image.height)),
     };
     Ok(Json(body).into_response())
 }
@@ -395,7 +395,7 @@ async fn stream_job(state: AppState, who: Principal, job: Job, partial: u32, pre
             "type": format!("{prefix}.completed"),
             "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
             "created_at": now_secs(),
-            "size": format!("{}x{}", record.width, record.height),
+            "size": format!("{}x{}", record.image.width, record.image.height),
             "quality": "auto",
             "background": "opaque",
             "output_format": format,

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, watch};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::model::ImageRecord;
+use super::model::{ImageRecord, NewImage};
 
 /// Lifecycle events kept for replay on the all-jobs stream.
 const REPLAY_RING: usize = 4096;
@@ -78,18 +78,23 @@ impl ImageInfo {
     pub fn url(job: Uuid, index: u32) -> String {
         format!("/v1/jobs/{job}/images/{index}")
     }
+
+    /// The descriptor of `image` of `job`.
+    pub fn new(job: Uuid, image: &NewImage) -> Self {
+        Self {
+            index: image.index,
+            url: Self::url(job, image.index),
+            seed: image.seed,
+            width: image.width,
+            height: image.height,
+            format: image.format.clone(),
+        }
+    }
 }
 
 impl From<&ImageRecord> for ImageInfo {
     fn from(r: &ImageRecord) -> Self {
-        Self {
-            index: r.index,
-            url: Self::url(r.job_id, r.index),
-            seed: r.seed,
-            width: r.width,
-            height: r.height,
-            format: r.format.clone(),
-        }
+        Self::new(r.job_id, &r.image)
     }
 }
 

@@ -141,27 +141,15 @@ pub struct NewImage {
     pub bytes: u64,
 }
 
-/// A stored image of a finished job, for the image endpoints.
+/// A stored image of a finished job, for the image endpoints: what the worker recorded, with its job and
+/// when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     /// The job that produced the image.
     pub job_id: Uuid,
-    /// See [`NewImage::index`].
-    pub index: u32,
-    /// See [`NewImage::seed`].
-    pub seed: u64,
-    /// See [`NewImage::width`].
-    pub width: u32,
-    /// See [`NewImage::height`].
-    pub height: u32,
-    /// See [`NewImage::format`].
-    pub format: String,
-    /// See [`NewImage::path`].
-    pub path: String,
-    /// See [`NewImage::sha256`].
-    pub sha256: String,
-    /// See [`NewImage::bytes`].
-    pub bytes: u64,
+    /// The image as recorded.
+    #[serde(flatten)]
+    pub image: NewImage,
     /// When the image was recorded (unix milliseconds, UTC).
     pub created_at: i64,
 }

@@ -440,7 +440,7 @@ impl Jobs {
 
     /// The stored bytes of an image.
     pub async fn image_bytes(&self, record: &ImageRecord) -> Result<Vec<u8>, JobsError> {
-        self.files.read(&record.path).await.map_err(|e| JobsError::Files(e.to_string()))
+        self.files.read(&record.image.path).await.map_err(|e| JobsError::Files(e.to_string()))
     }
 
     /// Cancels `who`'s job `id`: a queued job at once, a running one at its next step.
@@ -545,7 +545,7 @@ impl Jobs {
             Ok(true) => {
                 info!(%id, images = records.len(), "job succeeded");
                 metrics::counter!("denoised_jobs_total", "outcome" => "succeeded").increment(1);
-                let images = records.iter().map(|r| image_info(id, r)).collect();
+                let images = records.iter().map(|r| ImageInfo::new(id, r)).collect();
                 self.bus.publish(id, EventKind::Completed(CompletedEvent { images }));
             }
             Ok(false) => {
@@ -607,16 +607,4 @@ fn fenced(id: Uuid, what: &str, written: Result<bool, StoreError>) -> bool {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The descriptor of a freshly written image.
-fn image_info(job: Uuid, r: &NewImage) -> ImageInfo {
-    ImageInfo {
-        index: r.index,
-        url: ImageInfo::url(job, r.index),
-        seed: r.seed,
-        width: r.width,
-        height: r.height,
-        format: r.format.clone(),
-    }
 }

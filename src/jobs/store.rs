@@ -762,8 +762,7 @@ impl TryFrom<ImageRow> for ImageRecord {
     type Error = StoreError;
 
     fn try_from(row: ImageRow) -> Result<Self, StoreError> {
-        Ok(ImageRecord {
-            job_id: parse_uuid("images", &row.job_id)?,
+        let image = NewImage {
             index: to_u32("images", "idx", row.idx)?,
             seed: seed_from_db(row.seed),
             width: to_u32("images", "width", row.width)?,
@@ -772,8 +771,8 @@ impl TryFrom<ImageRow> for ImageRecord {
             path: row.path,
             sha256: row.sha256,
             bytes: non_negative("images", "bytes", row.bytes)?,
-            created_at: row.created_at,
-        })
+        };
+        Ok(ImageRecord { job_id: parse_uuid("images", &row.job_id)?, image, created_at: row.created_at })
     }
 }
 

@@ -388,25 +388,13 @@ async fn images_round_trip_including_seeds_above_i64_max() {
     assert!(store.complete(job.id, "w", &given).await.unwrap());
 
     let records = store.images(job.id).await.unwrap();
-    assert_eq!(records.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1, 2]);
-    assert_eq!(records[0].seed, 9_223_372_036_854_775_808);
-    assert_eq!(records[1].seed, u64::MAX);
-    assert_eq!(records[2].seed, 0);
+    assert_eq!(records.iter().map(|r| r.image.index).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(records[0].image.seed, 9_223_372_036_854_775_808);
+    assert_eq!(records[1].image.seed, u64::MAX);
+    assert_eq!(records[2].image.seed, 0);
     let one = store.image(job.id, 1).await.unwrap().unwrap();
     assert_eq!(one, records[1]);
-    assert_eq!(
-        NewImage {
-            index: one.index,
-            seed: one.seed,
-            width: one.width,
-            height: one.height,
-            format: one.format.clone(),
-            path: one.path.clone(),
-            sha256: one.sha256.clone(),
-            bytes: one.bytes,
-        },
-        big
-    );
+    assert_eq!(one.image, big);
     assert_eq!(one.job_id, job.id);
     assert!(one.created_at >= job.created_at);
     assert_eq!(store.image(job.id, 3).await.unwrap(), None);

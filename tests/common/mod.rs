@@ -248,3 +248,8 @@ pub fn case_request(
         latents,
     }
 }
+
+/// Sends `request` and reads its answer as JSON (the test fails on a transport or parse error).
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.expect("request").json().await.expect("JSON answer")
+}
