@@ -14,6 +14,18 @@ use crate::engine::rng::NoiseSource;
 
 const CLASS: &str = "UniPCMultistepScheduler";
 
+/// See [`UniPc::span`].
+struct Span<'a> {
+    a_t: f32,
+    s_t: f32,
+    a_s0: f32,
+    s_s0: f32,
+    h: f32,
+    m0: ArrayViewD<'a, f32>,
+    older: Vec<(ArrayViewD<'a, f32>, f32)>,
+    rks: Vec<f32>,
+}
+
 /// A configured UniPC run.
 #[derive(Debug, Clone)]
 pub struct UniPc {
@@ -193,22 +205,29 @@ impl UniPc {
         acc
     }
 
-    /// The predictor (`multistep_uni_p_bh_update`) from call `call` to `call + 1`.
-    fn predict(&self, call: usize, x: &ArrayViewD<'_, f32>, order: usize) -> ArrayD<f32> {
-        let (a_t, s_t, l_t) = alpha_sigma_lambda(self.sigmas[call + 1]);
-        let (a_s0, s_s0, l_s0) = alpha_sigma_lambda(self.sigmas[call]);
+    /// What the predictor and the corrector both read for a step from call `from` to call `to`: the two
+    /// noise levels, `h = λ_to − λ_from`, the latest model output and the `order − 1` older ones with their
+    /// ratios `r_i = (λ_{from − i} − λ_from) / h` (then the final ratio 1).
+    fn span(&self, from: usize, to: usize, order: usize) -> Span<'_> {
+        let (a_t, s_t, l_t) = alpha_sigma_lambda(self.sigmas[to]);
+        let (a_s0, s_s0, l_s0) = alpha_sigma_lambda(self.sigmas[from]);
         let h = l_t - l_s0;
         let k = self.history.len();
-        let m0 = self.history[k - 1].view();
         let mut older = Vec::new();
         let mut rks = Vec::new();
         for i in 1..order {
-            let (_, _, l_si) = alpha_sigma_lambda(self.sigmas[call - i]);
+            let (_, _, l_si) = alpha_sigma_lambda(self.sigmas[from - i]);
             let rk = (l_si - l_s0) / h;
             rks.push(rk);
             older.push((self.history[k - 1 - i].view(), rk));
         }
         rks.push(1.0);
+        Span { a_t, s_t, a_s0, s_s0, h, m0: self.history[k - 1].view(), older, rks }
+    }
+
+    /// The predictor (`multistep_uni_p_bh_update`) from call `call` to `call + 1`.
+    fn predict(&self, call: usize, x: &ArrayViewD<'_, f32>, order: usize) -> ArrayD<f32> {
+        let Span { a_t, s_t, a_s0, s_s0, h, m0, older, rks } = self.span(call, call + 1, order);
         let c = self.coefficients(h, &rks, order);
         let rhos: Vec<f64> = if older.is_empty() {
             Vec::new()
@@ -236,20 +255,7 @@ impl UniPc {
         last: &ArrayViewD<'_, f32>,
         order: usize,
     ) -> ArrayD<f32> {
-        let (a_t, s_t, l_t) = alpha_sigma_lambda(self.sigmas[call]);
-        let (a_s0, s_s0, l_s0) = alpha_sigma_lambda(self.sigmas[call - 1]);
-        let h = l_t - l_s0;
-        let k = self.history.len();
-        let m0 = self.history[k - 1].view();
-        let mut older = Vec::new();
-        let mut rks = Vec::new();
-        for i in 1..order {
-            let (_, _, l_si) = alpha_sigma_lambda(self.sigmas[call - (i + 1)]);
-            let rk = (l_si - l_s0) / h;
-            rks.push(rk);
-            older.push((self.history[k - 1 - i].view(), rk));
-        }
-        rks.push(1.0);
+        let Span { a_t, s_t, a_s0, s_s0, h, m0, older, rks } = self.span(call - 1, call, order);
         let c = self.coefficients(h, &rks, order);
         let rhos: Vec<f64> = if order == 1 {
             vec![0.5]
