@@ -137,10 +137,10 @@ pub struct GenerateImageRequest {
         (status = 413, description = "Body over the size limit", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is invalid; `error.field` names it", body = ErrorBody),
-        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = ErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, or it keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`)", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
-    params(("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the same job")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "A repeat of the same request within 24 h returns the same job; the key with a different request or route is a 422")),
 )]
 pub async fn create_image_job(
     State(state): State<AppState>,

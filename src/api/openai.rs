@@ -225,7 +225,7 @@ fn parse_size(size: Option<&str>) -> Result<(Option<u32>, Option<u32>), ApiError
         (status = 400, description = "Invalid request (OpenAI error shape; `param` names the field)", body = OpenAiErrorBody),
         (status = 413, description = "Body over the size limit", body = OpenAiErrorBody),
         (status = 415, description = "Body is not JSON", body = OpenAiErrorBody),
-        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = OpenAiErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, or it keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`)", body = OpenAiErrorBody),
         (status = 500, description = "The job failed", body = OpenAiErrorBody),
     )
 )]
@@ -464,7 +464,7 @@ const OPENAI_ONLY: &[&str] = &[
          `image_edit.completed` server-sent events)", body = OpenAiImagesResponse),
         (status = 400, description = "Invalid request (OpenAI error shape)", body = OpenAiErrorBody),
         (status = 413, description = "Body over the size limit", body = OpenAiErrorBody),
-        (status = 429, description = "The queue is full (see `Retry-After`), or this key has `limits.max_outstanding_per_key` jobs queued or running", body = OpenAiErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, or it keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`)", body = OpenAiErrorBody),
         (status = 500, description = "The job failed", body = OpenAiErrorBody),
     )
 )]
