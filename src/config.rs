@@ -638,6 +638,12 @@ threads = 2
         assert!(small_budget.to_string().contains("max_body_bytes_in_flight"), "{small_budget}");
         assert!(load(MINIMAL, &[("DENOISED_SERVER__HEADER_TIMEOUT_SECONDS", "0")]).is_err());
         assert!(load(MINIMAL, &[("DENOISED_SERVER__MAX_CONNECTIONS", "0")]).is_err());
+        for bad in ["images.example.com", "ftp://images.example.com", "https://x.example/?q=1", "https://a b"] {
+            let error = load(MINIMAL, &[("DENOISED_SERVER__PUBLIC_URL", bad)]).unwrap_err();
+            assert!(error.to_string().contains("public_url"), "{bad}: {error}");
+        }
+        let good = load(MINIMAL, &[("DENOISED_SERVER__PUBLIC_URL", "https://images.example.com/")]).unwrap();
+        assert_eq!(good.server.public_url.as_deref(), Some("https://images.example.com/"));
         let unknown_auth_key = load(MINIMAL, &[("DENOISED_AUTH__ENABLE", "true")]).unwrap_err();
         assert!(unknown_auth_key.to_string().contains("enable"), "{unknown_auth_key}");
     }
