@@ -29,7 +29,7 @@ function syncMode(models) {
     field.hidden = !shown;
     for (const control of field.querySelectorAll("input, select")) if (control.name) control.disabled = !shown;
   }
-  fillSelect($("e-model"), modelsFor(models, mode).map((m) => [m.id, m.id]));
+  fillSelect($("e-model"), modelsFor(models, mode).map((m) => [m.id, `${m.id} (${m.family})`]));
   painter.enabled = mode === "inpaint";
   painter.draw();
   const model = models.find((m) => m.id === $("e-model").value);
@@ -75,7 +75,14 @@ export function setupEdit(models) {
     const file = $("e-image").files[0];
     if (file) loadPicture(URL.createObjectURL(file)).catch((error) => showError($("edit-form"), { field: "image", message: String(error) }));
   });
-  document.addEventListener("edit-picture", (event) => loadPicture(event.detail.url));
+  document.addEventListener("edit-picture", (event) => {
+    const { url, model } = event.detail;
+    if ([...$("e-model").options].some((option) => option.value === model)) {
+      $("e-model").value = model;
+      syncMode(models);
+    }
+    loadPicture(url);
+  });
   $("e-strength").addEventListener("input", () => {
     $("e-strength-value").value = $("e-strength").value;
   });

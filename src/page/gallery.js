@@ -26,7 +26,7 @@ async function card(job) {
         textContent: `Download ${image.index + 1}`,
       });
       const edit = button("Edit this", () => {
-        document.dispatchEvent(new CustomEvent("edit-picture", { detail: { url } }));
+        document.dispatchEvent(new CustomEvent("edit-picture", { detail: { url, model: job.model } }));
         $("edit").scrollIntoView();
       });
       return [img, download, edit];

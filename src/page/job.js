@@ -13,14 +13,14 @@ function element(tag, props = {}, children = []) {
 }
 
 /** Shows a finished picture with its seed, a download link and an "Edit this" button. */
-export async function pictureFigure(image) {
+export async function pictureFigure(image, model) {
   const url = await imageUrl(image.url);
   const img = element("img", { src: url, alt: `Result ${image.index + 1}, seed ${image.seed}`, className: "result" });
   img.dataset.seed = image.seed;
   const download = element("a", { href: url, download: `denoised-${image.seed}.${image.format}`, textContent: "Download" });
   const edit = element("button", { type: "button", className: "secondary", textContent: "Edit this" });
   edit.addEventListener("click", () => {
-    document.dispatchEvent(new CustomEvent("edit-picture", { detail: { url } }));
+    document.dispatchEvent(new CustomEvent("edit-picture", { detail: { url, model } }));
     document.getElementById("edit").scrollIntoView();
   });
   return element("figure", {}, [img, element("figcaption", {}, [`seed ${image.seed} `, download, " ", edit])]);
@@ -87,7 +87,7 @@ export async function watchJob(container, job) {
   if (terminal.type === "completed") {
     bar.value = bar.max;
     status.textContent = "done";
-    const figures = await Promise.all(terminal.images.map(pictureFigure));
+    const figures = await Promise.all(terminal.images.map((image) => pictureFigure(image, job.model)));
     pictures.replaceChildren(...figures);
     preview.hidden = true;
     seed.textContent = `Seed used: ${terminal.images.map((image) => image.seed).join(", ")}`;
