@@ -134,16 +134,36 @@ def test_inpaint_half_the_picture_with_the_brush(site):
     shot(page, "5-inpainted")
 
 
+def test_rerun_with_the_same_seed_then_delete(site):
+    base, key, page, _ = site
+    first = page.locator("#gallery-list li").filter(has_text=PROMPT).first
+    job_id = first.get_attribute("data-job-id")
+    seed = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()["params"]["seed"]
+    first.get_by_role("button", name="Re-run (same seed)").click()
+    page.wait_for_function(f"document.querySelector('#generate-job')?.dataset.jobId !== '{job_id}'")
+    page.wait_for_selector("#generate-job[data-state=completed] img.result")
+    assert page.get_attribute("#generate-job img.result", "data-seed") == str(seed)
+    rerun_id = page.get_attribute("#generate-job", "data-job-id")
+    card = page.locator(f"#gallery-list li[data-job-id='{rerun_id}']")
+    card.get_by_role("button", name="Delete").click()
+    card.wait_for(state="detached")
+    assert httpx.get(f"{base}/v1/jobs/{rerun_id}", headers={"Authorization": f"Bearer {key}"}).status_code == 404
+
+
 def test_cancel_a_running_job(site):
     page = site[2]
     page.fill("#g-width", "128")
     page.fill("#g-height", "128")
     page.fill("#g-steps", "150")
     page.fill("#g-n", "2")
+    page.select_option("#g-preview", "vae")  # a full VAE decode after every step keeps the job running longer
     page.click("#generate-form button[type=submit]")
     page.wait_for_selector("#generate-job[data-state=progress]")
     page.click("#generate-job .cancel")
-    page.wait_for_selector("#generate-job .status:has-text('cancelled')")
+    try:
+        page.wait_for_selector("#generate-job .status:has-text('cancelled')", timeout=20_000)
+    finally:
+        shot(page, "6-cancelled")
     shot(page, "6-cancelled")
 
 
