@@ -1,7 +1,7 @@
 // The Edit form: a picture (uploaded or reused), img2img, inpainting with a brush, outpainting, instruct.
 import { api } from "./api.js";
 import { clearErrors, fillSelect, showError, values } from "./fields.js";
-import { watchJob } from "./job.js";
+import { submitting, watchJob } from "./job.js";
 import { MaskPainter } from "./mask.js";
 
 const $ = (id) => document.getElementById(id);
@@ -47,6 +47,7 @@ async function submit(event) {
     showError(form, { field: "image", message: "choose a picture first (upload one, or “Edit this” under a result)" });
     return;
   }
+  submitting($("edit-job"));
   const body = new FormData();
   for (const [name, value] of Object.entries(values(form))) body.append(name, String(value));
   body.append("image", await (await fetch(source)).blob(), "image.png");

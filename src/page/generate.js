@@ -1,7 +1,7 @@
 // The Generate form: model and scheduler pickers, every field with the model's defaults, submit and follow.
 import { api } from "./api.js";
 import { clearErrors, fillSelect, showError, values } from "./fields.js";
-import { watchJob } from "./job.js";
+import { submitting, watchJob } from "./job.js";
 
 const form = () => document.getElementById("generate-form");
 
@@ -38,6 +38,7 @@ async function submit(event) {
   const body = values(target);
   const button = target.querySelector("button[type=submit]");
   button.disabled = true;
+  submitting(document.getElementById("generate-job"));
   try {
     const job = await api("/v1/images", { method: "POST", json: body });
     button.disabled = false;

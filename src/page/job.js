@@ -2,6 +2,8 @@
 import { api, imageUrl } from "./api.js";
 import { follow } from "./sse.js";
 
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+
 function seconds(ms) {
   return ms == null ? "" : ` — about ${(ms / 1000).toFixed(1)} s left`;
 }
@@ -24,6 +26,11 @@ export async function pictureFigure(image, model) {
     document.getElementById("edit").scrollIntoView();
   });
   return element("figure", {}, [img, element("figcaption", {}, [`seed ${image.seed} `, download, " ", edit])]);
+}
+
+/** Marks `container` as waiting for a new job's answer (its old pictures are no longer current). */
+export function submitting(container) {
+  container.dataset.state = "submitting";
 }
 
 /** Follows `job` (a 202 answer) inside `container` until it ends; resolves with the terminal event. */
@@ -59,7 +66,7 @@ export async function watchJob(container, job) {
   await follow(
     job.id,
     (event) => {
-      container.dataset.state = event.type;
+      if (!TERMINAL.has(event.type)) container.dataset.state = event.type;
       if (event.type === "queued") {
         status.textContent = `queued — position ${event.position + 1}${seconds(event.eta_ms)}`;
       } else if (event.type === "started") {
@@ -91,12 +98,12 @@ export async function watchJob(container, job) {
     pictures.replaceChildren(...figures);
     preview.hidden = true;
     seed.textContent = `Seed used: ${terminal.images.map((image) => image.seed).join(", ")}`;
-    container.dataset.state = "completed";
   } else if (terminal.type === "failed") {
     status.textContent = `failed: ${terminal.message} (${terminal.code})`;
   } else {
     status.textContent = "cancelled";
   }
+  container.dataset.state = terminal.type;
   document.dispatchEvent(new CustomEvent("job-ended", { detail: terminal }));
   return terminal;
 }

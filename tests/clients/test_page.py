@@ -101,7 +101,7 @@ def test_generate_with_live_previews_then_the_gallery(site):
     page.click("#generate-form button[type=submit]")
     page.wait_for_function("Number(document.querySelector('#generate-job .preview')?.dataset.previews) >= 2")
     shot(page, "1-previews")
-    page.wait_for_selector("#generate-job img.result")
+    page.wait_for_selector("#generate-job[data-state=completed] img.result")
     shot(page, "2-final")
     assert int(page.get_attribute("#generate-job .preview", "data-previews")) >= 2
     assert page.inner_text("#generate-job .seed").startswith("Seed used: ")
@@ -130,8 +130,21 @@ def test_inpaint_half_the_picture_with_the_brush(site):
     assert 0.35 < coverage < 0.7, coverage
     shot(page, "4-mask")
     page.click("#edit-form button[type=submit]")
-    page.wait_for_selector("#edit-job img.result")
+    page.wait_for_selector("#edit-job[data-state=completed] img.result")
     shot(page, "5-inpainted")
+
+
+def test_outpaint_with_margins(site):
+    page = site[2]
+    page.select_option("#e-mode", "outpaint")
+    page.select_option("#e-model", "tiny-shapes")
+    page.fill("#e-left", "0")
+    page.fill("#e-right", "32")
+    page.click("#edit-form button[type=submit]")
+    page.wait_for_selector("#edit-job[data-state=completed] img.result")
+    width = page.eval_on_selector("#edit-job img.result", "img => img.naturalWidth")
+    assert width == 64 + 32
+    shot(page, "5b-outpainted")
 
 
 def test_rerun_with_the_same_seed_then_delete(site):
@@ -140,7 +153,6 @@ def test_rerun_with_the_same_seed_then_delete(site):
     job_id = first.get_attribute("data-job-id")
     seed = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()["params"]["seed"]
     first.get_by_role("button", name="Re-run (same seed)").click()
-    page.wait_for_function(f"document.querySelector('#generate-job')?.dataset.jobId !== '{job_id}'")
     page.wait_for_selector("#generate-job[data-state=completed] img.result")
     assert page.get_attribute("#generate-job img.result", "data-seed") == str(seed)
     rerun_id = page.get_attribute("#generate-job", "data-job-id")
