@@ -4,6 +4,13 @@ import { follow } from "./sse.js";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
+/** The terminal event a finished job's view stands for, by its status. */
+const TERMINAL_STATUS = {
+  succeeded: (view) => ({ type: "completed", images: view.images }),
+  failed: (view) => ({ type: "failed", code: view.error?.code ?? "", message: view.error?.message ?? "" }),
+  cancelled: () => ({ type: "cancelled" }),
+};
+
 function seconds(ms) {
   return ms == null ? "" : ` — about ${(ms / 1000).toFixed(1)} s left`;
 }
@@ -51,18 +58,27 @@ export async function watchJob(container, job) {
   container.dataset.state = "queued";
 
   const controller = new AbortController();
+  let terminal = null;
   cancel.addEventListener("click", async () => {
     cancel.disabled = true;
     try {
       await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" });
-      status.textContent = "cancelling…";
+      if (!terminal) status.textContent = "cancelling…";
     } catch (error) {
+      if (terminal) return; // it ended meanwhile (409): the terminal state is already shown
       status.textContent = `cancel failed: ${error.message}`;
       cancel.disabled = false;
     }
   });
 
-  let terminal = null;
+  // A safety net beside the stream: if the job has ended but no terminal event arrived, end from its view.
+  const poll = setInterval(async () => {
+    const view = await api(`/v1/jobs/${job.id}`).catch(() => null);
+    if (view && !terminal && TERMINAL_STATUS[view.status]) {
+      terminal = TERMINAL_STATUS[view.status](view);
+      controller.abort();
+    }
+  }, 2000);
   await follow(
     job.id,
     (event) => {
@@ -81,11 +97,11 @@ export async function watchJob(container, job) {
           preview.dataset.previews = String(Number(preview.dataset.previews) + 1);
         }
       } else {
-        terminal = event;
+        terminal ??= event;
       }
     },
     controller.signal,
-  );
+  ).finally(() => clearInterval(poll));
   cancel.hidden = true;
   if (!terminal) {
     status.textContent = "lost the event stream";

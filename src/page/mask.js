@@ -31,6 +31,30 @@ export class MaskPainter {
     };
     canvas.addEventListener("pointerup", stop);
     canvas.addEventListener("pointercancel", stop);
+    canvas.addEventListener("keydown", (event) => this.key(event));
+  }
+
+  /** Keyboard painting: arrows move the brush (painting while Shift is held), Space paints where it is. */
+  key(event) {
+    if (!this.enabled || !this.picture) return;
+    const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+    const step = Math.max(1, Math.round(this.brush / 2));
+    this.cursor ??= [this.canvas.width / 2, this.canvas.height / 2];
+    if (event.key in moves) {
+      const [dx, dy] = moves[event.key];
+      const from = this.cursor;
+      this.cursor = [
+        Math.min(this.canvas.width, Math.max(0, from[0] + dx * step)),
+        Math.min(this.canvas.height, Math.max(0, from[1] + dy * step)),
+      ];
+      if (event.shiftKey) this.stroke(from, this.cursor);
+      else this.draw();
+    } else if (event.key === " " || event.key === "Enter") {
+      this.stroke(this.cursor, this.cursor);
+    } else {
+      return;
+    }
+    event.preventDefault();
   }
 
   /** Shows `picture` (an image element, loaded) with an empty mask. */
@@ -98,6 +122,17 @@ export class MaskPainter {
     tinted.fillStyle = "rgba(255, 40, 40, 0.55)";
     tinted.fillRect(0, 0, tint.width, tint.height);
     context.drawImage(tint, 0, 0);
+    this.drawCursor(context);
+  }
+
+  /** Outlines the keyboard brush while the canvas has focus. */
+  drawCursor(context) {
+    if (!this.cursor || document.activeElement !== this.canvas) return;
+    context.strokeStyle = "yellow";
+    context.lineWidth = 1;
+    context.beginPath();
+    context.arc(this.cursor[0], this.cursor[1], this.brush / 2, 0, 2 * Math.PI);
+    context.stroke();
   }
 
   /** Share of the picture that is masked, 0…1. */

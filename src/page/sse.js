@@ -49,10 +49,16 @@ export async function follow(jobId, onEvent, signal) {
         onEvent(message);
         if (TERMINAL.has(message.type)) ended = true;
       });
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done || ended) break;
-        feed(value);
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          feed(value);
+          if (ended) break;
+        }
+      } finally {
+        // Free the connection at once: a browser holds only six per server, and a stream left open takes one.
+        reader.cancel().catch(() => {});
       }
       if (ended) return;
     } catch (error) {

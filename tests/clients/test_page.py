@@ -60,6 +60,9 @@ def site(browser):
         page = context.new_page()
         requested = []
         page.on("request", lambda request: requested.append(request.url))
+        page.on("console", lambda message: print("CONSOLE", message.type, message.text))
+        page.on("pageerror", lambda error: print("PAGEERROR", error))
+        page.on("requestfailed", lambda request: print("FAILED", request.method, request.url, request.failure))
         page.set_default_timeout(60_000)
         SHOTS.mkdir(parents=True, exist_ok=True)
         yield base, key, page, requested
@@ -128,6 +131,18 @@ def test_inpaint_half_the_picture_with_the_brush(site):
         page.mouse.up()
     coverage = page.evaluate("import('/page/edit.js').then(m => m.maskPainter().coverage())")
     assert 0.35 < coverage < 0.7, coverage
+    page.click("#e-invert")
+    page.click("#e-invert")
+    page.focus("#e-canvas")  # the keyboard paints too: Space at the brush, then Shift+arrows
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("Space")
+    page.keyboard.press("Shift+ArrowLeft")
+    keyboard = page.evaluate("import('/page/edit.js').then(m => m.maskPainter().coverage())")
+    assert keyboard > coverage, (keyboard, coverage)
+    page.check("#e-erase")
+    page.keyboard.press("Space")
+    page.keyboard.press("Shift+ArrowLeft")
+    page.uncheck("#e-erase")
     shot(page, "4-mask")
     page.click("#edit-form button[type=submit]")
     page.wait_for_selector("#edit-job[data-state=completed] img.result")
@@ -176,6 +191,9 @@ def test_cancel_a_running_job(site):
         page.wait_for_selector("#generate-job .status:has-text('cancelled')", timeout=20_000)
     finally:
         shot(page, "6-cancelled")
+        job_id = page.get_attribute("#generate-job", "data-job-id")
+        print("page says", page.inner_text("#generate-job .status"), "; the job:", httpx.get(
+            f"{site[0]}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {site[1]}"}).text[:600])
     shot(page, "6-cancelled")
 
 
