@@ -30,10 +30,11 @@ PROMPT = "a large red circle top left on a blue background"
 
 
 def _unavailable(why: str):
-    message = f"*** PAGE TESTS SKIPPED: {why} (install Debian's `chromium`: apt-get install -y chromium) ***"
-    sys.stderr.write(f"\n{message}\n")
+    reason = f"{why} (install Debian's `chromium`: apt-get install -y chromium)"
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI=true requires them")
+        pytest.fail(f"*** PAGE TESTS CANNOT RUN under CI=true: {reason} ***")
+    message = f"*** PAGE TESTS SKIPPED: {reason} ***"
+    sys.stderr.write(f"\n{message}\n")
     pytest.skip(message)
 
 
