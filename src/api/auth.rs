@@ -15,7 +15,9 @@ use crate::auth::Principal;
 
 /// Routes anyone may call: probes, the API description and its viewer.
 pub fn is_public(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/openapi.json" | "/docs") || path.starts_with("/docs/")
+    matches!(path, "/" | "/healthz" | "/readyz" | "/openapi.json" | "/docs")
+        || path.starts_with("/docs/")
+        || path.starts_with(super::page::PREFIX)
 }
 
 /// Routes that answer errors in OpenAI's shape.
@@ -135,11 +137,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_probes_and_the_api_description_are_public() {
-        for path in ["/healthz", "/readyz", "/openapi.json", "/docs", "/docs/index.html"] {
+    fn only_probes_the_api_description_and_the_page_are_public() {
+        for path in ["/healthz", "/readyz", "/openapi.json", "/docs", "/docs/index.html", "/", "/page/app.js"] {
             assert!(is_public(path), "{path}");
         }
-        for path in ["/v1/images", "/v1/jobs", "/metrics", "/v1/events", "/docsx", "/healthz/x", "/"] {
+        for path in ["/v1/images", "/v1/jobs", "/metrics", "/v1/events", "/docsx", "/healthz/x", "/pagex", "/v1"] {
             assert!(!is_public(path), "{path}");
         }
     }

@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod page;
 pub mod schedulers;
 pub mod submit;
 pub mod validation;
@@ -173,6 +174,7 @@ pub fn app(state: AppState) -> Router {
                 .external_url_unchecked("/openapi.json", openapi())
                 .config(utoipa_swagger_ui::Config::default().validator_url("none")),
         )
+        .merge(page::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(state.clone(), body_guard::guard))
