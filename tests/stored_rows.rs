@@ -97,3 +97,33 @@ async fn rows_of_the_previous_release_run_again_to_the_same_pictures() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_row_this_release_cannot_read_is_shown_and_failed_not_lost() {
+    let dir = copy_of_fixture();
+    let id = recorded()["jobs"][0]["id"].as_str().unwrap().to_string();
+    let database = format!("sqlite://{}", dir.path().join("denoised.db").display());
+    let store = denoised::jobs::JobStore::connect(&database).await.unwrap();
+    // A kind from a newer release, back in the queue.
+    sqlx::query(
+        "UPDATE jobs SET kind = 'upscale', params = '{\"factor\": 4}', status = 'queued', lease_owner = NULL, \
+         lease_expires_at = NULL, started_at = NULL, finished_at = NULL, attempts = 0 WHERE id = ?1",
+    )
+    .bind(&id)
+    .execute(store.writer())
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM images WHERE job_id = ?1").bind(&id).execute(store.writer()).await.unwrap();
+    store.close().await;
+
+    let server = start(dir).await;
+    let client = reqwest::Client::new();
+    let job = wait_for_job(&client, &server.url(&format!("/v1/jobs/{id}")), Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "invalid_params");
+    assert_eq!(job["kind"], "upscale");
+    assert_eq!(job["params"]["factor"], 4, "the stored parameters are shown as they are");
+    let listed: Value = client.get(server.url("/v1/jobs")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 3, "the other jobs still list");
+    server.shutdown().await;
+}

@@ -175,11 +175,6 @@ impl ProgressBoard {
     pub fn finish(&self, job: Uuid) {
         self.lock().running.remove(&job);
     }
-
-    /// Whether `job` is running in this process.
-    pub fn is_running(&self, job: Uuid) -> bool {
-        self.lock().running.contains_key(&job)
-    }
 }
 
 #[cfg(test)]

@@ -240,11 +240,6 @@ impl Jobs {
         &self.wake
     }
 
-    /// Whether the server is shutting down.
-    pub fn shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
-    }
-
     /// Commits a job owned by `who` (or finds the one `who`'s `Idempotency-Key` created for the same request:
     /// a replay is answered
     /// even when the queue or the key is at its limit), stores an edit's pictures first, wakes the
