@@ -1,10 +1,9 @@
 //! The `api_keys` table: create, list, revoke, and authenticate.
 
-use sqlx::SqlitePool;
-
 use super::key::{self, GeneratedKey};
 use super::Principal;
 use crate::jobs::time::now_millis;
+use crate::jobs::store::{on_read, on_write};
 use crate::jobs::{JobStore, StoreError};
 
 /// Why a key operation failed.
@@ -48,18 +47,16 @@ pub struct KeyInfo {
     pub revoked_at: Option<i64>,
 }
 
-/// Handle on the `api_keys` table (shares the job store's connections: reads on its read pool, writes on its
-/// single write connection).
+/// Handle on the `api_keys` table (shares the job store's connections and backend).
 #[derive(Debug, Clone)]
 pub struct KeyStore {
-    pool: SqlitePool,
-    writer: SqlitePool,
+    store: JobStore,
 }
 
 impl KeyStore {
     /// Uses the database of `store`, which has had the migrations applied.
     pub fn new(store: &JobStore) -> Self {
-        Self { pool: store.pool().clone(), writer: store.writer().clone() }
+        Self { store: store.clone() }
     }
 
     /// Makes a key named `name`; returns the key string, which is shown once and never stored.
@@ -71,15 +68,17 @@ impl KeyStore {
         }
         let GeneratedKey { key, id, hash } = key::generate()?;
         let created_at = now_millis();
-        let result =
-            sqlx::query("INSERT INTO api_keys (id, name, secret_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
-                .bind(&id)
-                .bind(name)
-                .bind(&hash)
-                .bind(i64::from(admin))
-                .bind(created_at)
-                .execute(&self.writer)
-                .await;
+        let result = on_write!(self.store, pool, _d => sqlx::query(
+            "INSERT INTO api_keys (id, name, secret_hash, admin, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(&hash)
+        .bind(i64::from(admin))
+        .bind(created_at)
+        .execute(pool)
+        .await
+        .map(|_| ()));
         match result {
             Ok(_) => Ok((KeyInfo { id, name: name.into(), admin, created_at, revoked_at: None }, key)),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(KeyError::NameTaken(name.into())),
@@ -89,10 +88,10 @@ impl KeyStore {
 
     /// Every key, live and revoked, oldest first.
     pub async fn list(&self) -> Result<Vec<KeyInfo>, KeyError> {
-        let rows: Vec<(String, String, i64, i64, Option<i64>)> =
+        let rows: Vec<(String, String, i64, i64, Option<i64>)> = on_read!(self.store, pool, _d =>
             sqlx::query_as("SELECT id, name, admin, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
-                .fetch_all(&self.pool)
-                .await?;
+                .fetch_all(pool)
+                .await?);
         Ok(rows
             .into_iter()
             .map(|(id, name, admin, created_at, revoked_at)| KeyInfo {
@@ -107,42 +106,43 @@ impl KeyStore {
 
     /// Revokes the live key named `name`: from then on it authenticates nothing (its jobs stay).
     pub async fn revoke(&self, name: &str) -> Result<KeyInfo, KeyError> {
-        let row: Option<(String, String, i64, i64, Option<i64>)> = sqlx::query_as(
-            "UPDATE api_keys SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL \
+        let row: Option<(String, String, i64, i64, Option<i64>)> = on_write!(self.store, pool, _d => sqlx::query_as(
+            "UPDATE api_keys SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL \
              RETURNING id, name, admin, created_at, revoked_at",
         )
         .bind(name)
         .bind(now_millis())
-        .fetch_optional(&self.writer)
-        .await?;
+        .fetch_optional(pool)
+        .await?);
         let (id, name_, admin, created_at, revoked_at) = row.ok_or_else(|| KeyError::NotFound(name.into()))?;
         Ok(KeyInfo { id, name: name_, admin: admin != 0, created_at, revoked_at })
     }
 
     /// Whether any live key exists (the server warns at start-up when auth is on and none does).
     pub async fn any_live(&self) -> Result<bool, KeyError> {
-        let (n,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.pool).await?;
+        let (n,): (i64,) = on_read!(self.store, pool, _d =>
+            sqlx::query_as("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(pool).await?);
         Ok(n > 0)
     }
 
     /// Whether the key with this id exists and is not revoked (open event streams re-check their key with it).
     pub async fn is_live(&self, id: &str) -> Result<bool, KeyError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM api_keys WHERE id = ?1 AND revoked_at IS NULL")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<(i64,)> = on_read!(self.store, pool, _d =>
+            sqlx::query_as("SELECT CAST(1 AS BIGINT) FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?);
         Ok(row.is_some())
     }
 
     /// The caller a key string belongs to; `None` for a malformed, unknown or revoked key.
     pub async fn authenticate(&self, presented: &str) -> Result<Option<Principal>, KeyError> {
         let Some(id) = key::key_id(presented) else { return Ok(None) };
-        let row: Option<(String, String, i64)> =
-            sqlx::query_as("SELECT name, secret_hash, admin FROM api_keys WHERE id = ?1 AND revoked_at IS NULL")
+        let row: Option<(String, String, i64)> = on_read!(self.store, pool, _d =>
+            sqlx::query_as("SELECT name, secret_hash, admin FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
                 .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+                .fetch_optional(pool)
+                .await?);
         let Some((name, hash, admin)) = row else { return Ok(None) };
         if !key::matches(presented, &hash) {
             return Ok(None);

@@ -16,7 +16,7 @@ pub mod params;
 mod positions;
 pub mod progress;
 mod service;
-mod store;
+pub mod store;
 pub mod time;
 
 pub use error::StoreError;

@@ -1,4 +1,6 @@
-//! Tests of every queue transition, against real SQLite files in temporary folders.
+//! Tests of every queue transition, against real SQLite files in temporary folders and, when
+//! `TEST_POSTGRES_URL` names a PostgreSQL server, against a fresh schema on it: every test that is not about
+//! one backend's files or settings runs on both (the `sqlite::` and `postgres::` modules at the end).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,6 +23,66 @@ fn url(dir: &TempDir) -> String {
 
 async fn store(dir: &TempDir) -> JobStore {
     JobStore::connect(&url(dir)).await.expect("connect")
+}
+
+/// A fresh database for one test: a SQLite file in a temporary folder, or a new schema on the PostgreSQL
+/// server that `TEST_POSTGRES_URL` names.
+enum TestDb {
+    Sqlite(TempDir),
+    Postgres(String),
+}
+
+impl TestDb {
+    fn sqlite() -> Self {
+        TestDb::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    /// `None` (said loudly) when `TEST_POSTGRES_URL` is unset; under `CI=true` that is a failure.
+    async fn postgres() -> Option<Self> {
+        match std::env::var("TEST_POSTGRES_URL") {
+            Ok(base) => Some(TestDb::Postgres(crate::jobs::store::postgres::fresh_schema(&base).await.expect("a fresh schema"))),
+            Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("TEST_POSTGRES_URL is not set: the PostgreSQL store tests cannot run in CI")
+            }
+            Err(_) => {
+                eprintln!("*** SKIPPED: TEST_POSTGRES_URL is not set, so this store test ran on SQLite only");
+                None
+            }
+        }
+    }
+
+    /// A new connection to this database (a second one stands for a second process).
+    async fn connect(&self) -> JobStore {
+        let url = match self {
+            TestDb::Sqlite(dir) => url(dir),
+            TestDb::Postgres(url) => url.clone(),
+        };
+        JobStore::connect(&url).await.expect("connect")
+    }
+}
+
+/// Runs each named `async fn(TestDb)` once on SQLite and once on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::TestDb::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(db) = super::TestDb::postgres().await {
+                        super::$name(db).await
+                    }
+                }
+            )*
+        }
+    };
 }
 
 fn params() -> JobParams {
@@ -49,17 +111,24 @@ fn image(index: u32, seed: u64) -> NewImage {
 }
 
 async fn lease_expires_at(store: &JobStore, id: Uuid) -> Option<i64> {
-    sqlx::query_scalar("SELECT lease_expires_at FROM jobs WHERE id = ?1")
+    on_read!(store, pool, _d => sqlx::query_scalar("SELECT lease_expires_at FROM jobs WHERE id = $1")
         .bind(id.to_string())
-        .fetch_one(&store.pool)
+        .fetch_one(pool)
         .await
-        .unwrap()
+        .unwrap())
 }
 
 async fn pragma(store: &JobStore, name: &str) -> String {
     let row: (sqlx::types::JsonValue,) =
-        sqlx::query_as(&format!("SELECT json_quote(({name}))")).fetch_one(&store.pool).await.unwrap();
+        sqlx::query_as(&format!("SELECT json_quote(({name}))")).fetch_one(sqlite_read(store)).await.unwrap();
     row.0.to_string().trim_matches('"').to_owned()
+}
+
+fn sqlite_read(store: &JobStore) -> &sqlx::SqlitePool {
+    match &store.backend {
+        Backend::Sqlite(pools) => &pools.read,
+        Backend::Postgres(_) => panic!("a SQLite-only test"),
+    }
 }
 
 #[tokio::test]
@@ -78,6 +147,7 @@ async fn connect_creates_file_and_folder_with_durable_settings() {
     JobStore::connect(&url(&dir)).await.unwrap().ping().await.unwrap();
 }
 
+
 #[tokio::test]
 async fn in_memory_database_works() {
     let store = JobStore::connect("sqlite::memory:").await.unwrap();
@@ -86,10 +156,9 @@ async fn in_memory_database_works() {
     assert!(store.claim("w", LEASE).await.unwrap().is_some());
 }
 
-#[tokio::test]
-async fn insert_then_get() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+
+async fn insert_then_get(db: TestDb) {
+    let store = db.connect().await;
     let before = time::now_millis();
     let job = store.insert(new_job(7)).await.unwrap();
     assert_eq!(job.id.get_version_num(), 7);
@@ -115,10 +184,9 @@ async fn insert_rejects_zero_max_attempts() {
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
 }
 
-#[tokio::test]
-async fn claim_takes_highest_priority_then_oldest() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+
+async fn claim_takes_highest_priority_then_oldest(db: TestDb) {
+    let store = db.connect().await;
     let low_old = store.insert(new_job(0)).await.unwrap();
     let high = store.insert(new_job(5)).await.unwrap();
     let low_new = store.insert(new_job(0)).await.unwrap();
@@ -146,10 +214,8 @@ async fn claim_takes_highest_priority_then_oldest() {
     assert_eq!(store.claim("worker-b", LEASE).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn complete_is_fenced_and_stores_images_atomically() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn complete_is_fenced_and_stores_images_atomically(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     let claimed = store.claim("owner", LEASE).await.unwrap().unwrap();
 
@@ -179,10 +245,8 @@ async fn complete_is_fenced_and_stores_images_atomically() {
     assert_eq!(store.get(job.id).await.unwrap(), Some(done));
 }
 
-#[tokio::test]
-async fn fail_is_fenced_and_records_the_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn fail_is_fenced_and_records_the_error(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     assert!(!store.fail(job.id, "owner", "oom", "out of memory").await.unwrap()); // still queued
     store.claim("owner", LEASE).await.unwrap().unwrap();
@@ -199,10 +263,8 @@ async fn fail_is_fenced_and_records_the_error() {
     assert_eq!(store.claim("owner", LEASE).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn release_requeues_without_charging_an_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn release_requeues_without_charging_an_attempt(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     let later = store.insert(new_job(0)).await.unwrap();
     store.claim("owner", LEASE).await.unwrap().unwrap();
@@ -225,10 +287,8 @@ async fn release_requeues_without_charging_an_attempt() {
     assert!(!store.release(job.id, "owner").await.unwrap());
 }
 
-#[tokio::test]
-async fn renew_extends_the_lease_for_its_owner_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn renew_extends_the_lease_for_its_owner_only(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     store.claim("owner", Duration::from_millis(50)).await.unwrap().unwrap();
     let first = lease_expires_at(&store, job.id).await.unwrap();
@@ -247,10 +307,8 @@ async fn renew_extends_the_lease_for_its_owner_only() {
     assert!(!store.renew(Uuid::now_v7(), "owner", LEASE).await.unwrap());
 }
 
-#[tokio::test]
-async fn expired_leases_are_requeued_then_failed_past_max_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn expired_leases_are_requeued_then_failed_past_max_attempts(db: TestDb) {
+    let store = db.connect().await;
     let short = Duration::from_millis(20);
     let job = store.insert(NewJob { max_attempts: 2, ..new_job(1) }).await.unwrap();
     let healthy = store.insert(new_job(0)).await.unwrap();
@@ -288,10 +346,8 @@ async fn expired_leases_are_requeued_then_failed_past_max_attempts() {
     assert!(!store.complete(job.id, "dead-2", &[]).await.unwrap());
 }
 
-#[tokio::test]
-async fn recover_all_running_ignores_lease_deadlines() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn recover_all_running_ignores_lease_deadlines(db: TestDb) {
+    let store = db.connect().await;
     let a = store.insert(new_job(1)).await.unwrap();
     let b = store.insert(NewJob { max_attempts: 1, ..new_job(0) }).await.unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
@@ -301,10 +357,8 @@ async fn recover_all_running_ignores_lease_deadlines() {
     assert_eq!(report.failed, vec![b.id]);
 }
 
-#[tokio::test]
-async fn cancel_queued_and_finish_cancelled() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn cancel_queued_and_finish_cancelled(db: TestDb) {
+    let store = db.connect().await;
     let queued = store.insert(new_job(0)).await.unwrap();
     assert!(store.cancel_queued(queued.id).await.unwrap());
     assert!(!store.cancel_queued(queued.id).await.unwrap());
@@ -322,11 +376,9 @@ async fn cancel_queued_and_finish_cancelled() {
 }
 
 /// Two stores on one file stand for two processes; 50 claims race for 20 jobs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_claims_from_two_stores_hand_out_each_job_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let first = store(&dir).await;
-    let second = store(&dir).await;
+async fn concurrent_claims_from_two_stores_hand_out_each_job_once(db: TestDb) {
+    let first = db.connect().await;
+    let second = db.connect().await;
     let mut inserted = HashSet::new();
     for i in 0..20 {
         inserted.insert(first.insert(new_job(i % 3)).await.unwrap().id);
@@ -366,20 +418,16 @@ async fn concurrent_claims_from_two_stores_hand_out_each_job_once() {
     assert_eq!((counts.queued, counts.running), (0, 20));
 }
 
-#[tokio::test]
-async fn inserted_job_survives_reconnect() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn inserted_job_survives_reconnect(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(2)).await.unwrap();
     drop(store);
-    let reopened = JobStore::connect(&url(&dir)).await.unwrap();
+    let reopened = db.connect().await;
     assert_eq!(reopened.get(job.id).await.unwrap(), Some(job));
 }
 
-#[tokio::test]
-async fn images_round_trip_including_seeds_above_i64_max() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn images_round_trip_including_seeds_above_i64_max(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
     let big = NewImage { bytes: u64::from(u32::MAX) * 4, ..image(1, u64::MAX) };
@@ -401,21 +449,25 @@ async fn images_round_trip_including_seeds_above_i64_max() {
     assert!(store.images(Uuid::now_v7()).await.unwrap().is_empty());
 
     // The raw column holds the i64 bit pattern.
-    let raw: i64 = sqlx::query_scalar("SELECT seed FROM images WHERE job_id = ?1 AND idx = 1")
+    let raw: i64 = on_read!(store, pool, _d => sqlx::query_scalar("SELECT seed FROM images WHERE job_id = $1 AND idx = 1")
         .bind(job.id.to_string())
-        .fetch_one(&store.pool)
+        .fetch_one(pool)
         .await
-        .unwrap();
+        .unwrap());
     assert_eq!(raw, -1);
 
     // Deleting a job deletes its images (foreign keys are on).
-    sqlx::query("DELETE FROM jobs WHERE id = ?1").bind(job.id.to_string()).execute(&store.pool).await.unwrap();
+    on_write!(store, pool, _d => sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(job.id.to_string())
+        .execute(pool)
+        .await
+        .unwrap()
+        .rows_affected());
     assert!(store.images(job.id).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn oversized_image_is_rejected_before_touching_the_job() {
-    let store = JobStore::connect("sqlite::memory:").await.unwrap();
+async fn oversized_image_is_rejected_before_touching_the_job(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     store.claim("w", LEASE).await.unwrap().unwrap();
     let huge = NewImage { bytes: u64::MAX, ..image(0, 0) };
@@ -424,10 +476,8 @@ async fn oversized_image_is_rejected_before_touching_the_job() {
     assert_eq!(store.get(job.id).await.unwrap().unwrap().status, JobStatus::Running);
 }
 
-#[tokio::test]
-async fn queue_position_follows_claim_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn queue_position_follows_claim_order(db: TestDb) {
+    let store = db.connect().await;
     let a = store.insert(new_job(0)).await.unwrap();
     let b = store.insert(new_job(0)).await.unwrap();
     let urgent = store.insert(new_job(9)).await.unwrap();
@@ -448,10 +498,8 @@ async fn queue_position_follows_claim_order() {
     assert_eq!(position(Uuid::now_v7()).await, None);
 }
 
-#[tokio::test]
-async fn count_by_status_counts_every_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+async fn count_by_status_counts_every_state(db: TestDb) {
+    let store = db.connect().await;
     assert_eq!(store.count_by_status().await.unwrap(), StatusCounts::default());
     let mut ids = Vec::new();
     for _ in 0..6 {
@@ -469,10 +517,8 @@ async fn count_by_status_counts_every_state() {
     assert_eq!(counts.get(JobStatus::Queued), 2);
 }
 
-#[tokio::test]
-async fn list_is_newest_first_filterable_and_paginated() {
-    let dir = TempDir::new().unwrap();
-    let store = store(&dir).await;
+async fn list_is_newest_first_filterable_and_paginated(db: TestDb) {
+    let store = db.connect().await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(store.insert(new_job(0)).await.unwrap().id);
@@ -490,10 +536,8 @@ async fn list_is_newest_first_filterable_and_paginated() {
     assert_eq!(running[0].id, claimed.id);
 }
 
-#[tokio::test]
-async fn delete_removes_the_job_and_fences_out_its_worker() {
-    let dir = TempDir::new().unwrap();
-    let store = store(&dir).await;
+async fn delete_removes_the_job_and_fences_out_its_worker(db: TestDb) {
+    let store = db.connect().await;
     let job = store.insert(new_job(0)).await.unwrap();
     let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
     assert_eq!(claimed.id, job.id);
@@ -503,10 +547,8 @@ async fn delete_removes_the_job_and_fences_out_its_worker() {
     assert!(!store.delete(job.id).await.unwrap());
 }
 
-#[tokio::test]
-async fn idempotency_keys_return_the_same_job_within_the_window() {
-    let dir = TempDir::new().unwrap();
-    let store = store(&dir).await;
+async fn idempotency_keys_return_the_same_job_within_the_window(db: TestDb) {
+    let store = db.connect().await;
     let (first, created) = store.insert_idempotent(new_job(0), "key-1", Duration::from_secs(3600)).await.unwrap();
     assert!(created);
     let (again, created) = store.insert_idempotent(new_job(0), "key-1", Duration::from_secs(3600)).await.unwrap();
@@ -541,10 +583,8 @@ async fn idempotency_keys_return_the_same_job_within_the_window() {
     assert_eq!(creations, 1);
 }
 
-#[tokio::test]
-async fn the_queue_order_follows_claim_order() {
-    let dir = TempDir::new().unwrap();
-    let store = store(&dir).await;
+async fn the_queue_order_follows_claim_order(db: TestDb) {
+    let store = db.connect().await;
     let low = store.insert(new_job(0)).await.unwrap();
     let high = store.insert(new_job(5)).await.unwrap();
     let later = store.insert(new_job(0)).await.unwrap();
@@ -572,10 +612,8 @@ fn owned_by(owner: &str) -> NewJob {
     NewJob { owner: Some(owner.into()), ..new_job(0) }
 }
 
-#[tokio::test]
-async fn owners_keep_their_own_idempotency_keys_listings_and_counts() {
-    let dir = TempDir::new().unwrap();
-    let store = store(&dir).await;
+async fn owners_keep_their_own_idempotency_keys_listings_and_counts(db: TestDb) {
+    let store = db.connect().await;
     let window = Duration::from_secs(3600);
     let (a, created_a) = store.insert_idempotent(owned_by("alice"), "same", window).await.unwrap();
     let (b, created_b) = store.insert_idempotent(owned_by("bob"), "same", window).await.unwrap();
@@ -595,10 +633,8 @@ async fn owners_keep_their_own_idempotency_keys_listings_and_counts() {
     assert_eq!(store.list(None, None, None, 10).await.unwrap().len(), 4);
 }
 
-#[tokio::test]
-async fn limits_are_checked_inside_the_write_and_replays_pass_them() {
-    let dir = TempDir::new().unwrap();
-    let store = Arc::new(store(&dir).await);
+async fn limits_are_checked_inside_the_write_and_replays_pass_them(db: TestDb) {
+    let store = Arc::new(db.connect().await);
     let limits = SubmitLimits { max_queued: 100, max_outstanding_per_owner: 3, ..SubmitLimits::NONE };
     // Twenty racing submissions from one owner: exactly three get in.
     let handles: Vec<_> = (0..20)
@@ -640,10 +676,8 @@ async fn limits_are_checked_inside_the_write_and_replays_pass_them() {
     assert!(matches!(store.submit(owned_by("alice"), None, limits).await.unwrap(), Submission::Created(_)));
 }
 
-#[tokio::test]
-async fn retention_deletes_only_finished_jobs_older_than_the_cutoff() {
-    let dir = TempDir::new().unwrap();
-    let store = store(&dir).await;
+async fn retention_deletes_only_finished_jobs_older_than_the_cutoff(db: TestDb) {
+    let store = db.connect().await;
     let done = store.insert(new_job(0)).await.unwrap();
     let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
     assert_eq!(claimed.id, done.id);
@@ -665,7 +699,7 @@ async fn the_file_shrinks_after_retention_deletes_jobs() {
     let size = |store: JobStore| {
         let file = file.clone();
         async move {
-            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&store.writer).await.unwrap();
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(sqlite_read(&store)).await.unwrap();
             std::fs::metadata(&file).unwrap().len()
         }
     };
@@ -686,10 +720,9 @@ async fn the_file_shrinks_after_retention_deletes_jobs() {
     assert!(after < full / 10, "the file kept {after} of its {full} bytes");
 }
 
-#[tokio::test]
-async fn an_owner_past_its_storage_quota_is_refused_and_others_are_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
+
+async fn an_owner_past_its_storage_quota_is_refused_and_others_are_not(db: TestDb) {
+    let store = db.connect().await;
     let limits = SubmitLimits { max_stored_bytes_per_owner: 10_000, ..SubmitLimits::NONE };
     let with_inputs = |owner: &str, bytes: u64| NewJob { input_bytes: bytes, ..owned_by(owner) };
     assert!(matches!(store.submit(with_inputs("alice", 6_000), None, limits).await.unwrap(), Submission::Created(_)));
@@ -710,3 +743,29 @@ async fn an_owner_past_its_storage_quota_is_refused_and_others_are_not() {
     assert!(store.delete(job.id).await.unwrap());
     assert!(matches!(store.submit(with_inputs("alice", 200), None, limits).await.unwrap(), Submission::Created(_)));
 }
+
+on_both_backends!(
+    insert_then_get,
+    claim_takes_highest_priority_then_oldest,
+    complete_is_fenced_and_stores_images_atomically,
+    fail_is_fenced_and_records_the_error,
+    release_requeues_without_charging_an_attempt,
+    renew_extends_the_lease_for_its_owner_only,
+    expired_leases_are_requeued_then_failed_past_max_attempts,
+    recover_all_running_ignores_lease_deadlines,
+    cancel_queued_and_finish_cancelled,
+    concurrent_claims_from_two_stores_hand_out_each_job_once,
+    inserted_job_survives_reconnect,
+    images_round_trip_including_seeds_above_i64_max,
+    oversized_image_is_rejected_before_touching_the_job,
+    queue_position_follows_claim_order,
+    count_by_status_counts_every_state,
+    list_is_newest_first_filterable_and_paginated,
+    delete_removes_the_job_and_fences_out_its_worker,
+    idempotency_keys_return_the_same_job_within_the_window,
+    the_queue_order_follows_claim_order,
+    owners_keep_their_own_idempotency_keys_listings_and_counts,
+    limits_are_checked_inside_the_write_and_replays_pass_them,
+    retention_deletes_only_finished_jobs_older_than_the_cutoff,
+    an_owner_past_its_storage_quota_is_refused_and_others_are_not,
+);
