@@ -77,6 +77,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// What this process does: `all` (the API and workers, the default), `api` (the HTTP API only: it loads
+    /// no model and runs no job) or `worker` (runs jobs for its models; serves only health and metrics).
+    pub role: Role,
     /// Address the HTTP server listens on.
     pub bind: String,
     /// Largest request body accepted, in bytes.
@@ -110,6 +113,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
+            role: Role::All,
             bind: "127.0.0.1:8080".into(),
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace_seconds: 30,
@@ -120,6 +124,43 @@ impl Default for ServerConfig {
             body_timeout_seconds: 120,
             max_connections: 1024,
             max_body_bytes_in_flight: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// A process's part in a deployment (`[server] role`, `--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The HTTP API and the workers in one process.
+    All,
+    /// The HTTP API only: validates, stores and streams; ready while any worker process is alive.
+    Api,
+    /// Workers only: claims and runs jobs for its models; serves `/healthz`, `/readyz` and `/metrics`.
+    Worker,
+}
+
+impl Role {
+    /// Whether this process serves the API.
+    pub fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+
+    /// Whether this process runs jobs.
+    pub fn runs_jobs(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "all" => Ok(Role::All),
+            "api" => Ok(Role::Api),
+            "worker" => Ok(Role::Worker),
+            other => Err(format!("unknown role `{other}`: one of all, api, worker")),
         }
     }
 }
@@ -298,6 +339,8 @@ fn default_threads() -> usize {
 /// Command-line flags that override the most common keys.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--role`
+    pub role: Option<Role>,
     /// `--bind`
     pub bind: Option<String>,
     /// `--data-dir`
@@ -346,6 +389,9 @@ impl Config {
             apply_env_override(&mut tree, &key[ENV_PREFIX.len()..], value)
                 .map_err(|message| ConfigError::Parse { origin: origin.clone(), message })?;
             config = parse(&tree, &origin)?;
+        }
+        if let Some(role) = overrides.role {
+            config.server.role = role;
         }
         if let Some(bind) = &overrides.bind {
             config.server.bind = bind.clone();

@@ -21,6 +21,10 @@ enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = "config.toml", env = "DENOISED_CONFIG")]
         config: PathBuf,
+        /// What this process does: all (API and workers), api (no models, no jobs) or worker (jobs; only
+        /// health and metrics over HTTP). Overrides server.role (also DENOISED_SERVER__ROLE).
+        #[arg(long)]
+        role: Option<denoised::config::Role>,
         /// Listen address (overrides server.bind).
         #[arg(long)]
         bind: Option<String>,
@@ -108,8 +112,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config, std::env::vars(), &Overrides::default())?;
             tokio::runtime::Runtime::new()?.block_on(keys(&config, action))
         }
-        Command::Serve { config, bind, data_dir, database_url, allow_unauthenticated } => {
-            let overrides = Overrides { bind, data_dir, database_url, allow_unauthenticated };
+        Command::Serve { config, role, bind, data_dir, database_url, allow_unauthenticated } => {
+            let overrides = Overrides { role, bind, data_dir, database_url, allow_unauthenticated };
             let config = Config::load(&config, std::env::vars(), &overrides)?;
             denoised::telemetry::init(&config.telemetry);
             let runtime = tokio::runtime::Runtime::new()?;

@@ -1,5 +1,6 @@
 //! Wiring: load the runtime and models, open the store, start workers, dispatcher and HTTP, and shut them
-//! down in order on SIGINT/SIGTERM.
+//! down in order on SIGINT/SIGTERM. The process's [`Role`] decides which parts run: an `api` process loads no
+//! model and runs no worker; a `worker` process serves only health and metrics over HTTP.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,9 @@ use tracing::info;
 
 use crate::api::{self, AppState, AuthState, HttpSettings};
 use crate::auth::KeyStore;
-use crate::config::Config;
+use crate::config::{Config, Role};
+use crate::fleet::{Fleet, FleetRole};
+use crate::jobs::store::WorkerRegistration;
 use crate::engine::runtime::{Device, Runtime};
 use crate::jobs::{JobRules, JobStore, Jobs};
 use crate::models::ModelRegistry;
@@ -29,8 +32,11 @@ pub struct Server {
     listener: TcpListener,
     connections: ConnectionSettings,
     state: AppState,
-    dispatcher: Dispatcher,
-    pool: Arc<WorkerPool>,
+    role: Role,
+    /// The workers and their dispatcher, unless this is an `api` process.
+    workers: Option<(Dispatcher, Arc<WorkerPool>)>,
+    /// What this process registers as, when it runs jobs.
+    registration: Option<WorkerRegistration>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     retention: Option<Duration>,
@@ -38,64 +44,54 @@ pub struct Server {
 
 impl Server {
     /// Does every fallible start-up step: ONNX Runtime, models, database (with recovery of expired leases),
-    /// worker threads, and the listening socket.
+    /// worker threads, and the listening socket (the parts the role needs).
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         crate::telemetry::metrics_handle();
         config.check_exposure()?;
-        let library = Runtime::library_path(&config.runtime.onnxruntime_library);
-        let runtime = Runtime::load(&library)?;
-        info!(library = %runtime.library().display(), "ONNX Runtime loaded");
+        let role = config.server.role;
+        // Every role reads the models' descriptions (the API validates against them); only workers load them.
         let registry = Arc::new(ModelRegistry::load(&config.models)?);
         std::fs::create_dir_all(&config.storage.data_dir)
             .with_context(|| format!("creating data_dir {}", config.storage.data_dir.display()))?;
         let (store, keys) = open_store(config).await?;
-        let specs = config
-            .workers
-            .iter()
-            .map(|w| {
-                Ok(WorkerSpec { device: Device::parse(&w.device).map_err(anyhow::Error::msg)?, threads: w.threads })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let rules = job_rules(config, specs.len());
+        let rules = job_rules(config, config.workers.len());
         let files = ImageFiles::new(&config.storage.data_dir);
         let stray = files.remove_stray_temporaries().context("removing temporary files left by a crash")?;
         if stray > 0 {
             info!(stray, "removed temporary files left by an interrupted write");
         }
         let jobs = Jobs::new(store, files, rules, stop_rx.clone());
-        let (runtime_for_pool, registry_for_pool) = (runtime.clone(), registry.clone());
-        let (progress, bus) = (jobs.progress().clone(), jobs.bus().clone());
-        let pool = tokio::task::spawn_blocking(move || {
-            WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress, bus)
-        })
-        .await??;
-        let pool = Arc::new(pool);
+        let process_id = process_id();
+        let (workers, workers_ready, registration) = if role.runs_jobs() {
+            let (dispatcher, pool) = start_workers(config, &registry, &jobs, &process_id).await?;
+            let registration = WorkerRegistration {
+                id: process_id.clone(),
+                host: host_name(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                models: registry.all().iter().map(|m| m.name.clone()).collect(),
+                devices: config.workers.iter().map(|w| w.device.clone()).collect(),
+            };
+            let ready = pool.ready_flag();
+            (Some((dispatcher, pool)), ready, Some(registration))
+        } else {
+            (None, Arc::new(std::sync::atomic::AtomicBool::new(false)), None)
+        };
         let addr = config.bind_addr()?;
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         let state = AppState {
-            jobs: jobs.clone(),
+            jobs,
             models: registry,
             limits: config.limits.clone(),
             http: http_settings(config),
-            workers_ready: pool.ready_flag(),
+            workers_ready,
             auth: AuthState { enabled: config.auth.enabled, keys },
         };
         let connections = ConnectionSettings::from_config(&config.server);
-        let dispatcher = Dispatcher {
-            jobs,
-            pool: pool.clone(),
-            settings: DispatchSettings {
-                lease: Duration::from_secs(config.queue.lease_seconds),
-                poll: Duration::from_millis(config.queue.poll_millis.max(10)),
-                shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
-                job_timeout: Duration::from_secs(config.queue.job_timeout_seconds),
-            },
-            process_id: uuid::Uuid::new_v4().to_string(),
-        };
-        let retention = (config.storage.retention_hours > 0.0)
+        let retention = (config.storage.retention_hours > 0.0 && role.serves_api())
             .then(|| Duration::from_secs_f64(config.storage.retention_hours * 3600.0));
-        Ok(Self { listener, connections, state, dispatcher, pool, stop_tx, stop_rx, retention })
+        Ok(Self { listener, connections, state, role, workers, registration, stop_tx, stop_rx, retention })
     }
 
     /// The bound address (useful with port 0).
@@ -107,13 +103,26 @@ impl Server {
     /// then returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = (self.stop_tx, self.stop_rx);
-        let dispatcher = tokio::spawn(self.dispatcher.run(stop_rx.clone()));
+        let role = self.role;
+        let fleet = Fleet::start(
+            &self.state.jobs,
+            FleetRole {
+                worker: self.registration,
+                serves_api: role.serves_api(),
+                ready_when_workers_alive: (role == Role::Api).then(|| self.state.workers_ready.clone()),
+            },
+            stop_rx.clone(),
+        );
+        let (dispatcher, pool) = match self.workers {
+            Some((dispatcher, pool)) => (Some(tokio::spawn(dispatcher.run(stop_rx.clone()))), Some(pool)),
+            None => (None, None),
+        };
         let sweeper = self
             .retention
             .map(|keep| tokio::spawn(crate::retention::run(self.state.jobs.clone(), keep, stop_rx.clone())));
         let ready = self.state.workers_ready.clone();
-        let app = api::app(self.state);
-        info!(addr = %self.listener.local_addr()?, max_connections = self.connections.max_connections, "listening");
+        let app = if role.serves_api() { api::app(self.state) } else { api::worker_app(self.state) };
+        info!(addr = %self.listener.local_addr()?, ?role, max_connections = self.connections.max_connections, "listening");
         let server = crate::net::serve(self.listener, app, self.connections, stop_rx);
         let signal = tokio::spawn(async move {
             shutdown.await;
@@ -122,16 +131,72 @@ impl Server {
             let _ = stop_tx.send(true);
         });
         server.await;
-        dispatcher.await?;
+        if let Some(dispatcher) = dispatcher {
+            dispatcher.await?;
+        }
+        fleet.join().await;
         if let Some(sweeper) = sweeper {
             sweeper.abort();
         }
         signal.abort();
-        let pool = self.pool;
-        tokio::task::spawn_blocking(move || drop(pool)).await?;
+        if let Some(pool) = pool {
+            tokio::task::spawn_blocking(move || drop(pool)).await?;
+        }
         info!("stopped");
         Ok(())
     }
+}
+
+/// Loads ONNX Runtime and starts the worker threads (each loading the models) and their dispatcher. A
+/// `worker` process claims only jobs for its models; an `all` process claims every job (one for a model it
+/// does not serve then fails clearly instead of waiting forever).
+async fn start_workers(
+    config: &Config,
+    registry: &Arc<ModelRegistry>,
+    jobs: &Jobs,
+    process_id: &str,
+) -> anyhow::Result<(Dispatcher, Arc<WorkerPool>)> {
+    let library = Runtime::library_path(&config.runtime.onnxruntime_library);
+    let runtime = Runtime::load(&library)?;
+    info!(library = %runtime.library().display(), "ONNX Runtime loaded");
+    let specs = config
+        .workers
+        .iter()
+        .map(|w| Ok(WorkerSpec { device: Device::parse(&w.device).map_err(anyhow::Error::msg)?, threads: w.threads }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (registry_for_pool, progress, bus) = (registry.clone(), jobs.progress().clone(), jobs.bus().clone());
+    let pool =
+        tokio::task::spawn_blocking(move || WorkerPool::start(&runtime, &registry_for_pool, &specs, progress, bus))
+            .await??;
+    let pool = Arc::new(pool);
+    let dispatcher = Dispatcher {
+        jobs: jobs.clone(),
+        pool: pool.clone(),
+        settings: DispatchSettings {
+            lease: Duration::from_secs(config.queue.lease_seconds),
+            poll: Duration::from_millis(config.queue.poll_millis.max(10)),
+            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+            job_timeout: Duration::from_secs(config.queue.job_timeout_seconds),
+        },
+        process_id: process_id.to_string(),
+        models: (config.server.role == Role::Worker).then(|| registry.all().iter().map(|m| m.name.clone()).collect()),
+    };
+    Ok((dispatcher, pool))
+}
+
+/// Unique per process run: host, pid and a random suffix (the lease owners' prefix and the worker id).
+fn process_id() -> String {
+    format!("{}-{}-{}", host_name(), std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// The machine's host name, for the worker registry.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Opens the job store (recovering jobs whose lease expired while no server ran) and the key table, and says

@@ -148,12 +148,12 @@ async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker()
     }
     // Another process takes the job over, as a reaper would after a missed renewal.
     let store =
-        denoised::jobs::JobStore::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
             .await
             .unwrap();
     sqlx::query("UPDATE jobs SET lease_owner = 'another-process' WHERE id = ?1")
         .bind(&id)
-        .execute(store.writer())
+        .execute(&store)
         .await
         .unwrap();
     let started = std::time::Instant::now();
@@ -165,7 +165,7 @@ async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker()
     assert!(started.elapsed() < Duration::from_secs(15), "the worker was busy for {:?}", started.elapsed());
     let stolen: (String, Option<String>) = sqlx::query_as("SELECT status, lease_owner FROM jobs WHERE id = ?1")
         .bind(&id)
-        .fetch_one(store.writer())
+        .fetch_one(&store)
         .await
         .unwrap();
     assert_eq!(stolen, ("running".to_string(), Some("another-process".to_string())), "the loser wrote nothing");
@@ -247,11 +247,11 @@ async fn client_latents_live_outside_the_job_row_and_go_with_the_job() {
     let id = accepted["id"].as_str().unwrap().to_string();
     assert_eq!(wait_for_job(&client, &server.url(&format!("/v1/jobs/{id}")), TIMEOUT).await["status"], "succeeded");
     let store =
-        denoised::jobs::JobStore::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
             .await
             .unwrap();
     let (params,): (String,) =
-        sqlx::query_as("SELECT params FROM jobs WHERE id = ?1").bind(&id).fetch_one(store.writer()).await.unwrap();
+        sqlx::query_as("SELECT params FROM jobs WHERE id = ?1").bind(&id).fetch_one(&store).await.unwrap();
     store.close().await;
     assert!(params.len() < latents.len() / 4, "the row holds {} bytes: {params}", params.len());
     let stored: Value = serde_json::from_str(&params).unwrap();

@@ -72,13 +72,13 @@ async fn rows_of_the_previous_release_run_again_to_the_same_pictures() {
         .collect();
     // Back to the queue, as if the previous release had stopped before running them.
     let database = format!("sqlite://{}", dir.path().join("denoised.db").display());
-    let store = denoised::jobs::JobStore::connect(&database).await.unwrap();
-    sqlx::query("DELETE FROM images").execute(store.writer()).await.unwrap();
+    let store = sqlx::SqlitePool::connect(&database).await.unwrap();
+    sqlx::query("DELETE FROM images").execute(&store).await.unwrap();
     sqlx::query(
         "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL, \
          finished_at = NULL, attempts = 0",
     )
-    .execute(store.writer())
+    .execute(&store)
     .await
     .unwrap();
     store.close().await;
@@ -103,17 +103,17 @@ async fn a_queued_row_this_release_cannot_read_is_shown_and_failed_not_lost() {
     let dir = copy_of_fixture();
     let id = recorded()["jobs"][0]["id"].as_str().unwrap().to_string();
     let database = format!("sqlite://{}", dir.path().join("denoised.db").display());
-    let store = denoised::jobs::JobStore::connect(&database).await.unwrap();
+    let store = sqlx::SqlitePool::connect(&database).await.unwrap();
     // A kind from a newer release, back in the queue.
     sqlx::query(
         "UPDATE jobs SET kind = 'upscale', params = '{\"factor\": 4}', status = 'queued', lease_owner = NULL, \
          lease_expires_at = NULL, started_at = NULL, finished_at = NULL, attempts = 0 WHERE id = ?1",
     )
     .bind(&id)
-    .execute(store.writer())
+    .execute(&store)
     .await
     .unwrap();
-    sqlx::query("DELETE FROM images WHERE job_id = ?1").bind(&id).execute(store.writer()).await.unwrap();
+    sqlx::query("DELETE FROM images WHERE job_id = ?1").bind(&id).execute(&store).await.unwrap();
     store.close().await;
 
     let server = start(dir).await;

@@ -17,6 +17,7 @@ pub mod page;
 pub mod schedulers;
 pub mod submit;
 pub mod validation;
+pub mod workers;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -117,6 +118,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(workers::list_workers))
 }
 
 /// The OpenAPI document, generated from the handlers (what `denoised openapi` prints and `/openapi.json`
@@ -162,6 +164,18 @@ fn document_links(spec: &mut serde_json::Value) {
             .collect();
         accepted["links"] = serde_json::Value::Object(links);
     }
+}
+
+/// The HTTP face of a `worker` process: liveness, readiness (its models loaded, the database answering) and
+/// metrics (behind the same authentication as the API), nothing else.
+pub fn worker_app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", axum::routing::get(health::healthz))
+        .route("/readyz", axum::routing::get(health::readyz))
+        .route("/metrics", axum::routing::get(metrics::metrics))
+        .fallback(|| async { ApiError::NotFound("a worker process serves only /healthz, /readyz and /metrics".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
+        .with_state(state)
 }
 
 /// The complete HTTP application.

@@ -8,13 +8,18 @@
 //!
 //! Event ids are one process-wide sequence, started from the clock (microseconds) so that ids keep
 //! increasing across restarts and `Last-Event-ID` stays meaningful.
+//!
+//! A **shared** bus (a fleet on PostgreSQL) publishes nothing itself: what this process publishes goes to its
+//! outbox, which the fleet relay writes to the database's event log, and what the relay reads back from that
+//! log — every process's events, with fleet-wide ids — is delivered here. So every process shows the same
+//! events under the same ids, and `Last-Event-ID` works whichever API process a client reconnects to.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde::Serialize;
-use tokio::sync::{broadcast, watch};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -57,7 +62,7 @@ pub enum EventOwner {
 const OWNER_MEMORY: usize = 65_536;
 
 /// A picture of a finished job, as job views and `completed` events describe it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
     /// Position in the job's output.
     pub index: u32,
@@ -99,7 +104,7 @@ impl From<&ImageRecord> for ImageInfo {
 }
 
 /// Waiting; `position` jobs are ahead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct QueuedEvent {
     /// Jobs ahead of this one.
     pub position: u64,
@@ -109,14 +114,14 @@ pub struct QueuedEvent {
 }
 
 /// A worker took the job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartedEvent {
     /// Attempt number (1 unless a crash re-queued it).
     pub attempt: u32,
 }
 
 /// A denoiser call finished.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ProgressEvent {
     /// Calls done.
     pub step: u32,
@@ -130,14 +135,14 @@ pub struct ProgressEvent {
 }
 
 /// Done; the images are stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CompletedEvent {
     /// The pictures.
     pub images: Vec<ImageInfo>,
 }
 
 /// Failed for good.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FailedEvent {
     /// Stable error code.
     pub code: String,
@@ -146,11 +151,11 @@ pub struct FailedEvent {
 }
 
 /// Cancelled by a client (or deleted while it ran).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CancelledEvent {}
 
 /// What happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// See [`QueuedEvent`].
@@ -295,6 +300,11 @@ impl Snapshot {
 
 struct Inner {
     next_id: AtomicU64,
+    /// Where a shared bus sends what this process publishes (see the module documentation); `None` for a
+    /// bus that delivers locally.
+    outbox: Option<mpsc::UnboundedSender<JobEvent>>,
+    /// The receiving end of the outbox, until the relay takes it.
+    outbox_reader: Mutex<Option<mpsc::UnboundedReceiver<JobEvent>>>,
     jobs: Mutex<HashMap<Uuid, watch::Sender<Snapshot>>>,
     lifecycle: broadcast::Sender<JobEvent>,
     progress: broadcast::Sender<JobEvent>,
@@ -346,9 +356,34 @@ impl EventBus {
     pub fn new() -> Self {
         let start =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        Self::with(start, None)
+    }
+
+    /// An empty shared bus (see the module documentation): publishing fills the outbox, which the relay
+    /// takes with [`take_outbox`](Self::take_outbox), and only [`deliver`](Self::deliver) reaches followers.
+    pub fn shared() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bus = Self::with(0, Some(tx));
+        *bus.inner.outbox_reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(rx);
+        bus
+    }
+
+    /// Whether this bus is shared through the database.
+    pub fn is_shared(&self) -> bool {
+        self.inner.outbox.is_some()
+    }
+
+    /// The events this process published, for the relay to write (once: later calls get `None`).
+    pub fn take_outbox(&self) -> Option<mpsc::UnboundedReceiver<JobEvent>> {
+        self.inner.outbox_reader.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn with(start: u64, outbox: Option<mpsc::UnboundedSender<JobEvent>>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 next_id: AtomicU64::new(start),
+                outbox,
+                outbox_reader: Mutex::new(None),
                 jobs: Mutex::new(HashMap::new()),
                 lifecycle: broadcast::channel(REPLAY_RING).0,
                 progress: broadcast::channel(64).0,
@@ -359,9 +394,15 @@ impl EventBus {
         }
     }
 
-    /// A fresh event id.
+    /// A fresh event id. On a shared bus, where ids come from the database, it is the id of the last event
+    /// delivered: an event made from state read back from the store is the state as of that event, and a
+    /// client resuming after it misses nothing.
     pub fn next_id(&self) -> u64 {
-        self.inner.next_id.fetch_add(1, Ordering::SeqCst)
+        if self.is_shared() {
+            self.inner.next_id.load(Ordering::SeqCst)
+        } else {
+            self.inner.next_id.fetch_add(1, Ordering::SeqCst)
+        }
     }
 
     /// Builds an event with a fresh id without publishing it (for state read back from the database).
@@ -391,10 +432,27 @@ impl EventBus {
         self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner).back().map_or(0, |e| e.id)
     }
 
-    /// Publishes an event: into the job's snapshot and onto the all-jobs stream. After a terminal event the
-    /// job's entry is dropped; followers still hold the final snapshot.
+    /// Publishes an event: into the job's snapshot and onto the all-jobs stream (on a shared bus: into the
+    /// outbox, to come back through [`deliver`](Self::deliver)). After a terminal event the job's entry is
+    /// dropped; followers still hold the final snapshot.
     pub fn publish(&self, job_id: Uuid, kind: EventKind) -> JobEvent {
         let event = self.event(job_id, kind);
+        match &self.inner.outbox {
+            Some(outbox) => {
+                let _ = outbox.send(event.clone());
+                event
+            }
+            None => self.deliver(event),
+        }
+    }
+
+    /// Makes `event` (with its id) known to this process's followers; the relay's way in for events read
+    /// from the database's log.
+    pub fn deliver(&self, event: JobEvent) -> JobEvent {
+        if self.is_shared() {
+            self.inner.next_id.fetch_max(event.id, Ordering::SeqCst);
+        }
+        let job_id = event.job_id;
         let terminal = event.kind.is_terminal();
         let progress = matches!(event.kind, EventKind::Progress(_));
         {
@@ -425,6 +483,17 @@ impl EventBus {
         event
     }
 
+    /// The latest progress event this process has seen for `job_id`, if it is still running: on an API
+    /// process of a fleet, the progress of a job that a worker process runs.
+    pub fn latest_progress(&self, job_id: Uuid) -> Option<ProgressEvent> {
+        let jobs = self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = jobs.get(&job_id)?.borrow();
+        match snapshot.progress.as_ref().map(|e| &e.kind) {
+            Some(EventKind::Progress(progress)) => Some(progress.clone()),
+            _ => None,
+        }
+    }
+
     /// Follows one job. Subscribe before reading the job from the database, so nothing falls in between.
     pub fn subscribe(&self, job_id: Uuid) -> watch::Receiver<Snapshot> {
         let mut jobs = self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner);
@@ -446,8 +515,12 @@ impl EventBus {
     }
 
     /// Whether anyone who may see `job_id` would see its progress events (worth rendering a preview for): a
-    /// follower of the job, or an all-jobs stream of an admin or of the job's own key.
+    /// follower of the job, or an all-jobs stream of an admin or of the job's own key. Always on a shared bus.
     pub fn has_followers(&self, job_id: Uuid) -> bool {
+        if self.is_shared() {
+            // Followers on other processes cannot be counted from here.
+            return true;
+        }
         let following = self.inner.jobs.lock().unwrap_or_else(PoisonError::into_inner);
         if following.get(&job_id).is_some_and(|s| s.receiver_count() > 0) {
             return true;

@@ -203,10 +203,12 @@ impl std::fmt::Debug for Jobs {
 impl Jobs {
     /// The service over `store` and `files`; follows and waits end when `shutdown` turns true.
     pub fn new(store: JobStore, files: ImageFiles, rules: JobRules, shutdown: watch::Receiver<bool>) -> Self {
+        // A fleet on PostgreSQL shares its events through the database (see `crate::fleet`).
+        let bus = if store.postgres().is_some() { EventBus::shared() } else { EventBus::new() };
         Self {
             positions: Arc::new(QueuePositions::new(store.clone())),
             store,
-            bus: EventBus::new(),
+            bus,
             progress: ProgressBoard::default(),
             wake: Arc::new(Notify::new()),
             files,
@@ -404,7 +406,14 @@ impl Jobs {
             _ => None,
         };
         let progress = match job.status {
-            JobStatus::Running => self.progress.get(job.id).unwrap_or(Progress { step: 0, total, eta_ms: None }),
+            JobStatus::Running => self
+                .progress
+                .get(job.id)
+                .or_else(|| {
+                    let seen = self.bus.latest_progress(job.id)?;
+                    Some(Progress { step: seen.step, total: seen.total, eta_ms: Some(seen.eta_ms) })
+                })
+                .unwrap_or(Progress { step: 0, total, eta_ms: None }),
             JobStatus::Succeeded => Progress { step: total, total, eta_ms: Some(0) },
             JobStatus::Queued => {
                 Progress { step: 0, total, eta_ms: self.queued_eta_ms(total, queue_position.unwrap_or(0)) }
@@ -450,7 +459,8 @@ impl Jobs {
                 if !self.progress.stop(id, StopReason::Client) {
                     // Claimed between our read and the cancel, or running in another process.
                     let now = self.store.get(id).await?.ok_or(JobsError::NotFound(id))?;
-                    let stopped = now.status == JobStatus::Running && self.progress.stop(id, StopReason::Client);
+                    let stopped = now.status == JobStatus::Running
+                        && (self.progress.stop(id, StopReason::Client) || self.store.request_cancel(id).await?);
                     if now.status.is_terminal() {
                         return Err(JobsError::WrongState { id, status: now.status, why: "it has already ended" });
                     } else if !stopped {
@@ -473,6 +483,10 @@ impl Jobs {
         }
         if !self.store.delete(id).await? {
             return Err(JobsError::NotFound(id));
+        }
+        if job.status == JobStatus::Running {
+            // Its worker may be in another process: it stops when it sees the row gone (at once on PostgreSQL).
+            self.store.announce_stop(id).await?;
         }
         if !job.status.is_terminal() {
             self.bus.note_owner(id, job.owner.as_deref());

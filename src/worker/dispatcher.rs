@@ -39,6 +39,8 @@ pub struct Dispatcher {
     pub settings: DispatchSettings,
     /// Unique per process: lease owners are `{process}/worker-{i}`.
     pub process_id: String,
+    /// Claim only jobs for these models (`None`: any job).
+    pub models: Option<Vec<String>>,
 }
 
 impl Dispatcher {
@@ -63,7 +65,7 @@ impl Dispatcher {
                 if *shutdown.borrow() {
                     break 'outer;
                 }
-                match this.jobs.store().claim(&owner, this.settings.lease).await {
+                match this.jobs.store().claim_for(&owner, this.settings.lease, this.models.as_deref()).await {
                     Ok(Some(job)) => break job,
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "claiming a job failed; retrying"),
@@ -189,7 +191,8 @@ impl Dispatcher {
 
     /// Waits for the worker's outcome, renewing the lease every third of its length. A job past its time
     /// limit, whose lease was lost (another process re-queued it), or whose API key was revoked is asked to
-    /// stop.
+    /// stop; so is one that a client cancelled or deleted through another process (checked every poll
+    /// interval; on PostgreSQL the fleet listener stops it at once).
     async fn wait_renewing(
         &self,
         job: &Job,
@@ -200,6 +203,8 @@ impl Dispatcher {
         let period = (self.settings.lease / 3).max(Duration::from_millis(100));
         let mut ticker = tokio::time::interval(period);
         ticker.tick().await;
+        let mut check = tokio::time::interval(self.settings.poll);
+        check.tick().await;
         let deadline = tokio::time::sleep(self.settings.job_timeout);
         tokio::pin!(deadline);
         let mut timed_out = false;
@@ -222,6 +227,17 @@ impl Dispatcher {
                         self.jobs.progress().stop(id, StopReason::LeaseLost);
                     }
                     Err(e) => warn!(%id, error = %e, "lease renewal failed"),
+                },
+                _ = check.tick() => match self.jobs.store().cancel_requested(id, owner).await {
+                    Ok(Some(false)) | Err(_) => {}
+                    Ok(Some(true)) => {
+                        info!(%id, "a client cancelled the job; stopping it");
+                        self.jobs.progress().stop(id, StopReason::Client);
+                    }
+                    Ok(None) => {
+                        info!(%id, "the job was deleted or taken over; stopping it");
+                        self.jobs.progress().stop(id, StopReason::LeaseLost);
+                    }
                 },
             }
         }
