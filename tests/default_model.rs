@@ -41,7 +41,7 @@ async fn the_default_model_serves_canonical_prompts() {
         bind: Some("127.0.0.1:0".into()),
         data_dir: Some(dir.path().to_path_buf()),
         database_url: Some(format!("sqlite://{}/denoised.db", dir.path().display())),
-        allow_unauthenticated: false,
+        ..Overrides::default()
     };
     let env = vec![("ORT_DYLIB_PATH".to_string(), common::ort_library().display().to_string())];
     let config = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"), env, &overrides).unwrap();

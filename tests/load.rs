@@ -134,9 +134,27 @@ async fn follow(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundreds_of_clients_submit_and_stream_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = common::test_config_toml(dir.path(), AUTH_ON);
+    load(TestServer::start_configured(dir, toml).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundreds_of_clients_submit_and_stream_without_errors_on_postgres() {
+    let Some(url) = common::postgres_url("hundreds_of_clients_submit_and_stream_without_errors_on_postgres").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let toml = common::on_database(&common::test_config_toml(dir.path(), AUTH_ON), &url);
+    load(TestServer::start_configured(dir, toml).await).await;
+}
+
+/// Hundreds of clients with four keys submit and follow jobs for a while against `server`; every accepted
+/// job must complete, with no errors.
+async fn load(server: TestServer) {
     let clients = setting("LOAD_CLIENTS", 200);
     let seconds = setting("LOAD_SECONDS", 10);
-    let server = TestServer::start(AUTH_ON).await;
     let mut keys = Vec::new();
     for i in 0..4 {
         keys.push(server.create_key(&format!("tenant-{i}"), false).await);

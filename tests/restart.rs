@@ -1,5 +1,5 @@
 //! Durability with the real binary: jobs accepted before a `kill -9` run after a restart, and SIGTERM shuts
-//! down cleanly with exit code 0.
+//! down cleanly with exit code 0. Each test runs on SQLite and, with `TEST_POSTGRES_URL`, on PostgreSQL.
 
 mod common;
 
@@ -46,20 +46,51 @@ fn start(config: &Path) -> Binary {
     Binary { child, base: format!("http://{addr}"), log }
 }
 
-fn write_config(dir: &Path) -> std::path::PathBuf {
+/// Writes the test config into `dir`, on `database` (`None`: a SQLite file in `dir`).
+fn write_config(dir: &Path, database: Option<&str>) -> std::path::PathBuf {
     let path = dir.join("config.toml");
-    std::fs::write(&path, common::test_config_toml(dir, "")).unwrap();
+    let toml = common::test_config_toml(dir, "");
+    std::fs::write(&path, database.map_or(toml.clone(), |url| common::on_database(&toml, url))).unwrap();
     path
 }
+
+/// Runs each named `async fn(Option<String>)` once on SQLite (`None`) and once on a fresh PostgreSQL schema.
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(None).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(url) = super::common::postgres_url(stringify!($name)).await {
+                        super::$name(Some(url)).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_databases!(
+    jobs_accepted_before_kill_9_run_after_restart,
+    sigterm_finishes_running_work_and_exits_zero,
+    two_server_processes_on_one_database_never_run_a_job_twice,
+);
 
 async fn job(client: &reqwest::Client, base: &str, id: &str) -> Value {
     client.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_accepted_before_kill_9_run_after_restart() {
+async fn jobs_accepted_before_kill_9_run_after_restart(database: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let config = write_config(dir.path(), database.as_deref());
     let client = reqwest::Client::new();
 
     let mut server = start(&config);
@@ -121,10 +152,9 @@ async fn jobs_accepted_before_kill_9_run_after_restart() {
     terminate(server);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_running_work_and_exits_zero() {
+async fn sigterm_finishes_running_work_and_exits_zero(database: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let config = write_config(dir.path(), database.as_deref());
     let client = reqwest::Client::new();
     let server = start(&config);
     let response = client
@@ -176,10 +206,9 @@ fn walk(dir: &Path) -> Vec<String> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_server_processes_on_one_database_never_run_a_job_twice() {
+async fn two_server_processes_on_one_database_never_run_a_job_twice(database: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let config = write_config(dir.path(), database.as_deref());
     let client = reqwest::Client::new();
     let mut servers = [start(&config), start(&config)];
     let mut ids = Vec::new();

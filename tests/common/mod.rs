@@ -34,6 +34,35 @@ pub fn runtime() -> Runtime {
     RUNTIME.get_or_init(|| Runtime::load(&ort_library()).expect("loading ONNX Runtime")).clone()
 }
 
+/// A fresh, empty PostgreSQL schema for `test` on the server `TEST_POSTGRES_URL` names, as a database URL;
+/// `None` when the variable is unset, said loudly (and a failure under `CI=true`, where it must be set).
+pub async fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var("TEST_POSTGRES_URL") {
+        Ok(base) => Some(denoised::jobs::store::postgres::fresh_schema(&base).await.expect("a fresh PostgreSQL schema")),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: TEST_POSTGRES_URL is not set, so the PostgreSQL test cannot run in CI")
+        }
+        Err(_) => {
+            eprintln!("*** SKIPPED {test}: TEST_POSTGRES_URL is not set (PostgreSQL tests need a server)");
+            None
+        }
+    }
+}
+
+/// `toml` (a test config) with its database replaced by `database_url`.
+pub fn on_database(toml: &str, database_url: &str) -> String {
+    toml.lines()
+        .map(|line| {
+            if line.starts_with("database_url = ") {
+                format!("database_url = \"{database_url}\"")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Reads a float32 `.npy` file.
 pub fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
     denoised::engine::npy::read_f32(&std::fs::read(path).unwrap()).unwrap()
@@ -93,6 +122,8 @@ pub struct TestServer {
     pub base: String,
     /// Keeps the data folder alive.
     pub dir: tempfile::TempDir,
+    /// Its database (a SQLite file in `dir`, or a PostgreSQL schema).
+    pub database_url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -128,13 +159,14 @@ impl TestServer {
         let config =
             denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
                 .expect("test config");
+        let database_url = config.storage.database_url.clone();
         let server = denoised::server::Server::start(&config).await.expect("server start");
         let base = format!("http://{}", server.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        Self { base, dir, stop: Some(stop), handle: Some(handle) }
+        Self { base, dir, database_url, stop: Some(stop), handle: Some(handle) }
     }
 
     /// `base` + `path`.
@@ -181,8 +213,7 @@ pub fn extra_models(names: &[&str]) -> String {
 impl TestServer {
     /// Makes an API key in this server's database (what `denoised keys create` does) and returns it.
     pub async fn create_key(&self, name: &str, admin: bool) -> String {
-        let url = format!("sqlite://{}/denoised.db", self.dir.path().display());
-        let store = denoised::jobs::JobStore::connect(&url).await.expect("open the server's database");
+        let store = denoised::jobs::JobStore::connect(&self.database_url).await.expect("open the server's database");
         let keys = denoised::auth::KeyStore::new(&store);
         let (_, key) = keys.create(name, admin).await.expect("create key");
         store.close().await;
@@ -196,8 +227,7 @@ pub const AUTH_ON: &str = "[auth]\nenabled = true\n";
 impl TestServer {
     /// Revokes the key named `name` in this server's database (what `denoised keys revoke` does).
     pub async fn revoke_key(&self, name: &str) {
-        let url = format!("sqlite://{}/denoised.db", self.dir.path().display());
-        let store = denoised::jobs::JobStore::connect(&url).await.expect("open the server's database");
+        let store = denoised::jobs::JobStore::connect(&self.database_url).await.expect("open the server's database");
         denoised::auth::KeyStore::new(&store).revoke(name).await.expect("revoke key");
         store.close().await;
     }
