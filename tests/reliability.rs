@@ -147,10 +147,9 @@ async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Another process takes the job over, as a reaper would after a missed renewal.
-    let store =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
-            .await
-            .unwrap();
+    let store = sqlx::SqlitePool::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+        .await
+        .unwrap();
     sqlx::query("UPDATE jobs SET lease_owner = 'another-process' WHERE id = ?1")
         .bind(&id)
         .execute(&store)
@@ -163,11 +162,8 @@ async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker()
     assert_eq!(next["status"], "succeeded");
     // The lease is renewed every third of its 5 s: the next renewal notices, and the next step stops the job.
     assert!(started.elapsed() < Duration::from_secs(15), "the worker was busy for {:?}", started.elapsed());
-    let stolen: (String, Option<String>) = sqlx::query_as("SELECT status, lease_owner FROM jobs WHERE id = ?1")
-        .bind(&id)
-        .fetch_one(&store)
-        .await
-        .unwrap();
+    let stolen: (String, Option<String>) =
+        sqlx::query_as("SELECT status, lease_owner FROM jobs WHERE id = ?1").bind(&id).fetch_one(&store).await.unwrap();
     assert_eq!(stolen, ("running".to_string(), Some("another-process".to_string())), "the loser wrote nothing");
     store.close().await;
     server.shutdown().await;
@@ -246,10 +242,9 @@ async fn client_latents_live_outside_the_job_row_and_go_with_the_job() {
     let accepted: Value = post(&client, &server, &body, None).await.json().await.unwrap();
     let id = accepted["id"].as_str().unwrap().to_string();
     assert_eq!(wait_for_job(&client, &server.url(&format!("/v1/jobs/{id}")), TIMEOUT).await["status"], "succeeded");
-    let store =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
-            .await
-            .unwrap();
+    let store = sqlx::SqlitePool::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
+        .await
+        .unwrap();
     let (params,): (String,) =
         sqlx::query_as("SELECT params FROM jobs WHERE id = ?1").bind(&id).fetch_one(&store).await.unwrap();
     store.close().await;

@@ -35,7 +35,9 @@ pub async fn healthz() -> AppJson<Health> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<AppJson<Health>, ApiError> {
     if !state.workers_ready.load(Ordering::SeqCst) {
-        return Err(ApiError::Unavailable("no worker is ready (models loading, no worker process alive, or shutting down)".into()));
+        return Err(ApiError::Unavailable(
+            "no worker is ready (models loading, no worker process alive, or shutting down)".into(),
+        ));
     }
     state.jobs.store().ping().await.map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
     Ok(AppJson(Health { status: "ready" }))

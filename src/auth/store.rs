@@ -2,8 +2,8 @@
 
 use super::key::{self, GeneratedKey};
 use super::Principal;
-use crate::jobs::time::now_millis;
 use crate::jobs::store::{on_read, on_write};
+use crate::jobs::time::now_millis;
 use crate::jobs::{JobStore, StoreError};
 
 /// Why a key operation failed.

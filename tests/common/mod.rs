@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: where the fixtures and the ONNX Runtime library are.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -38,7 +40,9 @@ pub fn runtime() -> Runtime {
 /// `None` when the variable is unset, said loudly (and a failure under `CI=true`, where it must be set).
 pub async fn postgres_url(test: &str) -> Option<String> {
     match std::env::var("TEST_POSTGRES_URL") {
-        Ok(base) => Some(denoised::jobs::store::postgres::fresh_schema(&base).await.expect("a fresh PostgreSQL schema")),
+        Ok(base) => {
+            Some(denoised::jobs::store::postgres::fresh_schema(&base).await.expect("a fresh PostgreSQL schema"))
+        }
         Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!("{test}: TEST_POSTGRES_URL is not set, so the PostgreSQL test cannot run in CI")
         }

@@ -64,7 +64,12 @@ impl JobStore {
         .await?;
         rows.into_iter()
             .map(|(id, job, owner, known, body)| {
-                Ok(StoredEvent { id, job_id: parse_uuid("job_events", &job)?, owner: (known != 0).then_some(owner), body })
+                Ok(StoredEvent {
+                    id,
+                    job_id: parse_uuid("job_events", &job)?,
+                    owner: (known != 0).then_some(owner),
+                    body,
+                })
             })
             .collect()
     }

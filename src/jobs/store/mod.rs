@@ -75,7 +75,9 @@ use uuid::Uuid;
 pub use self::events::StoredEvent;
 pub use self::workers::{WorkerInfo, WorkerRegistration};
 use super::error::StoreError;
-use super::model::{ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits};
+use super::model::{
+    ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits,
+};
 use super::time::now_millis;
 use rows::{non_negative, one_job, parse_ids, parse_status, seed_to_db, ImageRow, JobRow};
 
@@ -220,8 +222,7 @@ impl JobStore {
 
     /// Reads one job, for status endpoints and SSE; `None` if there is no such job.
     pub async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        let row: Option<JobRow> =
-            on_read!(self, pool, _d => sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1"))
+        let row: Option<JobRow> = on_read!(self, pool, _d => sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1"))
                 .bind(id.to_string())
                 .fetch_optional(pool)
                 .await?);

@@ -61,10 +61,10 @@ const TEST_SCHEMA_PREFIX: &str = "dn_test_";
 pub async fn fresh_schema(base_url: &str) -> Result<String, StoreError> {
     let pool = PgPoolOptions::new().max_connections(1).connect(base_url).await?;
     let now = super::super::time::now_millis() / 1000;
-    let stale: Vec<(String,)> =
-        sqlx::query_as("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1").bind(format!("{TEST_SCHEMA_PREFIX}%"))
-            .fetch_all(&pool)
-            .await?;
+    let stale: Vec<(String,)> = sqlx::query_as("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1")
+        .bind(format!("{TEST_SCHEMA_PREFIX}%"))
+        .fetch_all(&pool)
+        .await?;
     for (name,) in stale {
         let made = name.trim_start_matches(TEST_SCHEMA_PREFIX).split('_').next().and_then(|s| s.parse::<i64>().ok());
         if made.is_some_and(|made| made < now - 3600) {

@@ -124,4 +124,3 @@ impl TryFrom<ImageRow> for ImageRecord {
         Ok(ImageRecord { job_id: parse_uuid("images", &row.job_id)?, image, created_at: row.created_at })
     }
 }
-

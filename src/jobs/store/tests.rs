@@ -40,7 +40,9 @@ impl TestDb {
     /// `None` (said loudly) when `TEST_POSTGRES_URL` is unset; under `CI=true` that is a failure.
     async fn postgres() -> Option<Self> {
         match std::env::var("TEST_POSTGRES_URL") {
-            Ok(base) => Some(TestDb::Postgres(crate::jobs::store::postgres::fresh_schema(&base).await.expect("a fresh schema"))),
+            Ok(base) => {
+                Some(TestDb::Postgres(crate::jobs::store::postgres::fresh_schema(&base).await.expect("a fresh schema")))
+            }
             Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
                 panic!("TEST_POSTGRES_URL is not set: the PostgreSQL store tests cannot run in CI")
             }
@@ -147,7 +149,6 @@ async fn connect_creates_file_and_folder_with_durable_settings() {
     JobStore::connect(&url(&dir)).await.unwrap().ping().await.unwrap();
 }
 
-
 #[tokio::test]
 async fn in_memory_database_works() {
     let store = JobStore::connect("sqlite::memory:").await.unwrap();
@@ -155,7 +156,6 @@ async fn in_memory_database_works() {
     assert_eq!(store.get(job.id).await.unwrap(), Some(job));
     assert!(store.claim("w", LEASE).await.unwrap().is_some());
 }
-
 
 async fn insert_then_get(db: TestDb) {
     let store = db.connect().await;
@@ -183,7 +183,6 @@ async fn insert_rejects_zero_max_attempts() {
     let err = store.insert(NewJob { max_attempts: 0, ..new_job(0) }).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
 }
-
 
 async fn claim_takes_highest_priority_then_oldest(db: TestDb) {
     let store = db.connect().await;
@@ -719,7 +718,6 @@ async fn the_file_shrinks_after_retention_deletes_jobs() {
     let after = size(store.clone()).await;
     assert!(after < full / 10, "the file kept {after} of its {full} bytes");
 }
-
 
 async fn an_owner_past_its_storage_quota_is_refused_and_others_are_not(db: TestDb) {
     let store = db.connect().await;
