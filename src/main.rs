@@ -56,6 +56,43 @@ enum Command {
     Openapi,
 }
 
+/// A key's share of the workers and its limits, as flags.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Its share when keys compete for workers (default 1): weight 3 gets three jobs for each one of weight 1.
+    #[arg(long)]
+    weight: Option<u32>,
+    /// Submissions per minute (a token bucket holding a minute's worth); past it `429 rate_limited`.
+    #[arg(long, conflicts_with = "no_rate_limit")]
+    rate_per_minute: Option<u32>,
+    /// Remove the key's submission rate limit.
+    #[arg(long)]
+    no_rate_limit: bool,
+    /// Image-steps (n × steps) per rolling 24 hours; past it `429 compute_quota_exceeded`.
+    #[arg(long, conflicts_with = "no_compute_limit")]
+    daily_image_steps: Option<u64>,
+    /// Remove the key's daily compute limit.
+    #[arg(long)]
+    no_compute_limit: bool,
+}
+
+impl LimitArgs {
+    fn update(&self) -> denoised::auth::LimitsUpdate {
+        denoised::auth::LimitsUpdate {
+            weight: self.weight,
+            rate_per_minute: if self.no_rate_limit { Some(None) } else { self.rate_per_minute.map(Some) },
+            daily_image_steps: if self.no_compute_limit { Some(None) } else { self.daily_image_steps.map(Some) },
+        }
+    }
+}
+
+/// One line about a key's share and limits.
+fn describe_limits(limits: &denoised::jobs::KeyLimits) -> String {
+    let rate = limits.rate_per_minute.map_or_else(|| "unlimited".to_string(), |r| format!("{r}/min"));
+    let daily = limits.daily_image_steps.map_or_else(|| "unlimited".to_string(), |d| format!("{d} image-steps/day"));
+    format!("weight {}, rate {rate}, compute {daily}", limits.weight)
+}
+
 #[derive(Debug, Subcommand)]
 enum KeysAction {
     /// Make a key and print it; the last line of the output is the key itself, shown only this once.
@@ -66,6 +103,15 @@ enum KeysAction {
         /// The key sees every tenant's jobs and `/metrics`.
         #[arg(long)]
         admin: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change a live key's weight and limits.
+    Update {
+        /// The key's name.
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List keys (never their secrets).
     List,
@@ -129,9 +175,13 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
     let store = denoised::jobs::JobStore::connect(&config.storage.database_url).await?;
     let keys = denoised::auth::KeyStore::new(&store);
     let result = match action {
-        KeysAction::Create { name, admin } => {
-            let (info, key) = keys.create(&name, admin).await?;
+        KeysAction::Create { name, admin, limits } => {
+            let (mut info, key) = keys.create(&name, admin).await?;
+            if !limits.update().is_empty() {
+                info = keys.set_limits(&name, limits.update()).await?;
+            }
             println!("created {} key `{}` (id {})", if info.admin { "admin" } else { "tenant" }, info.name, info.id);
+            println!("{}", describe_limits(&info.limits));
             if !config.auth.enabled {
                 println!("note: [auth] enabled is false in this config, so the server does not ask for keys yet");
             }
@@ -140,17 +190,23 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
             Ok(())
         }
         KeysAction::List => {
-            println!("{:<24} {:<14} {:<6} {:<26} revoked", "name", "id", "admin", "created");
+            println!("{:<24} {:<14} {:<6} {:<26} {:<26} limits", "name", "id", "admin", "created", "revoked");
             for k in keys.list().await? {
                 println!(
-                    "{:<24} {:<14} {:<6} {:<26} {}",
+                    "{:<24} {:<14} {:<6} {:<26} {:<26} {}",
                     k.name,
                     k.id,
                     if k.admin { "yes" } else { "no" },
                     denoised::jobs::time::rfc3339_from_millis(k.created_at),
-                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis)
+                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis),
+                    describe_limits(&k.limits)
                 );
             }
+            Ok(())
+        }
+        KeysAction::Update { name, limits } => {
+            let info = keys.set_limits(&name, limits.update()).await?;
+            println!("updated key `{}`: {}", info.name, describe_limits(&info.limits));
             Ok(())
         }
         KeysAction::Revoke { name } => {

@@ -22,7 +22,7 @@ use super::AppState;
 use crate::auth::Principal;
 use crate::engine::input::ResizeMode;
 use crate::jobs::params::EditKind;
-use crate::jobs::{Idempotency, JobParams, JobRequest, Submitted};
+use crate::jobs::{Idempotency, JobParams, JobRequest, Priority, Submitted};
 
 /// An edit request. As JSON, `image` and `mask` are base64 or `data:` URLs; as multipart, they are files and
 /// every other field is a form value.
@@ -90,6 +90,8 @@ pub struct EditImageRequest {
     /// Base64 `.npy` float32 `[n, C, height/f, width/f]` unit-Gaussian noise instead of seeded noise (`C`
     /// latent channels and `f` the VAE factor: 4 and 8 for Stable Diffusion).
     pub latents: Option<String>,
+    /// `low`, `normal` (default) or `high` (admin keys only).
+    pub priority: Option<Priority>,
 }
 
 /// How an input picture reaches the target size.
@@ -150,7 +152,9 @@ pub struct EditImageForm {
         (status = 415, description = "Neither JSON nor multipart", body = ErrorBody),
         (status = 422, description = "A field is invalid (corrupt or oversized image, mask of the wrong size, a mode \
          the model cannot do, …); `error.field` names it", body = ErrorBody),
-        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, or it keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`)", body = ErrorBody),
+        (status = 403, description = "`priority: high` without an admin key", body = ErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`), made its `rate_per_minute` submissions (`rate_limited`) or used its `daily_image_steps` (`compute_quota_exceeded`); see `Retry-After` and `RateLimit-*`", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"), ("RateLimit-Limit" = u32, description = "Submissions per minute (rate limits)"), ("RateLimit-Remaining" = u32, description = "Submissions left now"), ("RateLimit-Reset" = u64, description = "Seconds until the limit is whole again"))),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "A repeat of the same request within 24 h returns the same job; the key with a different request or route is a 422")),
 )]
@@ -184,13 +188,18 @@ pub async fn submit_edit(
         }
         None => None,
     };
+    let priority = super::submit::priority(who, fields.priority)?;
     let (models, limits) = (state.models.clone(), state.limits.clone());
     let prepared =
         tokio::task::spawn_blocking(move || validation::edit(&models, &limits, fields, &image, mask.as_deref()))
             .await
             .map_err(ApiError::internal)??;
-    let request =
-        JobRequest { model: prepared.model, params: JobParams::Edit(prepared.params), inputs: Some(prepared.inputs) };
+    let request = JobRequest {
+        model: prepared.model,
+        params: JobParams::Edit(prepared.params),
+        inputs: Some(prepared.inputs),
+        priority,
+    };
     Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)
 }
 

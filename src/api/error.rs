@@ -109,6 +109,19 @@ pub enum ApiError {
     /// The key keeps more images and uploads than `limits.max_stored_bytes_per_key`.
     #[error("{0}")]
     StorageQuota(String),
+    /// A key's limit (`rate_limited`: submissions per minute; `compute_quota_exceeded`: image-steps per day)
+    /// is used up: `429` with `Retry-After` and the `RateLimit-*` headers of that limit.
+    #[error("{message}")]
+    KeyLimit {
+        /// `rate_limited` or `compute_quota_exceeded`.
+        code: &'static str,
+        /// What happened, naming the limit.
+        message: String,
+        /// The limit's state for the `RateLimit-*` headers.
+        state: crate::jobs::RateState,
+        /// Seconds to wait.
+        retry_after: u64,
+    },
     /// Not ready to serve (models loading, database down).
     #[error("{0}")]
     Unavailable(String),
@@ -140,9 +153,10 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::QueueFull { .. } | ApiError::TooManyOutstanding { .. } | ApiError::StorageQuota(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::QueueFull { .. }
+            | ApiError::TooManyOutstanding { .. }
+            | ApiError::StorageQuota(_)
+            | ApiError::KeyLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::KeyBodiesInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -165,6 +179,7 @@ impl ApiError {
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::TooManyOutstanding { .. } => "too_many_outstanding_jobs",
             ApiError::StorageQuota(_) => "storage_quota_exceeded",
+            ApiError::KeyLimit { code, .. } => code,
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::BodiesInFlight { .. } => "server_busy",
             ApiError::KeyBodiesInFlight { .. } => "too_many_body_bytes",
@@ -176,7 +191,7 @@ impl ApiError {
     /// Seconds to send as `Retry-After`, for errors that a later retry can get past.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
+            ApiError::QueueFull { retry_after, .. } | ApiError::KeyLimit { retry_after, .. } => Some(*retry_after),
             ApiError::BodiesInFlight { .. } | ApiError::KeyBodiesInFlight { .. } => Some(1),
             _ => None,
         }
@@ -196,6 +211,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(body)).into_response();
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        if let ApiError::KeyLimit { state, .. } = &self {
+            super::submit::rate_limit_headers(response.headers_mut(), state);
         }
         if response.status() == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -227,6 +245,15 @@ impl From<crate::jobs::JobsError> for ApiError {
             JobsError::TimedOut(_) | JobsError::ShuttingDown(_) => ApiError::Unavailable(e.to_string()),
             JobsError::KeyReused => ApiError::field("Idempotency-Key", e.to_string()),
             JobsError::OverQuota { .. } => ApiError::StorageQuota(e.to_string()),
+            JobsError::RateLimited { state, retry_after } => {
+                ApiError::KeyLimit { code: "rate_limited", message: e.to_string(), state, retry_after }
+            }
+            JobsError::ComputeExhausted { used, limit, retry_after, .. } => {
+                let limit32 = u32::try_from(limit).unwrap_or(u32::MAX);
+                let remaining = u32::try_from(limit.saturating_sub(used)).unwrap_or(u32::MAX);
+                let state = crate::jobs::RateState { limit: limit32, remaining, reset_seconds: retry_after };
+                ApiError::KeyLimit { code: "compute_quota_exceeded", message: e.to_string(), state, retry_after }
+            }
             JobsError::Store(store) => store.into(),
             JobsError::Files(detail) => ApiError::Internal(detail),
         }

@@ -14,7 +14,7 @@ use super::AppState;
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::engine::preview::PreviewMode;
-use crate::jobs::{Idempotency, JobParams, JobRequest, Submitted};
+use crate::jobs::{Idempotency, JobParams, JobRequest, Priority, Submitted};
 
 /// Encodings a client can ask for (the API's name for the engine's [`OutputFormat`]).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
@@ -122,6 +122,10 @@ pub struct GenerateImageRequest {
     /// scales it by the scheduler's initial sigma, as diffusers' `latents=` does.
     #[serde(default)]
     pub latents: Option<String>,
+    /// How soon it runs relative to other jobs: `low`, `normal` (default) or `high` (admin keys only). Among
+    /// jobs of one priority, keys take turns by weight.
+    #[serde(default)]
+    pub priority: Option<Priority>,
 }
 
 /// Submit a text-to-image job.
@@ -137,7 +141,9 @@ pub struct GenerateImageRequest {
         (status = 413, description = "Body over the size limit", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is invalid; `error.field` names it", body = ErrorBody),
-        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, or it keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`)", body = ErrorBody),
+        (status = 403, description = "`priority: high` without an admin key", body = ErrorBody),
+        (status = 429, description = "The queue is full (see `Retry-After`), this key has `limits.max_outstanding_per_key` jobs queued or running, keeps `limits.max_stored_bytes_per_key` of images and uploads (`storage_quota_exceeded`), made its `rate_per_minute` submissions (`rate_limited`) or used its `daily_image_steps` (`compute_quota_exceeded`); see `Retry-After` and `RateLimit-*`", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"), ("RateLimit-Limit" = u32, description = "Submissions per minute (rate limits)"), ("RateLimit-Remaining" = u32, description = "Submissions left now"), ("RateLimit-Reset" = u64, description = "Seconds until the limit is whole again"))),
         (status = 500, description = "Internal error", body = ErrorBody),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "A repeat of the same request within 24 h returns the same job; the key with a different request or route is a 422")),
@@ -166,7 +172,8 @@ pub async fn submit_generate(
         Some(key) => Some(Idempotency::new(key, route, &[&serde_json::to_vec(&request).map_err(ApiError::internal)?])),
         None => None,
     };
+    let priority = super::submit::priority(who, request.priority)?;
     let (model, params) = validation::generation(&state.models, &state.limits, request)?;
-    let request = JobRequest { model, params: JobParams::Generate(params), inputs: None };
+    let request = JobRequest { model, params: JobParams::Generate(params), inputs: None, priority };
     Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)
 }

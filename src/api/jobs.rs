@@ -15,7 +15,7 @@ use crate::engine::image::OutputFormat;
 use crate::jobs::bus::ImageInfo;
 use crate::jobs::progress::Progress;
 use crate::jobs::time::rfc3339_from_millis;
-use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus};
+use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus, Priority};
 
 /// A job as clients see it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -48,6 +48,8 @@ pub struct JobResponse {
     pub queue_position: Option<u64>,
     /// Attempts used (a crash of a worker's process costs one).
     pub attempts: u32,
+    /// `low`, `normal` or `high`.
+    pub priority: Priority,
     /// The pictures, once succeeded.
     pub images: Vec<ImageInfo>,
     /// Why it failed.
@@ -85,6 +87,7 @@ pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) 
         progress: live.progress,
         queue_position: live.queue_position,
         attempts: job.attempts,
+        priority: Priority::from_value(job.priority),
         images: images.iter().map(ImageInfo::from).collect(),
         error,
     })

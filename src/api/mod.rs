@@ -16,6 +16,7 @@ pub mod openai;
 pub mod page;
 pub mod schedulers;
 pub mod submit;
+pub mod usage;
 pub mod validation;
 pub mod workers;
 
@@ -119,6 +120,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))
         .routes(routes!(workers::list_workers))
+        .routes(routes!(usage::usage))
 }
 
 /// The OpenAPI document, generated from the handlers (what `denoised openapi` prints and `/openapi.json`

@@ -256,6 +256,7 @@ pub async fn generations(
         preview_every: Some(0),
         preview: None,
         latents: None,
+        priority: None,
     };
     let mut generation = generation;
     if body.stream.unwrap_or(false) && partial > 0 {

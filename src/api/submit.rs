@@ -7,7 +7,8 @@ use axum::response::{IntoResponse, Response};
 use super::error::{ApiError, AppJson};
 use super::jobs::job_response;
 use super::AppState;
-use crate::jobs::Submitted;
+use crate::auth::Principal;
+use crate::jobs::{Priority, RateState, Submitted};
 
 /// Header whose repeat within [`crate::jobs::IDEMPOTENCY_WINDOW`] returns the job the first request created.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -22,13 +23,33 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
     Ok(Some(key.to_string()))
 }
 
+/// The priority a request asked for, if `who` may use it: `high` is for admin keys.
+pub fn priority(who: &Principal, asked: Option<Priority>) -> Result<Priority, ApiError> {
+    let priority = asked.unwrap_or_default();
+    if priority == Priority::High && !who.admin {
+        return Err(ApiError::Forbidden("priority `high` is for admin keys; use `normal` or `low`".into()));
+    }
+    Ok(priority)
+}
+
 /// The `202 Accepted` answer to a submission.
 pub async fn accepted(state: &AppState, submitted: Submitted) -> Result<Response, ApiError> {
     let location = format!("/v1/jobs/{}", submitted.job.id);
+    let rate = submitted.rate;
     let body = job_response(state, submitted.job, Vec::new()).await?;
     let mut response = (StatusCode::ACCEPTED, [(header::LOCATION, location)], AppJson(body)).into_response();
     if !submitted.created {
         response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
     }
+    if let Some(rate) = rate {
+        rate_limit_headers(response.headers_mut(), &rate);
+    }
     Ok(response)
+}
+
+/// The IETF `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` headers of a key's submission rate.
+pub fn rate_limit_headers(headers: &mut HeaderMap, rate: &RateState) {
+    headers.insert("ratelimit-limit", header::HeaderValue::from(rate.limit));
+    headers.insert("ratelimit-remaining", header::HeaderValue::from(rate.remaining));
+    headers.insert("ratelimit-reset", header::HeaderValue::from(rate.reset_seconds));
 }

@@ -8,7 +8,7 @@ mod key;
 mod store;
 
 pub use key::{generate, key_id, GeneratedKey};
-pub use store::{KeyError, KeyInfo, KeyStore};
+pub use store::{KeyError, KeyInfo, KeyStore, LimitsUpdate};
 
 /// The caller of one request, as the authentication layer established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +19,14 @@ pub struct Principal {
     pub name: String,
     /// Admin keys see every job (and `/metrics`).
     pub admin: bool,
+    /// The key's share and limits (none when authentication is off).
+    pub limits: crate::jobs::KeyLimits,
 }
 
 impl Principal {
     /// The caller when `[auth] enabled = false`: everyone is trusted and sees everything.
     pub fn anonymous() -> Self {
-        Self { key_id: None, name: "anonymous".into(), admin: true }
+        Self { key_id: None, name: "anonymous".into(), admin: true, limits: crate::jobs::KeyLimits::default() }
     }
 
     /// What new jobs record as their owner.
@@ -53,12 +55,14 @@ mod tests {
 
     #[test]
     fn tenants_see_only_their_own_jobs_and_admins_see_all() {
-        let alice = Principal { key_id: Some("a1".into()), name: "alice".into(), admin: false };
+        let alice =
+            Principal { key_id: Some("a1".into()), name: "alice".into(), admin: false, limits: Default::default() };
         assert!(alice.can_see(Some("a1")));
         assert!(!alice.can_see(Some("b2")));
         assert!(!alice.can_see(None));
         assert_eq!(alice.list_scope(), Some("a1"));
-        let admin = Principal { key_id: Some("c3".into()), name: "ops".into(), admin: true };
+        let admin =
+            Principal { key_id: Some("c3".into()), name: "ops".into(), admin: true, limits: Default::default() };
         assert!(admin.can_see(Some("a1")) && admin.can_see(None));
         assert_eq!(admin.list_scope(), None);
         assert!(Principal::anonymous().can_see(Some("a1")));

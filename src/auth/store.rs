@@ -4,7 +4,7 @@ use super::key::{self, GeneratedKey};
 use super::Principal;
 use crate::jobs::store::{on_read, on_write};
 use crate::jobs::time::now_millis;
-use crate::jobs::{JobStore, StoreError};
+use crate::jobs::{JobStore, KeyLimits, StoreError};
 
 /// Why a key operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +18,9 @@ pub enum KeyError {
     /// No live key has this name.
     #[error("no key named `{0}`")]
     NotFound(String),
+    /// A weight or limit of 0.
+    #[error("weight, rate_per_minute and daily_image_steps are at least 1")]
+    InvalidLimit,
     /// The operating system's random source failed.
     #[error("cannot read random bytes: {0}")]
     Random(#[from] getrandom::Error),
@@ -29,6 +32,24 @@ pub enum KeyError {
 impl From<sqlx::Error> for KeyError {
     fn from(e: sqlx::Error) -> Self {
         KeyError::Store(StoreError::Database(e))
+    }
+}
+
+/// Changes to a key's share and limits; `None` leaves a setting as it is (`Some(None)` removes a limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsUpdate {
+    /// New weight (at least 1).
+    pub weight: Option<u32>,
+    /// New submissions per minute, or `Some(None)` for unlimited.
+    pub rate_per_minute: Option<Option<u32>>,
+    /// New image-steps per 24 hours, or `Some(None)` for unlimited.
+    pub daily_image_steps: Option<Option<u64>>,
+}
+
+impl LimitsUpdate {
+    /// Whether it changes anything.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
     }
 }
 
@@ -45,6 +66,8 @@ pub struct KeyInfo {
     pub created_at: i64,
     /// Unix milliseconds, once revoked.
     pub revoked_at: Option<i64>,
+    /// Its share of the workers and its limits.
+    pub limits: KeyLimits,
 }
 
 /// Handle on the `api_keys` table (shares the job store's connections and backend).
@@ -80,7 +103,10 @@ impl KeyStore {
         .await
         .map(|_| ()));
         match result {
-            Ok(_) => Ok((KeyInfo { id, name: name.into(), admin, created_at, revoked_at: None }, key)),
+            Ok(_) => {
+                let limits = KeyLimits::default();
+                Ok((KeyInfo { id, name: name.into(), admin, created_at, revoked_at: None, limits }, key))
+            }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(KeyError::NameTaken(name.into())),
             Err(e) => Err(e.into()),
         }
@@ -88,34 +114,51 @@ impl KeyStore {
 
     /// Every key, live and revoked, oldest first.
     pub async fn list(&self) -> Result<Vec<KeyInfo>, KeyError> {
-        let rows: Vec<(String, String, i64, i64, Option<i64>)> = on_read!(self.store, pool, _d =>
-            sqlx::query_as("SELECT id, name, admin, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
-                .fetch_all(pool)
-                .await?);
-        Ok(rows
-            .into_iter()
-            .map(|(id, name, admin, created_at, revoked_at)| KeyInfo {
-                id,
-                name,
-                admin: admin != 0,
-                created_at,
-                revoked_at,
-            })
-            .collect())
+        let rows: Vec<KeyRow> = on_read!(self.store, pool, _d => sqlx::query_as(concat!(
+            "SELECT ", key_columns!(), " FROM api_keys ORDER BY created_at, id"
+        ))
+        .fetch_all(pool)
+        .await?);
+        Ok(rows.into_iter().map(KeyInfo::from).collect())
     }
 
     /// Revokes the live key named `name`: from then on it authenticates nothing (its jobs stay).
     pub async fn revoke(&self, name: &str) -> Result<KeyInfo, KeyError> {
-        let row: Option<(String, String, i64, i64, Option<i64>)> = on_write!(self.store, pool, _d => sqlx::query_as(
-            "UPDATE api_keys SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL \
-             RETURNING id, name, admin, created_at, revoked_at",
-        )
+        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "UPDATE api_keys SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL RETURNING ",
+            key_columns!()
+        ))
         .bind(name)
         .bind(now_millis())
         .fetch_optional(pool)
         .await?);
-        let (id, name_, admin, created_at, revoked_at) = row.ok_or_else(|| KeyError::NotFound(name.into()))?;
-        Ok(KeyInfo { id, name: name_, admin: admin != 0, created_at, revoked_at })
+        row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
+    }
+
+    /// Changes the live key `name`'s weight and limits (what `update` leaves `None` stays).
+    pub async fn set_limits(&self, name: &str, update: LimitsUpdate) -> Result<KeyInfo, KeyError> {
+        let zero = update.weight == Some(0)
+            || update.rate_per_minute == Some(Some(0))
+            || update.daily_image_steps == Some(Some(0));
+        if zero {
+            return Err(KeyError::InvalidLimit);
+        }
+        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "UPDATE api_keys SET weight = COALESCE($2, weight), \
+                 rate_per_minute = CASE WHEN $3 = 1 THEN $4 ELSE rate_per_minute END, \
+                 daily_image_steps = CASE WHEN $5 = 1 THEN $6 ELSE daily_image_steps END \
+             WHERE name = $1 AND revoked_at IS NULL RETURNING ",
+            key_columns!()
+        ))
+        .bind(name)
+        .bind(update.weight.map(i64::from))
+        .bind(i64::from(update.rate_per_minute.is_some()))
+        .bind(update.rate_per_minute.flatten().map(i64::from))
+        .bind(i64::from(update.daily_image_steps.is_some()))
+        .bind(update.daily_image_steps.flatten().map(|d| i64::try_from(d).unwrap_or(i64::MAX)))
+        .fetch_optional(pool)
+        .await?);
+        row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
     }
 
     /// Whether any live key exists (the server warns at start-up when auth is on and none does).
@@ -138,16 +181,47 @@ impl KeyStore {
     /// The caller a key string belongs to; `None` for a malformed, unknown or revoked key.
     pub async fn authenticate(&self, presented: &str) -> Result<Option<Principal>, KeyError> {
         let Some(id) = key::key_id(presented) else { return Ok(None) };
-        let row: Option<(String, String, i64)> = on_read!(self.store, pool, _d =>
-            sqlx::query_as("SELECT name, secret_hash, admin FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
-                .bind(id)
-                .fetch_optional(pool)
-                .await?);
-        let Some((name, hash, admin)) = row else { return Ok(None) };
+        type Row = (String, String, i64, i64, Option<i64>, Option<i64>);
+        let row: Option<Row> = on_read!(self.store, pool, _d => sqlx::query_as(
+            "SELECT name, secret_hash, admin, weight, rate_per_minute, daily_image_steps FROM api_keys \
+             WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?);
+        let Some((name, hash, admin, weight, rate, daily)) = row else { return Ok(None) };
         if !key::matches(presented, &hash) {
             return Ok(None);
         }
-        Ok(Some(Principal { key_id: Some(id.into()), name, admin: admin != 0 }))
+        let limits = limits_from_row(weight, rate, daily);
+        Ok(Some(Principal { key_id: Some(id.into()), name, admin: admin != 0, limits }))
+    }
+}
+
+/// The columns of `api_keys` that make a [`KeyInfo`].
+macro_rules! key_columns {
+    () => {
+        "id, name, admin, created_at, revoked_at, weight, rate_per_minute, daily_image_steps"
+    };
+}
+use key_columns;
+
+/// An `api_keys` row.
+type KeyRow = (String, String, i64, i64, Option<i64>, i64, Option<i64>, Option<i64>);
+
+impl From<KeyRow> for KeyInfo {
+    fn from((id, name, admin, created_at, revoked_at, weight, rate, daily): KeyRow) -> Self {
+        KeyInfo { id, name, admin: admin != 0, created_at, revoked_at, limits: limits_from_row(weight, rate, daily) }
+    }
+}
+
+/// A key's limits from its columns (out-of-range values, which the schema's checks prevent, read as the
+/// nearest valid one).
+fn limits_from_row(weight: i64, rate: Option<i64>, daily: Option<i64>) -> KeyLimits {
+    KeyLimits {
+        weight: u32::try_from(weight.max(1)).unwrap_or(u32::MAX),
+        rate_per_minute: rate.map(|r| u32::try_from(r.max(1)).unwrap_or(u32::MAX)),
+        daily_image_steps: daily.map(|d| u64::try_from(d.max(1)).unwrap_or(1)),
     }
 }
 

@@ -22,12 +22,13 @@ pub mod time;
 pub use error::StoreError;
 pub use follow::{forever, Follow, Lagged};
 pub use model::{
-    IdempotencyKey, ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission,
-    SubmitLimits, UnknownJobStatus,
+    IdempotencyKey, ImageRecord, Job, JobStatus, KeyLimits, NewImage, NewJob, RateState, RecoverReport, StatusCounts,
+    Submission, SubmitLimits, UnknownJobStatus,
 };
 pub use params::JobParams;
 pub use positions::QueuePositions;
 pub use service::{
-    Cancelled, EditInputs, Idempotency, JobRequest, JobRules, Jobs, JobsError, LiveState, Submitted, IDEMPOTENCY_WINDOW,
+    Cancelled, EditInputs, Idempotency, JobRequest, JobRules, Jobs, JobsError, LiveState, Priority, Submitted,
+    IDEMPOTENCY_WINDOW,
 };
 pub use store::{JobStore, MAX_ATTEMPTS_EXCEEDED};

@@ -76,7 +76,8 @@ pub struct NewJob {
     pub model: String,
     /// The validated request parameters, typed by kind, handed back to the worker unchanged.
     pub params: JobParams,
-    /// Higher runs first; jobs of equal priority run oldest first.
+    /// Higher runs first; among jobs of equal priority, owners take turns by weight (fair sharing), and
+    /// each owner's jobs run oldest first.
     pub priority: i32,
     /// How many claims the job may use before an expired lease fails it (at least 1).
     pub max_attempts: u32,
@@ -85,6 +86,8 @@ pub struct NewJob {
     pub owner: Option<String>,
     /// Bytes of the files stored beside the job (an edit's pictures, client latents), for storage quotas.
     pub input_bytes: u64,
+    /// What it costs against its owner's daily compute: image-steps (`n × steps`).
+    pub cost: u64,
 }
 
 /// A job as stored: the queue's answer to `get`, `claim` and friends.
@@ -243,6 +246,10 @@ pub struct SubmitLimits {
     pub max_outstanding_per_owner: u64,
     /// Bytes an owner may keep stored, images and inputs (`u64::MAX`: unchecked; ownerless jobs never count).
     pub max_stored_bytes_per_owner: u64,
+    /// Submissions per minute the owner may make (its key's token bucket; `None`: unlimited).
+    pub rate_per_minute: Option<u32>,
+    /// Image-steps the owner may submit per 24 hours (`None`: unlimited).
+    pub daily_image_steps: Option<u64>,
 }
 
 impl SubmitLimits {
@@ -251,7 +258,38 @@ impl SubmitLimits {
         max_queued: u64::MAX,
         max_outstanding_per_owner: u64::MAX,
         max_stored_bytes_per_owner: u64::MAX,
+        rate_per_minute: None,
+        daily_image_steps: None,
     };
+}
+
+/// An API key's share of the workers and its limits, set by operators with `denoised keys`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Its share when keys compete for workers: a key of weight 3 gets three jobs claimed for each one of a
+    /// key of weight 1 while both have jobs waiting.
+    pub weight: u32,
+    /// Submissions per minute (a token bucket holding a minute's worth); `None`: unlimited.
+    pub rate_per_minute: Option<u32>,
+    /// Image-steps (`n × steps`) per rolling 24 hours; `None`: unlimited.
+    pub daily_image_steps: Option<u64>,
+}
+
+impl Default for KeyLimits {
+    fn default() -> Self {
+        Self { weight: 1, rate_per_minute: None, daily_image_steps: None }
+    }
+}
+
+/// Where a key stands against its submission rate, for the `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    /// Submissions per minute.
+    pub limit: u32,
+    /// Submissions it could make right now.
+    pub remaining: u32,
+    /// Seconds until the bucket is full again.
+    pub reset_seconds: u64,
 }
 
 /// What [`JobStore::submit`](super::JobStore::submit) did.
@@ -277,6 +315,22 @@ pub enum Submission {
     OverQuota {
         /// Bytes the owner's jobs keep stored.
         stored: u64,
+    },
+    /// Refused: the owner's submission rate is used up.
+    RateLimited {
+        /// Where its bucket stands (`remaining` is 0).
+        state: RateState,
+        /// Milliseconds until one submission is allowed again.
+        retry_after_ms: u64,
+    },
+    /// Refused: this job's image-steps would pass the owner's daily compute.
+    ComputeExhausted {
+        /// Image-steps submitted in the last 24 hours.
+        used: u64,
+        /// The daily limit.
+        limit: u64,
+        /// Milliseconds until enough of the window's jobs age out for this one to fit.
+        retry_after_ms: u64,
     },
 }
 

@@ -88,6 +88,16 @@ impl JobParams {
         }
     }
 
+    /// What the job costs against its key's daily compute: image-steps, `n × ` the steps it runs.
+    pub fn image_steps(&self) -> u64 {
+        let n = match self {
+            JobParams::Generate(p) => p.n,
+            JobParams::Edit(p) => p.generate.n,
+            JobParams::Unreadable { .. } => 0,
+        };
+        u64::from(n) * u64::from(self.visible_steps())
+    }
+
     /// A stored input of the job (an edit's picture, or the client's latents; relative to `data_dir`), whose
     /// folder holds all of them and goes with the job.
     pub fn input_path(&self) -> Option<&str> {

@@ -16,7 +16,8 @@ use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, StartedEvent};
 use super::params::JobParams;
 use super::progress::{Progress, ProgressBoard, StopReason};
 use super::{
-    IdempotencyKey, ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, StoreError, SubmitLimits,
+    IdempotencyKey, ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, RateState, StoreError,
+    SubmitLimits,
 };
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
@@ -93,6 +94,29 @@ pub enum JobsError {
     /// The `Idempotency-Key` already names a job made from a different request (or on another route).
     #[error("this Idempotency-Key was used for a different request; use a new key for a new request")]
     KeyReused,
+    /// The key made its `rate_per_minute` submissions already.
+    #[error("this API key may submit {} jobs per minute (its rate_per_minute); retry after {} s", state.limit, retry_after)]
+    RateLimited {
+        /// The key's bucket.
+        state: RateState,
+        /// Seconds until one more submission is allowed.
+        retry_after: u64,
+    },
+    /// The job's image-steps would pass the key's daily compute.
+    #[error(
+        "this API key submitted {used} image-steps (n × steps) in the last 24 hours; this job needs {cost} more \
+         and its daily_image_steps is {limit}; retry after {retry_after} s"
+    )]
+    ComputeExhausted {
+        /// Image-steps in the last 24 hours.
+        used: u64,
+        /// What this job needs.
+        cost: u64,
+        /// The key's daily limit.
+        limit: u64,
+        /// Seconds until it fits.
+        retry_after: u64,
+    },
     /// A wait ran out of time.
     #[error("job `{0}` did not finish in time; follow /v1/jobs/{0}")]
     TimedOut(Uuid),
@@ -152,6 +176,49 @@ pub struct JobRequest {
     pub params: JobParams,
     /// An edit's pictures.
     pub inputs: Option<EditInputs>,
+    /// Its claim priority (`high` is for admin keys; the route checks).
+    pub priority: Priority,
+}
+
+/// How soon a job is claimed relative to others: every `high` job before any `normal` one, and so on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// After every `normal` and `high` job.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Before every `normal` and `low` job; admin keys only.
+    High,
+}
+
+impl Priority {
+    /// The stored value (`jobs.priority`).
+    pub fn value(self) -> i32 {
+        match self {
+            Priority::Low => -1,
+            Priority::Normal => 0,
+            Priority::High => 1,
+        }
+    }
+
+    /// The priority a stored value stands for (values between the three round toward `normal`).
+    pub fn from_value(value: i32) -> Self {
+        match value {
+            v if v < 0 => Priority::Low,
+            0 => Priority::Normal,
+            _ => Priority::High,
+        }
+    }
+}
+
+/// A job whose inputs are stored, ready for its row.
+struct ReadyJob {
+    model: String,
+    params: JobParams,
+    priority: Priority,
+    input_bytes: u64,
 }
 
 /// A submission's outcome: the job, and whether this request created it (`false`: an idempotent replay).
@@ -161,6 +228,8 @@ pub struct Submitted {
     pub job: Job,
     /// Whether this request created it.
     pub created: bool,
+    /// The key's submission rate after this submission, when it has one (for the `RateLimit-*` headers).
+    pub rate: Option<RateState>,
 }
 
 /// What a cancellation did.
@@ -252,11 +321,14 @@ impl Jobs {
         request: JobRequest,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
-        let JobRequest { model, mut params, inputs } = request;
+        let JobRequest { model, mut params, inputs, priority } = request;
         let folder = Uuid::new_v4();
         let stored = self.store_inputs(folder, &mut params, inputs).await;
         let outcome = match stored {
-            Ok(input_bytes) => self.enqueue(who, model, params, input_bytes, idempotency).await,
+            Ok(input_bytes) => {
+                let ready = ReadyJob { model, params, priority, input_bytes };
+                self.enqueue(who, ready, idempotency).await
+            }
             Err(e) => Err(e),
         };
         if !matches!(outcome, Ok(Submitted { created: true, .. })) {
@@ -317,23 +389,26 @@ impl Jobs {
     async fn enqueue(
         &self,
         who: &Principal,
-        model: String,
-        params: JobParams,
-        input_bytes: u64,
+        ready: ReadyJob,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
+        let ReadyJob { model, params, priority, input_bytes } = ready;
+        let cost = params.image_steps();
         let new = NewJob {
             model,
             params,
-            priority: 0,
+            priority: priority.value(),
             max_attempts: self.rules.max_attempts,
             owner: who.owner().map(str::to_string),
             input_bytes,
+            cost,
         };
         let limits = SubmitLimits {
             max_queued: self.rules.max_queued,
             max_outstanding_per_owner: self.rules.max_outstanding_per_key,
             max_stored_bytes_per_owner: self.rules.max_stored_bytes_per_key,
+            rate_per_minute: who.limits.rate_per_minute,
+            daily_image_steps: who.limits.daily_image_steps,
         };
         let key = idempotency.map(|i| IdempotencyKey {
             key: &i.key,
@@ -356,6 +431,17 @@ impl Jobs {
             super::Submission::OwnerBusy { outstanding } => {
                 return Err(JobsError::OwnerBusy { outstanding, limit: self.rules.max_outstanding_per_key });
             }
+            super::Submission::RateLimited { state, retry_after_ms } => {
+                return Err(JobsError::RateLimited { state, retry_after: retry_after_ms.div_ceil(1000).max(1) });
+            }
+            super::Submission::ComputeExhausted { used, limit, retry_after_ms } => {
+                let retry_after = retry_after_ms.div_ceil(1000).max(1);
+                return Err(JobsError::ComputeExhausted { used, cost, limit, retry_after });
+            }
+        };
+        let rate = match (who.owner(), who.limits.rate_per_minute) {
+            (Some(owner), Some(rate)) => Some(self.store.rate_state(owner, rate).await?),
+            _ => None,
         };
         if created {
             self.wake.notify_one();
@@ -365,7 +451,7 @@ impl Jobs {
             let eta_ms = self.progress.queued_eta_ms(job.params.visible_steps(), position, self.rules.workers);
             self.bus.publish(job.id, EventKind::queued(position, eta_ms));
         }
-        Ok(Submitted { job, created })
+        Ok(Submitted { job, created, rate })
     }
 
     /// The job `id` if it exists and `who` may see it; another tenant's job is "not found", exactly like a

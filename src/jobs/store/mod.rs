@@ -61,10 +61,12 @@ macro_rules! on_write {
 pub(crate) use {on_read, on_write};
 
 mod events;
+mod order;
 pub mod postgres;
 mod rows;
 mod sqlite;
 mod submit;
+mod usage;
 mod workers;
 
 use std::time::Duration;
@@ -73,6 +75,7 @@ use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 pub use self::events::StoredEvent;
+pub use self::usage::OwnerUsage;
 pub use self::workers::{WorkerInfo, WorkerRegistration};
 use super::error::StoreError;
 use super::model::{
@@ -229,10 +232,13 @@ impl JobStore {
         row.map(Job::try_from).transpose()
     }
 
-    /// Takes the next job for worker `owner`: the highest priority, then the oldest, queued job becomes
-    /// `running` with a lease of `lease` from now, `started_at` now and one more attempt charged.
+    /// Takes the next job for worker `owner`: it becomes `running` with a lease of `lease` from now,
+    /// `started_at` now and one more attempt charged. Which job: the highest priority; among those, the
+    /// owner (API key) furthest behind in the fair-share rotation (each claim moves its owner on by
+    /// 1/weight); that owner's oldest job. On PostgreSQL a job another claim has locked is skipped for the
+    /// next in that order.
     ///
-    /// One atomic statement (SQLite: it holds the write lock from its first read; PostgreSQL: it skips rows
+    /// One transaction (SQLite: it holds the write lock from its first read; PostgreSQL: it skips rows
     /// another claim has locked), so any number of workers and processes can call it concurrently and each job
     /// is handed out once. `None` when the queue is empty.
     pub async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StoreError> {
@@ -250,29 +256,44 @@ impl JobStore {
         let now = now_millis();
         let models = models.map(|m| serde_json::Value::from(m.to_vec()).to_string());
         let rows: Vec<JobRow> = on_write!(self, pool, dialect => {
-            let sql = match dialect {
-                Dialect::Sqlite => concat!(
-                    "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_at = $2, started_at = $3, \
-                         attempts = attempts + 1, cancel_requested_at = NULL \
-                     WHERE status = 'queued' AND id = ( \
-                         SELECT id FROM jobs WHERE status = 'queued' \
-                         AND ($4 IS NULL OR model IN (SELECT value FROM json_each($4))) \
-                         ORDER BY priority DESC, created_at, id LIMIT 1) \
-                     RETURNING ",
-                    job_columns!()
-                ),
-                Dialect::Postgres => concat!(
-                    "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_at = $2, started_at = $3, \
-                         attempts = attempts + 1, cancel_requested_at = NULL \
-                     WHERE status = 'queued' AND id = ( \
-                         SELECT id FROM jobs WHERE status = 'queued' \
-                         AND ($4::text IS NULL OR model IN (SELECT json_array_elements_text($4::json))) \
-                         ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-                     RETURNING ",
-                    job_columns!()
+            let (model_filter, lock) = match dialect {
+                Dialect::Sqlite => ("($4 IS NULL OR j.model IN (SELECT value FROM json_each($4)))", ""),
+                Dialect::Postgres => (
+                    "($4::text IS NULL OR j.model IN (SELECT json_array_elements_text($4::json)))",
+                    " FOR UPDATE OF j SKIP LOCKED",
                 ),
             };
-            sqlx::query_as(sql).bind(owner).bind(deadline(now, lease)).bind(now).bind(&models).fetch_all(pool).await?
+            // Among equal passes, the oldest job's owner goes first: the owner whose turn it is.
+            let sql = format!(
+                "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_at = $2, started_at = $3, \
+                     attempts = attempts + 1, cancel_requested_at = NULL \
+                 WHERE status = 'queued' AND id = ( \
+                     SELECT j.id FROM jobs j LEFT JOIN fair_share f ON f.owner = COALESCE(j.owner, '') \
+                     WHERE j.status = 'queued' AND {model_filter} \
+                     ORDER BY j.priority DESC, COALESCE(f.pass, 0.0), j.created_at, j.id LIMIT 1{lock}) \
+                 RETURNING {}",
+                job_columns!()
+            );
+            let mut tx = pool.begin_with(dialect.begin()).await?;
+            let rows: Vec<JobRow> = sqlx::query_as(&sql)
+                .bind(owner)
+                .bind(deadline(now, lease))
+                .bind(now)
+                .bind(&models)
+                .fetch_all(&mut *tx)
+                .await?;
+            if let Some(row) = rows.first() {
+                sqlx::query(
+                    "INSERT INTO fair_share (owner, pass) \
+                     VALUES ($1, 1.0 / COALESCE((SELECT weight FROM api_keys WHERE id = $1), 1)) \
+                     ON CONFLICT (owner) DO UPDATE SET pass = fair_share.pass + excluded.pass",
+                )
+                .bind(row.owner.clone().unwrap_or_default())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            rows
         });
         one_job(rows)
     }
@@ -608,31 +629,6 @@ impl JobStore {
                 .fetch_optional(pool)
                 .await?);
         row.map(ImageRecord::try_from).transpose()
-    }
-
-    /// How many queued jobs will be claimed before this one (0 = next), in claim order (priority, then age);
-    /// `None` if the job does not exist or is no longer queued. For clients waiting on a busy server.
-    pub async fn queue_position(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
-        let ahead: Option<(i64,)> = on_read!(self, pool, _d => sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM jobs AS o WHERE o.status = 'queued' AND ( \
-                     o.priority > j.priority \
-                     OR (o.priority = j.priority AND o.created_at < j.created_at) \
-                     OR (o.priority = j.priority AND o.created_at = j.created_at AND o.id < j.id))) \
-             FROM jobs AS j WHERE j.id = $1 AND j.status = 'queued'",
-        )
-        .bind(id.to_string())
-        .fetch_optional(pool)
-        .await?);
-        ahead.map(|(n,)| non_negative("jobs", "queue position", n)).transpose()
-    }
-
-    /// Every queued job's id in claim order (priority, then age), for [`QueuePositions`](super::QueuePositions).
-    pub async fn queued_order(&self) -> Result<Vec<Uuid>, StoreError> {
-        let rows: Vec<(String,)> = on_read!(self, pool, _d =>
-            sqlx::query_as("SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, id")
-                .fetch_all(pool)
-                .await?);
-        parse_ids(rows)
     }
 
     /// The number of jobs in each status, for the queue-depth gauges.

@@ -64,7 +64,7 @@ pub(super) struct JobRow {
     created_at: i64,
     started_at: Option<i64>,
     finished_at: Option<i64>,
-    owner: Option<String>,
+    pub(super) owner: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {

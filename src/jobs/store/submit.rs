@@ -3,9 +3,10 @@
 use uuid::Uuid;
 
 use super::super::error::StoreError;
-use super::super::model::{IdempotencyKey, NewJob, Submission, SubmitLimits};
+use super::super::model::{IdempotencyKey, NewJob, RateState, Submission, SubmitLimits};
 use super::super::time::now_millis;
 use super::rows::{non_negative, one_job, JobRow};
+use super::usage::{DAY_MILLIS, STORED_BYTES};
 use super::{job_columns, postgres, Dialect, JobStore};
 
 /// The job `key` already made for `owner` within its window (`Replayed`, or `KeyReused` when the request
@@ -82,17 +83,21 @@ macro_rules! refusal {
                 }
             }
         }
+        if let (None, Some(owner), Some(limit)) = (&refusal, &new.owner, limits.daily_image_steps) {
+            let window: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT created_at, cost FROM jobs WHERE owner = $1 AND owner IS NOT NULL AND created_at > $2 \
+                 AND NOT (status = 'cancelled' AND started_at IS NULL) ORDER BY created_at",
+            )
+            .bind(owner)
+            .bind(now_millis() - DAY_MILLIS)
+            .fetch_all(&mut *$tx)
+            .await?;
+            refusal = over_daily_compute(&window, new.cost, limit, now_millis());
+        }
         if let (None, Some(owner)) = (&refusal, &new.owner) {
             if limits.max_stored_bytes_per_owner != u64::MAX {
                 // Bytes the owner's jobs keep stored: their inputs and their images.
-                let (stored,): (i64,) = sqlx::query_as(
-                    "SELECT CAST(COALESCE((SELECT SUM(input_bytes) FROM jobs WHERE owner = $1 AND owner IS NOT NULL), 0) \
-                     + COALESCE((SELECT SUM(i.bytes) FROM images i JOIN jobs j ON j.id = i.job_id \
-                                 WHERE j.owner = $1), 0) AS BIGINT)",
-                )
-                .bind(owner)
-                .fetch_one(&mut *$tx)
-                .await?;
+                let (stored,): (i64,) = sqlx::query_as(STORED_BYTES).bind(owner).fetch_one(&mut *$tx).await?;
                 let stored = non_negative("jobs", "stored bytes", stored)?;
                 if stored.saturating_add(new.input_bytes) > limits.max_stored_bytes_per_owner {
                     refusal = Some(Submission::OverQuota { stored });
@@ -103,7 +108,109 @@ macro_rules! refusal {
     }};
 }
 
+/// Takes one submission from `$owner`'s token bucket of `$rate` per minute, or says when one will be there.
+macro_rules! take_token {
+    ($tx:expr, $dialect:expr, $owner:expr, $rate:expr, $now:expr) => {{
+        let row: Option<(f64, i64)> = sqlx::query_as("SELECT tokens, updated_at FROM rate_buckets WHERE owner = $1")
+            .bind($owner)
+            .fetch_optional(&mut *$tx)
+            .await?;
+        let tokens = refilled(row, $rate, $now);
+        if tokens < 1.0 {
+            let state = RateState { limit: $rate, remaining: 0, reset_seconds: seconds_to_full(tokens, $rate) };
+            let retry_after_ms = ((1.0 - tokens) * 60_000.0 / f64::from($rate)).ceil() as u64;
+            Some(Submission::RateLimited { state, retry_after_ms })
+        } else {
+            sqlx::query(
+                "INSERT INTO rate_buckets (owner, tokens, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (owner) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+            )
+            .bind($owner)
+            .bind(tokens - 1.0)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
+            None
+        }
+    }};
+}
+
+/// An owner that had nothing queued joins the fair-share rotation at the virtual time of the owners already
+/// waiting, neither ahead of them with credit saved while idle nor behind them.
+macro_rules! join_rotation {
+    ($tx:expr, $dialect:expr, $owner:expr) => {{
+        let (waiting,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1")
+                .bind($owner)
+                .fetch_one(&mut *$tx)
+                .await?;
+        if waiting == 0 {
+            let sql = match $dialect {
+                Dialect::Sqlite => {
+                    "INSERT INTO fair_share (owner, pass) VALUES ($1, (SELECT COALESCE(MIN(f.pass), 0.0) FROM \
+                     fair_share f WHERE f.owner IN (SELECT COALESCE(owner, '') FROM jobs WHERE status = 'queued'))) \
+                     ON CONFLICT (owner) DO UPDATE SET pass = MAX(fair_share.pass, excluded.pass)"
+                }
+                Dialect::Postgres => {
+                    "INSERT INTO fair_share (owner, pass) VALUES ($1, (SELECT COALESCE(MIN(f.pass), 0.0) FROM \
+                     fair_share f WHERE f.owner IN (SELECT COALESCE(owner, '') FROM jobs WHERE status = 'queued'))) \
+                     ON CONFLICT (owner) DO UPDATE SET pass = GREATEST(fair_share.pass, excluded.pass)"
+                }
+            };
+            sqlx::query(sql).bind($owner).execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Refuses a job of `cost` image-steps when the owner's `window` of (created_at, cost) in the last 24 hours
+/// leaves no room under `limit`; the wait is until enough of the window ages out (a day for a job that can
+/// never fit).
+fn over_daily_compute(window: &[(i64, i64)], cost: u64, limit: u64, now: i64) -> Option<Submission> {
+    let used: u64 = window.iter().map(|(_, c)| u64::try_from(*c).unwrap_or(0)).sum();
+    if used.saturating_add(cost) <= limit {
+        return None;
+    }
+    let mut left = used;
+    let mut retry_after_ms = DAY_MILLIS as u64;
+    if cost <= limit {
+        for (created_at, c) in window {
+            left = left.saturating_sub(u64::try_from(*c).unwrap_or(0));
+            if left.saturating_add(cost) <= limit {
+                retry_after_ms = u64::try_from(created_at + DAY_MILLIS - now).unwrap_or(0).max(1);
+                break;
+            }
+        }
+    }
+    Some(Submission::ComputeExhausted { used, limit, retry_after_ms })
+}
+
+/// A bucket's tokens now: what it held, plus a minute's `rate` per minute since, at most `rate`; a new
+/// bucket starts full.
+pub(super) fn refilled(row: Option<(f64, i64)>, rate: u32, now: i64) -> f64 {
+    let rate = f64::from(rate);
+    match row {
+        None => rate,
+        Some((tokens, at)) => (tokens + (now - at).max(0) as f64 * rate / 60_000.0).min(rate),
+    }
+}
+
+/// Seconds until a bucket holding `tokens` of `rate` is full again.
+pub(super) fn seconds_to_full(tokens: f64, rate: u32) -> u64 {
+    ((f64::from(rate) - tokens).max(0.0) * 60.0 / f64::from(rate)).ceil() as u64
+}
+
 impl JobStore {
+    /// Where `owner`'s bucket of `rate` submissions per minute stands now (read only).
+    pub async fn rate_state(&self, owner: &str, rate: u32) -> Result<RateState, StoreError> {
+        let row: Option<(f64, i64)> = super::on_read!(self, pool, _d =>
+            sqlx::query_as("SELECT tokens, updated_at FROM rate_buckets WHERE owner = $1")
+                .bind(owner)
+                .fetch_optional(pool)
+                .await?);
+        let tokens = refilled(row, rate, now_millis());
+        Ok(RateState { limit: rate, remaining: tokens.floor() as u32, reset_seconds: seconds_to_full(tokens, rate) })
+    }
+
     /// Submits a job in one write transaction: first the job an `Idempotency-Key` created within its window
     /// (keys are per owner: another API key's job is never returned), then the queue-depth and per-owner
     /// limits, then the insert. The transaction holds the database's submission lock (SQLite's write lock;
@@ -135,10 +242,17 @@ impl JobStore {
             if let Some(refusal) = refusal!(tx, &new, limits) {
                 return Ok(refusal);
             }
+            if let (Some(owner), Some(rate)) = (owner, limits.rate_per_minute) {
+                if let Some(refusal) = take_token!(tx, dialect, owner, rate, now) {
+                    tx.commit().await?;
+                    return Ok(refusal);
+                }
+            }
+            join_rotation!(tx, dialect, owner.unwrap_or(""));
             let rows: Vec<JobRow> = sqlx::query_as(concat!(
                 "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-                 idempotency_key, owner, idempotency_fingerprint, input_bytes) \
-                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11) RETURNING ",
+                 idempotency_key, owner, idempotency_fingerprint, input_bytes, cost) \
+                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
                 job_columns!()
             ))
             .bind(Uuid::now_v7().to_string())
@@ -152,6 +266,7 @@ impl JobStore {
             .bind(owner)
             .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
             .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
+            .bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await?;
             if dialect == Dialect::Postgres {

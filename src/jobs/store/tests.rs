@@ -96,7 +96,15 @@ fn params() -> JobParams {
 }
 
 fn new_job(priority: i32) -> NewJob {
-    NewJob { model: "tiny-sd".into(), params: params(), priority, max_attempts: 3, owner: None, input_bytes: 0 }
+    NewJob {
+        model: "tiny-sd".into(),
+        params: params(),
+        priority,
+        max_attempts: 3,
+        owner: None,
+        input_bytes: 0,
+        cost: 4,
+    }
 }
 
 fn image(index: u32, seed: u64) -> NewImage {
@@ -742,6 +750,89 @@ async fn an_owner_past_its_storage_quota_is_refused_and_others_are_not(db: TestD
     assert!(matches!(store.submit(with_inputs("alice", 200), None, limits).await.unwrap(), Submission::Created(_)));
 }
 
+/// Claims `count` jobs as worker `w`, in order (completing each so the next claim is free to pick any).
+async fn claim_ids(store: &JobStore, count: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        let job = store.claim("w", LEASE).await.unwrap().expect("a queued job");
+        assert!(store.complete(job.id, "w", &[]).await.unwrap());
+        ids.push(job.id);
+    }
+    ids
+}
+
+async fn keys_take_turns_by_weight_after_higher_priorities(db: TestDb) {
+    let store = db.connect().await;
+    let keys = crate::auth::KeyStore::new(&store);
+    let (a, _) = keys.create("a", false).await.unwrap();
+    let (b, _) = keys.create("b", false).await.unwrap();
+    let heavier = crate::auth::LimitsUpdate { weight: Some(2), ..Default::default() };
+    keys.set_limits("b", heavier).await.unwrap();
+    let mut owner_of = std::collections::HashMap::new();
+    for _ in 0..6 {
+        owner_of.insert(store.insert(owned_by(&a.id)).await.unwrap().id, "a");
+    }
+    for _ in 0..4 {
+        owner_of.insert(store.insert(owned_by(&b.id)).await.unwrap().id, "b");
+    }
+    owner_of.insert(store.insert(NewJob { priority: -1, ..owned_by(&b.id) }).await.unwrap().id, "b-low");
+    owner_of.insert(store.insert(NewJob { priority: 1, ..owned_by(&a.id) }).await.unwrap().id, "a-high");
+    let predicted = store.queued_order().await.unwrap();
+    let claimed = claim_ids(&store, 12).await;
+    assert_eq!(claimed, predicted, "queue positions predict the claims");
+    let owners: Vec<&str> = claimed.iter().map(|id| owner_of[id]).collect();
+    // High first, low last; between them b (weight 2) gets two turns for each of a's.
+    assert_eq!(owners, ["a-high", "b", "b", "a", "b", "b", "a", "a", "a", "a", "a", "b-low"]);
+    assert_eq!(store.claim("w", LEASE).await.unwrap(), None);
+}
+
+async fn a_key_with_one_job_waits_for_at_most_one_job_of_a_busy_key(db: TestDb) {
+    let store = db.connect().await;
+    for _ in 0..50 {
+        store.insert(owned_by("busy")).await.unwrap();
+    }
+    // The busy key has been served a while before the other one shows up.
+    claim_ids(&store, 10).await;
+    let single = store.insert(owned_by("quiet")).await.unwrap();
+    assert!(store.queue_position(single.id).await.unwrap().unwrap() <= 1);
+    let next = claim_ids(&store, 2).await;
+    assert!(next.contains(&single.id), "the single job is claimed within two claims");
+}
+
+async fn rate_and_daily_compute_are_counted_inside_the_submission(db: TestDb) {
+    let store = db.connect().await;
+    let rate = SubmitLimits { rate_per_minute: Some(2), ..SubmitLimits::NONE };
+    for _ in 0..2 {
+        assert!(matches!(store.submit(owned_by("alice"), None, rate).await.unwrap(), Submission::Created(_)));
+    }
+    match store.submit(owned_by("alice"), None, rate).await.unwrap() {
+        Submission::RateLimited { state, retry_after_ms } => {
+            assert_eq!((state.limit, state.remaining), (2, 0));
+            assert!((29_000..=30_000).contains(&retry_after_ms), "{retry_after_ms}");
+            assert!((59..=60).contains(&state.reset_seconds), "{state:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(store.submit(owned_by("bob"), None, rate).await.unwrap(), Submission::Created(_)));
+    assert_eq!(store.rate_state("alice", 2).await.unwrap().remaining, 0);
+    assert_eq!(store.rate_state("carol", 2).await.unwrap().remaining, 2);
+
+    // Each job costs 4 image-steps; 10 a day leaves room for two.
+    let daily = SubmitLimits { daily_image_steps: Some(10), ..SubmitLimits::NONE };
+    for _ in 0..2 {
+        assert!(matches!(store.submit(owned_by("dave"), None, daily).await.unwrap(), Submission::Created(_)));
+    }
+    match store.submit(owned_by("dave"), None, daily).await.unwrap() {
+        Submission::ComputeExhausted { used, limit, retry_after_ms } => {
+            assert_eq!((used, limit), (8, 10));
+            assert!(retry_after_ms > 86_000_000 && retry_after_ms <= 86_400_000, "{retry_after_ms}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.usage("dave").await.unwrap().image_steps_24h, 8);
+    assert_eq!(store.usage("dave").await.unwrap().outstanding, 2);
+}
+
 on_both_backends!(
     insert_then_get,
     claim_takes_highest_priority_then_oldest,
@@ -766,4 +857,7 @@ on_both_backends!(
     limits_are_checked_inside_the_write_and_replays_pass_them,
     retention_deletes_only_finished_jobs_older_than_the_cutoff,
     an_owner_past_its_storage_quota_is_refused_and_others_are_not,
+    keys_take_turns_by_weight_after_higher_priorities,
+    a_key_with_one_job_waits_for_at_most_one_job_of_a_busy_key,
+    rate_and_daily_compute_are_counted_inside_the_submission,
 );
