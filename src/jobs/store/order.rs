@@ -13,10 +13,13 @@ use super::JobStore;
 /// A queued job as the order needs it: id, owner (`''` for none), priority, created_at.
 type Waiting = (String, String, i64, i64);
 
+/// What the order is computed from: the waiting jobs, the owners' passes and the keys' weights.
+type QueueState = (Vec<Waiting>, Vec<(String, f64)>, Vec<(String, i64)>);
+
 impl JobStore {
     /// Every queued job's id in claim order, for [`QueuePositions`](super::super::QueuePositions).
     pub async fn queued_order(&self) -> Result<Vec<Uuid>, StoreError> {
-        let (waiting, passes, weights): (Vec<Waiting>, Vec<(String, f64)>, Vec<(String, i64)>) = on_read!(self, pool, _d => {
+        let (waiting, passes, weights): QueueState = on_read!(self, pool, _d => {
             let waiting = sqlx::query_as(
                 "SELECT id, COALESCE(owner, ''), priority, created_at FROM jobs WHERE status = 'queued' \
                  ORDER BY created_at, id",
