@@ -229,6 +229,13 @@ impl TestServer {
 pub const AUTH_ON: &str = "[auth]\nenabled = true\n";
 
 impl TestServer {
+    /// Sets the weight and limits of the key named `name` (what `denoised keys update` does).
+    pub async fn set_limits(&self, name: &str, update: denoised::auth::LimitsUpdate) {
+        let store = denoised::jobs::JobStore::connect(&self.database_url).await.expect("open the server's database");
+        denoised::auth::KeyStore::new(&store).set_limits(name, update).await.expect("set limits");
+        store.close().await;
+    }
+
     /// Revokes the key named `name` in this server's database (what `denoised keys revoke` does).
     pub async fn revoke_key(&self, name: &str) {
         let store = denoised::jobs::JobStore::connect(&self.database_url).await.expect("open the server's database");
