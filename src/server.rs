@@ -58,11 +58,7 @@ impl Server {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let rules = job_rules(config, specs.len());
-        let files = ImageFiles::new(&config.storage.data_dir);
-        let stray = files.remove_stray_temporaries().context("removing temporary files left by a crash")?;
-        if stray > 0 {
-            info!(stray, "removed temporary files left by an interrupted write");
-        }
+        let files = ImageFiles::open(&config.storage).await.context("opening image storage")?;
         let jobs = Jobs::new(store, files, rules, stop_rx.clone());
         let (runtime_for_pool, registry_for_pool) = (runtime.clone(), registry.clone());
         let (progress, bus) = (jobs.progress().clone(), jobs.bus().clone());
