@@ -175,11 +175,79 @@ pub struct StorageConfig {
     pub database_url: String,
     /// Finished jobs and their images are deleted this long after they end; 0 keeps them forever.
     pub retention_hours: f64,
+    /// Where images and edit inputs are kept: `local` (under `data_dir`, a local or shared folder; the default)
+    /// or `s3` (an S3-compatible bucket, described in `[storage.s3]`).
+    pub backend: StorageBackend,
+    /// `[storage.s3]`: the bucket, for `backend = "s3"`.
+    pub s3: Option<S3Config>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: "data".into(), database_url: "sqlite://data/denoised.db".into(), retention_hours: 168.0 }
+        Self {
+            data_dir: "data".into(),
+            database_url: "sqlite://data/denoised.db".into(),
+            retention_hours: 168.0,
+            backend: StorageBackend::Local,
+            s3: None,
+        }
+    }
+}
+
+/// `storage.backend`: which store keeps images and edit inputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Files under `data_dir` (a local disk, or a folder every server mounts).
+    #[default]
+    Local,
+    /// Objects in an S3-compatible bucket (`[storage.s3]`).
+    S3,
+}
+
+/// `[storage.s3]`: an S3-compatible bucket (AWS, MinIO, R2, …). Keys left out here come from the usual
+/// `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+/// `AWS_REGION`, `AWS_ENDPOINT`, …), then from the instance's or container's role.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// The bucket's name. It must exist: the server does not create it.
+    pub bucket: String,
+    /// Folder inside the bucket that every key goes under (`denoised/prod`); empty: the bucket's root.
+    pub prefix: String,
+    /// The service's address for a non-AWS store (`http://127.0.0.1:9000` for MinIO, an R2 account URL);
+    /// unset: AWS (or `AWS_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// The bucket's region; unset: `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id; set together with `secret_access_key`, or neither (then `AWS_*` variables are used).
+    pub access_key_id: Option<String>,
+    /// Secret access key (redacted wherever the config is printed).
+    pub secret_access_key: Option<Secret>,
+    /// Allow a plain `http://` endpoint (a store on the same host or network); off, only `https://`.
+    pub allow_http: bool,
+}
+
+/// A config value that must never be printed: its `Debug` says `<redacted>`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that hands it to a client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
@@ -489,6 +557,7 @@ impl Config {
             return Err(ConfigError::Invalid("limits.max_outstanding_per_key must be at least 1".into()));
         }
         self.validate_server()?;
+        self.validate_storage()?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }
@@ -524,6 +593,24 @@ impl Config {
         Ok(())
     }
 
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let storage = &self.storage;
+        match (storage.backend, &storage.s3) {
+            (StorageBackend::Local, None) => Ok(()),
+            (StorageBackend::Local, Some(_)) => Err(ConfigError::Invalid(
+                "[storage.s3] is configured but storage.backend is \"local\": set backend = \"s3\" to use the \
+                 bucket, or remove the table"
+                    .into(),
+            )),
+            (StorageBackend::S3, None) => Err(ConfigError::Invalid(
+                "storage.backend = \"s3\" needs a [storage.s3] table with at least `bucket`".into(),
+            )),
+            (StorageBackend::S3, Some(s3)) => {
+                s3.validate().map_err(|e| ConfigError::Invalid(format!("storage.s3.{e}")))
+            }
+        }
+    }
+
     /// Refuses to serve without authentication on an address other machines can reach, unless the operator
     /// said so with `--allow-unauthenticated`.
     pub fn check_exposure(&self) -> Result<(), ConfigError> {
@@ -540,6 +627,49 @@ impl Config {
     /// The parsed listen address.
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.server.bind.parse().map_err(|e| ConfigError::Invalid(format!("server.bind `{}`: {e}", self.server.bind)))
+    }
+}
+
+impl S3Config {
+    /// Checks the keys one by one; the error starts with the key's name.
+    fn validate(&self) -> Result<(), String> {
+        let bucket = &self.bucket;
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !bucket_ok {
+            return Err(format!(
+                "bucket `{bucket}` is not a bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, \
+                 starting and ending with a letter or digit"
+            ));
+        }
+        let prefix = self.prefix.trim_matches('/');
+        if !prefix.is_empty()
+            && prefix.split('/').any(|part| part.is_empty() || part == "." || part == ".." || part.contains('\\'))
+        {
+            return Err(format!("prefix `{}` must be folder names separated by `/`", self.prefix));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            if endpoint.starts_with("http://") {
+                if !self.allow_http {
+                    return Err(format!(
+                        "endpoint `{endpoint}` is plain http: set storage.s3.allow_http = true to allow it"
+                    ));
+                }
+            } else if !endpoint.starts_with("https://") {
+                return Err(format!("endpoint `{endpoint}` must start with https:// (or http:// with allow_http)"));
+            }
+        }
+        if self.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err("region must not be empty (leave it out for AWS_REGION or us-east-1)".into());
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(
+                "access_key_id and secret_access_key: set both, or neither (then AWS_* variables are used)".into()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -712,6 +842,53 @@ threads = 2
         .unwrap();
         assert!(c.auth.enabled, "the container listens on every interface, so it must require keys");
         c.check_exposure().unwrap();
+    }
+
+    #[test]
+    fn storage_is_local_by_default_and_s3_reads_its_table() {
+        let local = load(MINIMAL, &[]).unwrap();
+        assert_eq!(local.storage.backend, StorageBackend::Local);
+        assert!(local.storage.s3.is_none());
+        let text = format!(
+            "{MINIMAL}\n[storage.s3]\nbucket = \"images\"\nprefix = \"prod/\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+             allow_http = true\naccess_key_id = \"AKID\"\nsecret_access_key = \"hunter2-secret\"\n"
+        );
+        let c = load(&text, &[("DENOISED_STORAGE__BACKEND", "s3")]).unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::S3);
+        let s3 = c.storage.s3.as_ref().unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("images", "prod/"));
+        assert_eq!(s3.secret_access_key.as_ref().unwrap().expose(), "hunter2-secret");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
+        let from_env = load(
+            MINIMAL,
+            &[("DENOISED_STORAGE__BACKEND", "s3"), ("DENOISED_STORAGE__S3__BUCKET", "from-env"), ("X", "y")],
+        )
+        .unwrap();
+        assert_eq!(from_env.storage.s3.unwrap().bucket, "from-env");
+    }
+
+    #[test]
+    fn bad_storage_settings_are_named() {
+        let s3 = |keys: &str| format!("{MINIMAL}\n[storage.s3]\n{keys}\n");
+        let as_s3 = [("DENOISED_STORAGE__BACKEND", "s3")];
+        let cases = [
+            (MINIMAL.to_string(), &as_s3[..], "[storage.s3]"),
+            (s3("bucket = \"images\""), &[][..], "storage.backend is \"local\""),
+            (s3("bucket = \"Bad_Name\""), &as_s3[..], "storage.s3.bucket"),
+            (s3("bucket = \"images\"\nprefix = \"a/../b\""), &as_s3[..], "storage.s3.prefix"),
+            (s3("bucket = \"images\"\nendpoint = \"http://minio:9000\""), &as_s3[..], "allow_http"),
+            (s3("bucket = \"images\"\nendpoint = \"minio:9000\""), &as_s3[..], "storage.s3.endpoint"),
+            (s3("bucket = \"images\"\naccess_key_id = \"AKID\""), &as_s3[..], "secret_access_key"),
+            (s3("bucket = \"images\"\nregion = \"\""), &as_s3[..], "storage.s3.region"),
+            (s3("bucket = \"images\"\nsecret = \"x\""), &as_s3[..], "secret"),
+        ];
+        for (text, env, expected) in cases {
+            let error = load(&text, env).unwrap_err().to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
+        let bad_backend = load(MINIMAL, &[("DENOISED_STORAGE__BACKEND", "gcs")]).unwrap_err().to_string();
+        assert!(bad_backend.contains("gcs"), "{bad_backend}");
     }
 
     #[test]

@@ -56,11 +56,7 @@ impl Server {
         let (store, keys) = open_store(config).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let rules = job_rules(config, config.workers.len());
-        let files = ImageFiles::new(&config.storage.data_dir);
-        let stray = files.remove_stray_temporaries().context("removing temporary files left by a crash")?;
-        if stray > 0 {
-            info!(stray, "removed temporary files left by an interrupted write");
-        }
+        let files = ImageFiles::open(&config.storage).await.context("opening image storage")?;
         let jobs = Jobs::new(store, files, rules, stop_rx.clone());
         let process_id = process_id();
         let (workers, workers_ready, registration) = if role.runs_jobs() {

@@ -1,5 +1,6 @@
-//! A fleet on one PostgreSQL database: two `api` processes and two `worker` processes of the real binary,
-//! one worker killed with `kill -9` mid-job and restarted. Every job ends `succeeded` exactly once, every
+//! A fleet on one PostgreSQL database and one S3 bucket (moto): two `api` processes and two `worker`
+//! processes of the real binary, each with a data folder of its own, one worker killed with `kill -9`
+//! mid-job and restarted. Every job ends `succeeded` exactly once, every
 //! image is readable through the API, a follower on an API process sees the progress steps of jobs run by
 //! each worker, and a follower resumes on the other API process with `Last-Event-ID`.
 
@@ -10,9 +11,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::moto::Moto;
 use common::process::{start_with, terminate, Binary};
 use eventsource_stream::Eventsource;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
 use serde_json::{json, Value};
 
 const JOBS: usize = 40;
@@ -59,11 +62,20 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
 }
 
-fn write_config(dir: &Path, database: &str) -> std::path::PathBuf {
+/// A config in `dir` (which is also the process's own data folder) on `database` and the bucket of `moto`.
+fn write_config(dir: &Path, database: &str, moto: &Moto) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("config.toml");
-    std::fs::write(&path, common::on_database(&common::test_config_toml(dir, ""), database)).unwrap();
+    let toml = common::on_database(&common::test_config_toml(dir, ""), database).replacen(
+        "[storage]\n",
+        "[storage]\nbackend = \"s3\"\n",
+        1,
+    );
+    std::fs::write(&path, format!("{toml}\n{}", moto.settings_toml(BUCKET))).unwrap();
     path
 }
+
+const BUCKET: &str = "fleet-images";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_api_and_two_worker_processes_share_one_postgres_database() {
@@ -71,14 +83,20 @@ async fn two_api_and_two_worker_processes_share_one_postgres_database() {
     else {
         return;
     };
+    let Some(moto) = Moto::start().await else { return };
+    moto.create_bucket(BUCKET).await;
+    // No folder is shared: each process has its own, and images and uploads live in the bucket.
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &database);
+    let config = |name: &str| write_config(&dir.path().join(name), &database, &moto);
     let client = reqwest::Client::new();
-    let apis = [start_with(&config, &["--role", "api"]), start_with(&config, &["--role", "api"])];
+    let apis = [start_with(&config("api-1"), &["--role", "api"]), start_with(&config("api-2"), &["--role", "api"])];
     // Without a worker an API process is alive but not ready.
     assert_eq!(client.get(format!("{}/healthz", apis[0].base)).send().await.unwrap().status(), 200);
     assert_eq!(client.get(format!("{}/readyz", apis[0].base)).send().await.unwrap().status(), 503);
-    let mut workers = vec![start_with(&config, &["--role", "worker"]), start_with(&config, &["--role", "worker"])];
+    let mut workers = vec![
+        start_with(&config("worker-1"), &["--role", "worker"]),
+        start_with(&config("worker-2"), &["--role", "worker"]),
+    ];
     wait_ready(&client, &apis[0].base).await;
     // A worker process serves health, not the API.
     assert_eq!(client.get(format!("{}/readyz", workers[0].base)).send().await.unwrap().status(), 200);
@@ -118,7 +136,7 @@ async fn two_api_and_two_worker_processes_share_one_postgres_database() {
     workers[0].child.kill().unwrap();
     workers[0].child.wait().unwrap();
     let killed = workers.remove(0);
-    workers.push(start_with(&config, &["--role", "worker"]));
+    workers.push(start_with(&config("worker-1"), &["--role", "worker"]));
 
     // Every job succeeds, and its image is readable through either API process.
     for (i, id) in ids.iter().enumerate() {
@@ -161,6 +179,12 @@ async fn two_api_and_two_worker_processes_share_one_postgres_database() {
     assert_eq!(completed.len(), JOBS, "the follower saw every job complete once");
     assert_eq!(completed.iter().collect::<HashSet<_>>().len(), JOBS);
 
+    // Every picture is in the bucket; no process wrote one to its own folder.
+    let stored = moto.inspector(BUCKET).list(None).try_collect::<Vec<_>>().await.unwrap();
+    let pictures = stored.iter().filter(|o| o.location.as_ref().contains("/images/")).count();
+    assert_eq!(pictures, JOBS, "one picture per job in the bucket");
+    assert!(!dir.path().join("worker-2/images").exists() && !dir.path().join("worker-1/images").exists());
+
     resume_on_the_other_api_process(&client, &apis).await;
     for process in apis.into_iter().chain(workers) {
         terminate(process);
@@ -201,7 +225,7 @@ async fn resume_on_the_other_api_process(client: &reqwest::Client, apis: &[Binar
             break;
         }
     }
-    assert!(kinds.contains(&"queued".to_string()), "{kinds:?}");
-    assert!(!rest.contains(&"queued".to_string()), "nothing before the resume point is sent again: {rest:?}");
+    assert_eq!(kinds.last().map(String::as_str), Some("progress"), "{kinds:?}");
+    assert!(!rest.iter().any(|k| k == "queued" || k == "started"), "nothing before the resume point again: {rest:?}");
     assert_eq!(rest.last().map(String::as_str), Some("completed"), "{rest:?}");
 }

@@ -114,7 +114,7 @@ async fn retention_deletes_finished_jobs_and_their_files() {
         denoised::jobs::JobStore::connect(&format!("sqlite://{}", server.dir.path().join("denoised.db").display()))
             .await
             .unwrap();
-    let files = denoised::storage::ImageFiles::new(server.dir.path());
+    let files = denoised::storage::ImageFiles::local(server.dir.path());
     let rules = denoised::jobs::JobRules {
         max_attempts: 1,
         max_queued: 10,

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
-use crate::storage::ImageFiles;
+use crate::storage::{ImageFiles, StorageError};
 use crate::worker::pool::EncodedImage;
 
 /// How long an `Idempotency-Key` keeps pointing at its job.
@@ -333,7 +333,9 @@ impl Jobs {
         };
         if !matches!(outcome, Ok(Submitted { created: true, .. })) {
             // Refused, failed, or a replay whose first request's job keeps its own inputs.
-            let _ = self.files.remove_input(folder);
+            if let Err(e) = self.files.remove_input(folder).await {
+                warn!(%folder, error = %e, "removing the inputs of a submission that made no job failed");
+            }
         }
         outcome
     }
@@ -359,23 +361,27 @@ impl Jobs {
         }
         let bytes = latents.as_ref().map_or(0, Vec::len)
             + inputs.as_ref().map_or(0, |i| i.image_png.len() + i.mask_png.as_ref().map_or(0, Vec::len));
-        let files = self.files.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let latents = latents.map(|bytes| files.write_input(folder, "latents.npy", &bytes)).transpose()?;
+        let files = &self.files;
+        let written = async {
+            let latents = match latents {
+                Some(bytes) => Some(files.write_input(folder, "latents.npy", bytes).await?),
+                None => None,
+            };
             let pictures = match inputs {
                 Some(inputs) => {
-                    let image = files.write_input(folder, "image.png", &inputs.image_png)?;
-                    let mask = inputs.mask_png.map(|m| files.write_input(folder, "mask.png", &m)).transpose()?;
+                    let image = files.write_input(folder, "image.png", inputs.image_png).await?;
+                    let mask = match inputs.mask_png {
+                        Some(mask) => Some(files.write_input(folder, "mask.png", mask).await?),
+                        None => None,
+                    };
                     Some((image, mask))
                 }
                 None => None,
             };
-            Ok::<_, std::io::Error>((latents, pictures))
-        })
-        .await
-        .map_err(|e| JobsError::Files(e.to_string()))?
-        .map_err(|e| JobsError::Files(format!("storing the job's inputs: {e}")))?;
-        let (latents_path, pictures) = written;
+            Ok::<_, StorageError>((latents, pictures))
+        };
+        let (latents_path, pictures) =
+            written.await.map_err(|e| JobsError::Files(format!("storing the job's inputs: {e}")))?;
         if let Some(generation) = params.generation_mut() {
             generation.latents_path = latents_path;
         }
@@ -584,13 +590,13 @@ impl Jobs {
 
     /// Removes the files of jobs whose rows are gone (deletion and the retention sweep).
     pub async fn remove_files(&self, jobs: Vec<Job>) -> Result<(), JobsError> {
-        let files = self.files.clone();
-        tokio::task::spawn_blocking(move || {
-            jobs.iter().try_for_each(|job| files.remove_job_files(job.id, job.params.input_path()))
-        })
-        .await
-        .map_err(|e| JobsError::Files(e.to_string()))?
-        .map_err(|e| JobsError::Files(format!("removing files: {e}")))
+        for job in jobs {
+            self.files
+                .remove_job_files(job.id, job.params.input_path())
+                .await
+                .map_err(|e| JobsError::Files(format!("removing files: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Whether `job`'s API key has been revoked since it was submitted (its running job is then stopped; a
@@ -608,31 +614,10 @@ impl Jobs {
         self.bus.publish(job.id, EventKind::Started(StartedEvent { attempt: job.attempts }));
     }
 
-    /// Records a finished job's images, fenced by its lease. The files are written first, so the database
-    /// never points at a missing file.
+    /// Records a finished job's images, fenced by its lease. The images are stored whole first, so the
+    /// database never points at a missing one.
     pub async fn succeeded(&self, id: Uuid, owner: &str, format: OutputFormat, images: Vec<EncodedImage>) {
-        let files = self.files.clone();
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<NewImage>> {
-            images
-                .into_iter()
-                .map(|image| {
-                    Ok(NewImage {
-                        index: image.index,
-                        seed: image.seed,
-                        width: image.width,
-                        height: image.height,
-                        format: format.as_str().to_string(),
-                        path: files.write(id, image.index, format.extension(), &image.bytes)?,
-                        sha256: sha256_hex(&image.bytes),
-                        bytes: image.bytes.len() as u64,
-                    })
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-        let records = match written {
+        let records = match self.store_images(id, format, images).await {
             Ok(records) => records,
             Err(e) => return self.failed(id, owner, "storage_error", &format!("writing images: {e}")).await,
         };
@@ -646,13 +631,39 @@ impl Jobs {
             Ok(false) => {
                 if matches!(self.store.get(id).await, Ok(None)) {
                     info!(%id, "job was deleted while running; removing its images");
-                    let _ = self.files.remove_job(id);
+                    if let Err(e) = self.files.remove_job(id).await {
+                        warn!(%id, error = %e, "removing the images of a deleted job failed");
+                    }
                 } else {
                     warn!(%id, "lease lost before completion; another attempt owns the job");
                 }
             }
             Err(e) => error!(%id, error = %e, "recording completion failed; the job will run again"),
         }
+    }
+
+    /// Stores a finished job's images and describes them for the database.
+    async fn store_images(
+        &self,
+        id: Uuid,
+        format: OutputFormat,
+        images: Vec<EncodedImage>,
+    ) -> Result<Vec<NewImage>, StorageError> {
+        let mut records = Vec::with_capacity(images.len());
+        for image in images {
+            let (sha256, bytes) = (sha256_hex(&image.bytes), image.bytes.len() as u64);
+            records.push(NewImage {
+                index: image.index,
+                seed: image.seed,
+                width: image.width,
+                height: image.height,
+                format: format.as_str().to_string(),
+                path: self.files.write_image(id, image.index, format.extension(), image.bytes).await?,
+                sha256,
+                bytes,
+            });
+        }
+        Ok(records)
     }
 
     /// Records a failure, fenced by the lease.

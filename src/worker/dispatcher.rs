@@ -1,5 +1,5 @@
 //! The dispatcher: claims jobs from the store when a worker is idle, hands them over, keeps their leases
-//! alive while they run, and records the outcome (fenced by the lease) once the images are safely on disk.
+//! alive while they run, and records the outcome (fenced by the lease) once the images are safely stored.
 //! It also runs the reaper that re-queues jobs whose worker died.
 
 use std::sync::Arc;
@@ -105,7 +105,7 @@ impl Dispatcher {
         let id = job.id;
         let (params, task, steps) = match self.task_of(&job).await {
             Ok(parts) => parts,
-            Err(message) => return self.jobs.failed(id, &owner, "invalid_params", &message).await,
+            Err(Unrunnable { code, message }) => return self.jobs.failed(id, &owner, code, &message).await,
         };
         let progress = self.jobs.progress();
         let stop = progress.start(id, steps);
@@ -161,14 +161,17 @@ impl Dispatcher {
     }
 
     /// Rebuilds a job's work from its stored parameters and its stored inputs (an edit's pictures, the
-    /// client's latents), read off the async runtime.
-    async fn task_of(&self, job: &Job) -> Result<(GenerateParams, Task, u32), String> {
-        let files = self.jobs.files().clone();
+    /// client's latents): the bytes come from storage here, on the async side; pictures are decoded on a
+    /// blocking thread. The worker thread gets finished engine requests and never touches storage.
+    async fn task_of(&self, job: &Job) -> Result<(GenerateParams, Task, u32), Unrunnable> {
+        let files = self.jobs.files();
         match job.params.clone() {
             JobParams::Edit(params) => {
+                let latents = read_optional(files, params.generate.latents_path.as_deref()).await?;
+                let image = read_input(files, &params.image_path).await?;
+                let mask = read_optional(files, params.mask_path.as_deref()).await?;
                 let inputs = tokio::task::spawn_blocking(move || {
-                    let latents = read_latents(&files, &params.generate)?;
-                    let (image, mask) = load_inputs(&files, &params.image_path, params.mask_path.as_deref())?;
+                    let (image, mask) = decode_inputs(&image, mask.as_deref())?;
                     let request = params.to_request(image, mask, latents.as_deref())?;
                     Ok::<_, String>((params, request))
                 });
@@ -177,15 +180,14 @@ impl Dispatcher {
                 Ok((params.generate, Task::Edit(Box::new(request)), steps))
             }
             JobParams::Generate(params) => {
-                let latents = tokio::task::spawn_blocking({
-                    let params = params.clone();
-                    move || read_latents(&files, &params)
-                });
-                let request = params.to_request(latents.await.map_err(|e| e.to_string())??.as_deref())?;
+                let latents = read_optional(files, params.latents_path.as_deref()).await?;
+                let request = params.to_request(latents.as_deref())?;
                 let steps = params.steps;
                 Ok((params, Task::Generate(request), steps))
             }
-            JobParams::Unreadable { kind, error, .. } => Err(format!("stored parameters of kind `{kind}`: {error}")),
+            JobParams::Unreadable { kind, error, .. } => {
+                Err(format!("stored parameters of kind `{kind}`: {error}").into())
+            }
         }
     }
 
@@ -261,24 +263,42 @@ async fn reap(this: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Reads a job's stored latents file, if it has one.
-fn read_latents(files: &ImageFiles, params: &GenerateParams) -> Result<Option<Vec<u8>>, String> {
-    let Some(relative) = params.latents_path.as_deref() else { return Ok(None) };
-    let path = files.resolve(relative).ok_or_else(|| format!("unsafe input path {relative}"))?;
-    std::fs::read(&path).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+/// Why a claimed job cannot run: its failure code and message.
+struct Unrunnable {
+    code: &'static str,
+    message: String,
 }
 
-/// Reads an edit job's stored picture and mask.
-fn load_inputs(
-    files: &ImageFiles,
-    image: &str,
-    mask: Option<&str>,
-) -> Result<(image::RgbImage, Option<image::GrayImage>), String> {
-    let read = |relative: &str| -> Result<image::DynamicImage, String> {
-        let path = files.resolve(relative).ok_or_else(|| format!("unsafe input path {relative}"))?;
-        image::open(&path).map_err(|e| format!("{}: {e}", path.display()))
+/// Parameters that do not make a request (`invalid_params`).
+impl From<String> for Unrunnable {
+    fn from(message: String) -> Self {
+        Self { code: "invalid_params", message }
+    }
+}
+
+/// Reads one of a job's stored inputs (latents, an edit's picture or mask) by its key; a failure is the
+/// storage's (`storage_error`), not the request's.
+async fn read_input(files: &ImageFiles, key: &str) -> Result<Vec<u8>, Unrunnable> {
+    files
+        .read(key)
+        .await
+        .map_err(|e| Unrunnable { code: "storage_error", message: format!("reading the stored input: {e}") })
+}
+
+/// [`read_input`] for an input the job may not have.
+async fn read_optional(files: &ImageFiles, key: Option<&str>) -> Result<Option<Vec<u8>>, Unrunnable> {
+    match key {
+        Some(key) => read_input(files, key).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Decodes an edit job's stored picture and mask.
+fn decode_inputs(image: &[u8], mask: Option<&[u8]>) -> Result<(image::RgbImage, Option<image::GrayImage>), String> {
+    let decode = |bytes: &[u8], what: &str| {
+        image::load_from_memory(bytes).map_err(|e| format!("decoding the stored {what}: {e}"))
     };
-    let picture = read(image)?.to_rgb8();
-    let mask = mask.map(|m| read(m).map(|d| d.to_luma8())).transpose()?;
+    let picture = decode(image, "picture")?.to_rgb8();
+    let mask = mask.map(|m| decode(m, "mask").map(|d| d.to_luma8())).transpose()?;
     Ok((picture, mask))
 }

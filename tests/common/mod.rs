@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests: where the fixtures and the ONNX Runtime library are.
 #![allow(dead_code)]
 
+pub mod moto;
 pub mod process;
 
 use std::path::{Path, PathBuf};
