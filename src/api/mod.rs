@@ -17,6 +17,7 @@ pub mod page;
 pub mod schedulers;
 pub mod submit;
 pub mod validation;
+pub mod webhook;
 pub mod workers;
 
 use std::sync::atomic::AtomicBool;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub workers_ready: Arc<AtomicBool>,
     /// API keys.
     pub auth: AuthState,
+    /// Webhook settings (the SSRF check's allowances, the secret of jobs without a key).
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// The HTTP layer's own settings.

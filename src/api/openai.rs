@@ -256,6 +256,8 @@ pub async fn generations(
         preview_every: Some(0),
         preview: None,
         latents: None,
+        webhook_url: None,
+        webhook_events: None,
     };
     let mut generation = generation;
     if body.stream.unwrap_or(false) && partial > 0 {

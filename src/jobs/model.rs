@@ -85,6 +85,9 @@ pub struct NewJob {
     pub owner: Option<String>,
     /// Bytes of the files stored beside the job (an edit's pictures, client latents), for storage quotas.
     pub input_bytes: u64,
+    /// Where the job's events are delivered, if anywhere (recorded in the job's insert transaction).
+    #[serde(default)]
+    pub webhook: Option<super::store::JobWebhook>,
 }
 
 /// A job as stored: the queue's answer to `get`, `claim` and friends.

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, StartedEvent};
 use super::params::JobParams;
 use super::progress::{Progress, ProgressBoard, StopReason};
+use super::store::JobWebhook;
 use super::{
     IdempotencyKey, ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, StoreError, SubmitLimits,
 };
@@ -152,6 +153,8 @@ pub struct JobRequest {
     pub params: JobParams,
     /// An edit's pictures.
     pub inputs: Option<EditInputs>,
+    /// Where its events are delivered (checked by the caller: see `crate::webhooks::target`).
+    pub webhook: Option<JobWebhook>,
 }
 
 /// A submission's outcome: the job, and whether this request created it (`false`: an idempotent replay).
@@ -252,11 +255,11 @@ impl Jobs {
         request: JobRequest,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
-        let JobRequest { model, mut params, inputs } = request;
+        let JobRequest { model, mut params, inputs, webhook } = request;
         let folder = Uuid::new_v4();
         let stored = self.store_inputs(folder, &mut params, inputs).await;
         let outcome = match stored {
-            Ok(input_bytes) => self.enqueue(who, model, params, input_bytes, idempotency).await,
+            Ok(input_bytes) => self.enqueue(who, model, params, input_bytes, webhook, idempotency).await,
             Err(e) => Err(e),
         };
         if !matches!(outcome, Ok(Submitted { created: true, .. })) {
@@ -320,6 +323,7 @@ impl Jobs {
         model: String,
         params: JobParams,
         input_bytes: u64,
+        webhook: Option<JobWebhook>,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
         let new = NewJob {
@@ -329,6 +333,7 @@ impl Jobs {
             max_attempts: self.rules.max_attempts,
             owner: who.owner().map(str::to_string),
             input_bytes,
+            webhook,
         };
         let limits = SubmitLimits {
             max_queued: self.rules.max_queued,
@@ -421,6 +426,11 @@ impl Jobs {
             _ => Progress { step: 0, total, eta_ms: None },
         };
         Ok(LiveState { progress, queue_position })
+    }
+
+    /// `job`'s webhook and the state of its latest delivery; `None` when it has none.
+    pub async fn webhook(&self, job: &Job) -> Result<Option<super::store::WebhookState>, JobsError> {
+        Ok(self.store.webhook_state(job.id).await?)
     }
 
     /// The images of a job that has succeeded (none otherwise).
@@ -516,10 +526,14 @@ impl Jobs {
         }
     }
 
-    /// Records that a worker took `job` (announced to followers).
-    pub fn started(&self, job: &Job) {
+    /// Records that a worker took `job`: announced to followers, and queued for its webhook when it asked
+    /// for `started` (best effort: a failed write is logged and the job runs on).
+    pub async fn started(&self, job: &Job) {
         self.bus.note_owner(job.id, job.owner.as_deref());
         self.bus.publish(job.id, EventKind::Started(StartedEvent { attempt: job.attempts }));
+        if let Err(e) = self.store.queue_started(job.id, job.attempts).await {
+            warn!(id = %job.id, error = %e, "queueing the webhook's started event failed");
+        }
     }
 
     /// Records a finished job's images, fenced by its lease. The files are written first, so the database

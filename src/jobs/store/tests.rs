@@ -87,6 +87,9 @@ macro_rules! on_both_backends {
     };
 }
 
+// The webhook outbox's tests (they use the macro above).
+mod webhooks;
+
 fn params() -> JobParams {
     let stored = json!({
         "prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": 4,
@@ -96,7 +99,15 @@ fn params() -> JobParams {
 }
 
 fn new_job(priority: i32) -> NewJob {
-    NewJob { model: "tiny-sd".into(), params: params(), priority, max_attempts: 3, owner: None, input_bytes: 0 }
+    NewJob {
+        model: "tiny-sd".into(),
+        params: params(),
+        priority,
+        max_attempts: 3,
+        owner: None,
+        input_bytes: 0,
+        webhook: None,
+    }
 }
 
 fn image(index: u32, seed: u64) -> NewImage {
