@@ -125,7 +125,7 @@ mod tests {
             },
             created_at: 0,
         };
-        let completed = parsed(body(&delivery(&done, "completed"), &done, &[image.clone()], None).unwrap());
+        let completed = parsed(body(&delivery(&done, "completed"), &done, std::slice::from_ref(&image), None).unwrap());
         assert_eq!(completed["type"], "completed");
         assert_eq!(completed["job_id"], done.id.to_string());
         assert_eq!(completed["timestamp"], "2023-11-14T22:13:20.000Z");
