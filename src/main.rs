@@ -193,16 +193,16 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
             Ok(())
         }
         KeysAction::List => {
-            println!("{:<24} {:<14} {:<6} {:<26} {:<26} webhook", "name", "id", "admin", "created", "revoked");
+            println!("{:<24} {:<14} {:<6} {:<26} {:<40} revoked", "name", "id", "admin", "created", "webhook");
             for k in keys.list().await? {
                 println!(
-                    "{:<24} {:<14} {:<6} {:<26} {:<26} {}",
+                    "{:<24} {:<14} {:<6} {:<26} {:<40} {}",
                     k.name,
                     k.id,
                     if k.admin { "yes" } else { "no" },
                     denoised::jobs::time::rfc3339_from_millis(k.created_at),
-                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis),
                     k.webhook_url.as_deref().unwrap_or("-"),
+                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis)
                 );
             }
             Ok(())

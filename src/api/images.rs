@@ -74,7 +74,7 @@ pub struct GenerateImageRequest {
     /// `http`/`https` URL told of this job's end by a signed `POST` (Standard Webhooks; see the README),
     /// instead of the API key's default webhook URL. Its host must resolve to public addresses only.
     #[serde(default)]
-    #[schema(max_length = 2048, example = "https://hooks.example.com/denoised")]
+    #[schema(max_length = 2048)]
     pub webhook_url: Option<String>,
     /// Events sent to the webhook besides the terminal one (`completed`, `failed` or `cancelled`, always
     /// sent): `["started"]` adds the moment a worker takes the job.

@@ -75,7 +75,9 @@ async fn run(context: Context, mut stop: watch::Receiver<bool>) {
             }
         }
         tokio::select! {
-            _ = stop.changed() => {}
+            changed = stop.changed() => if changed.is_err() {
+                break; // the server is gone
+            },
             _ = tokio::time::sleep(POLL) => {}
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }

@@ -239,6 +239,17 @@ impl JobStore {
         lease_until: i64,
         limit: u32,
     ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        let now = now_millis();
+        // A read first: most polls find nothing due, and SQLite's one write connection is better left to jobs.
+        let due: Option<(i64,)> = on_read!(self, pool, _d => sqlx::query_as(
+            "SELECT CAST(1 AS BIGINT) FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(pool)
+        .await?);
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         let rows: Vec<ClaimedRow> = on_write!(self, pool, dialect => {
             let sql = match dialect {
                 Dialect::Sqlite => concat!(
@@ -267,7 +278,7 @@ impl JobStore {
             sqlx::query_as(sql)
                 .bind(owner)
                 .bind(lease_until)
-                .bind(now_millis())
+                .bind(now)
                 .bind(i64::from(limit))
                 .fetch_all(pool)
                 .await?
