@@ -151,6 +151,39 @@ mod tests {
         assert!(error.0.contains("loopback"), "{error:?}");
     }
 
+    /// A receiver on loopback answering `status` (with a `Location` for redirects) to every request.
+    async fn answering(status: u16) -> String {
+        let app = axum::Router::new().fallback(move || async move {
+            let status = axum::http::StatusCode::from_u16(status).unwrap();
+            (status, [(axum::http::header::LOCATION, "http://127.0.0.1:9/elsewhere")])
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn only_a_2xx_delivers_and_redirects_are_not_followed() {
+        let deliverer = Deliverer::new(Duration::from_secs(2), true).unwrap();
+        let send = |url: String| {
+            let deliverer = deliverer.clone();
+            async move { deliverer.attempt(&url, "msg_1", 1, "v1,x", b"{}".to_vec()).await }
+        };
+        assert_eq!(send(answering(204).await).await, Ok(()));
+        for redirect in [301, 302, 307, 308] {
+            let error = send(answering(redirect).await).await.unwrap_err();
+            assert!(error.0.contains(&redirect.to_string()) && error.0.contains("not followed"), "{error:?}");
+        }
+        let error = send(answering(500).await).await.unwrap_err();
+        assert!(error.0.contains("500"), "{error:?}");
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/hook", listener.local_addr().unwrap())
+        };
+        assert!(send(closed).await.is_err(), "a refused connection is a failed attempt");
+    }
+
     #[test]
     fn long_errors_are_cut() {
         assert_eq!(truncate("short".into()), "short");

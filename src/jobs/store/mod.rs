@@ -5,7 +5,8 @@
 //! transition is **fenced** on `(id, lease_owner, status = 'running')`, so a worker that lost its lease (because
 //! a reaper re-queued the job and another worker claimed it) cannot overwrite the new owner's work; a **reaper**
 //! ([`JobStore::recover_expired`]) re-queues jobs whose lease expired, or fails them once they have used all
-//! their attempts.
+//! their attempts. Every transition that ends a job also queues the job's webhook delivery, in the same
+//! transaction (the outbox: `webhooks.rs`).
 //!
 //! Both backends run the same statements: the schemas use the same column types (text ids, i64 integers) and
 //! the statements stay in the dialect both speak (`$N` placeholders, `RETURNING`, `COALESCE`, `CAST`). Where
