@@ -65,6 +65,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Signed webhook deliveries.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
     /// Models served, by the id clients use. The first is the default.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -343,6 +346,60 @@ pub struct AuthConfig {
     pub allow_unauthenticated: bool,
 }
 
+/// `[webhooks]`: how job events are delivered to clients' URLs (see `crate::webhooks`). Its `Debug` leaves
+/// the secret out.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// `whsec_<base64 of 24–64 bytes>`: signs the deliveries of jobs submitted without an API key (with
+    /// `[auth]` off). Without it such jobs cannot have a webhook. Jobs of a key are signed with that key's own
+    /// secret (`denoised keys create` prints it).
+    pub secret: Option<String>,
+    /// Seconds one delivery attempt may take (connecting, sending, the receiver's answer).
+    pub timeout_seconds: u64,
+    /// Attempts per event at most, the first included; then the delivery is `failed`.
+    pub max_attempts: u32,
+    /// No attempt starts later than this many seconds after the event.
+    pub retry_for_seconds: u64,
+    /// The wait after the first failed attempt, in milliseconds; each later wait is four times the one
+    /// before (less up to a quarter of jitter), up to `backoff_max_seconds`.
+    pub backoff_initial_millis: u64,
+    /// The longest wait between two attempts, in seconds.
+    pub backoff_max_seconds: u64,
+    /// Allow targets on loopback, private, link-local and other non-public addresses. Off, a URL whose host
+    /// is or resolves to one is refused at submission and at delivery (SSRF protection); turn it on only
+    /// where every client is trusted, e.g. tests with a receiver on loopback.
+    pub allow_private_targets: bool,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            timeout_seconds: 10,
+            max_attempts: 8,
+            retry_for_seconds: 24 * 3600,
+            backoff_initial_millis: 5000,
+            backoff_max_seconds: 6 * 3600,
+            allow_private_targets: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("timeout_seconds", &self.timeout_seconds)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_for_seconds", &self.retry_for_seconds)
+            .field("backoff_initial_millis", &self.backoff_initial_millis)
+            .field("backoff_max_seconds", &self.backoff_max_seconds)
+            .field("allow_private_targets", &self.allow_private_targets)
+            .finish()
+    }
+}
+
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -558,6 +615,7 @@ impl Config {
         }
         self.validate_server()?;
         self.validate_storage()?;
+        self.validate_webhooks()?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }
@@ -609,6 +667,21 @@ impl Config {
                 s3.validate().map_err(|e| ConfigError::Invalid(format!("storage.s3.{e}")))
             }
         }
+    }
+
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let hooks = &self.webhooks;
+        if let Some(secret) = &hooks.secret {
+            crate::webhooks::Secret::parse(secret).map_err(|e| {
+                ConfigError::Invalid(format!("webhooks.secret: {e} (e.g. `whsec_` + base64 of 32 random bytes)"))
+            })?;
+        }
+        if hooks.timeout_seconds == 0 || hooks.max_attempts == 0 || hooks.backoff_initial_millis == 0 {
+            return Err(ConfigError::Invalid(
+                "webhooks.timeout_seconds, max_attempts and backoff_initial_millis must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses to serve without authentication on an address other machines can reach, unless the operator
@@ -820,6 +893,13 @@ threads = 2
         }
         let good = load(MINIMAL, &[("DENOISED_SERVER__PUBLIC_URL", "https://images.example.com/")]).unwrap();
         assert_eq!(good.server.public_url.as_deref(), Some("https://images.example.com/"));
+        let short_secret = load(MINIMAL, &[("DENOISED_WEBHOOKS__SECRET", "whsec_c2hvcnQ=")]).unwrap_err();
+        assert!(short_secret.to_string().contains("webhooks.secret"), "{short_secret}");
+        assert!(!short_secret.to_string().contains("c2hvcnQ"), "the secret is not repeated: {short_secret}");
+        let good_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let with_secret = load(MINIMAL, &[("DENOISED_WEBHOOKS__SECRET", good_secret)]).unwrap();
+        assert!(!format!("{with_secret:?}").contains(good_secret), "Debug must redact webhooks.secret");
+        assert!(load(MINIMAL, &[("DENOISED_WEBHOOKS__TIMEOUT_SECONDS", "0")]).is_err());
         let unknown_auth_key = load(MINIMAL, &[("DENOISED_AUTH__ENABLE", "true")]).unwrap_err();
         assert!(unknown_auth_key.to_string().contains("enable"), "{unknown_auth_key}");
     }

@@ -2,7 +2,8 @@
 //!
 //! The crate is one library with a thin binary on top. [`engine`] is the synchronous inference library
 //! (models, tokenizer, schedulers, pipelines, images) that knows nothing of HTTP or databases; [`jobs`] owns
-//! every SQL statement; [`worker`] bridges the two with OS threads; [`api`] is the axum front end.
+//! every SQL statement; [`worker`] bridges the two with OS threads; [`api`] is the axum front end;
+//! [`webhooks`] tells clients' URLs about their jobs.
 
 pub mod api;
 pub mod auth;
@@ -16,4 +17,5 @@ pub mod retention;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

@@ -95,7 +95,8 @@ fn describe_limits(limits: &denoised::jobs::KeyLimits) -> String {
 
 #[derive(Debug, Subcommand)]
 enum KeysAction {
-    /// Make a key and print it; the last line of the output is the key itself, shown only this once.
+    /// Make a key and print it with its webhook signing secret (on a line `webhook secret: whsec_…`); the
+    /// last line of the output is the key itself, shown only this once.
     Create {
         /// A name to list and revoke the key by.
         #[arg(long)]
@@ -104,22 +105,62 @@ enum KeysAction {
         #[arg(long)]
         admin: bool,
         #[command(flatten)]
-        limits: LimitArgs,
-    },
-    /// Change a live key's weight and limits.
-    Update {
-        /// The key's name.
-        name: String,
+        options: KeyOptions,
         #[command(flatten)]
         limits: LimitArgs,
     },
     /// List keys (never their secrets).
     List,
+    /// Change settings of the live key with this name; only the options given change.
+    Update {
+        /// The key's name.
+        name: String,
+        #[command(flatten)]
+        options: KeyOptions,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Remove the key's default webhook URL.
+        #[arg(long, conflicts_with = "webhook_url")]
+        no_webhook_url: bool,
+    },
+    /// Give the live key with this name a new webhook signing secret and print it (`webhook secret:
+    /// whsec_…`); deliveries are signed with the new one from then on, retries of earlier events included.
+    RotateWebhookSecret {
+        /// The key's name.
+        name: String,
+    },
     /// Revoke the live key with this name; its jobs stay.
     Revoke {
         /// The key's name.
         name: String,
     },
+}
+
+/// Settings that `keys create` sets and `keys update` changes.
+#[derive(Debug, clap::Args)]
+struct KeyOptions {
+    /// Default webhook URL of the key's jobs (a job's own `webhook_url` wins); checked like a job's
+    /// (http or https, public addresses unless `[webhooks] allow_private_targets`).
+    #[arg(long, value_name = "URL")]
+    webhook_url: Option<String>,
+}
+
+impl KeyOptions {
+    /// The options as settings of a new key, the URL checked.
+    async fn settings(self, config: &Config) -> anyhow::Result<denoised::auth::KeySettings> {
+        Ok(denoised::auth::KeySettings { webhook_url: checked_webhook_url(config, self.webhook_url).await? })
+    }
+}
+
+/// `url` checked as a webhook target (and normalised), or `None`.
+async fn checked_webhook_url(config: &Config, url: Option<String>) -> anyhow::Result<Option<String>> {
+    match url {
+        Some(url) => {
+            let checked = denoised::webhooks::target::check(&url, config.webhooks.allow_private_targets).await?;
+            Ok(Some(checked.to_string()))
+        }
+        None => Ok(None),
+    }
 }
 
 fn main() -> ExitCode {
@@ -175,38 +216,73 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
     let store = denoised::jobs::JobStore::connect(&config.storage.database_url).await?;
     let keys = denoised::auth::KeyStore::new(&store);
     let result = match action {
-        KeysAction::Create { name, admin, limits } => {
-            let (mut info, key) = keys.create(&name, admin).await?;
+        KeysAction::Create { name, admin, options, limits } => {
+            let settings = options.settings(config).await?;
+            let mut created = keys.create_with(&name, admin, &settings).await?;
             if !limits.update().is_empty() {
-                info = keys.set_limits(&name, limits.update()).await?;
+                created.info = keys.set_limits(&name, limits.update()).await?;
             }
+            let info = &created.info;
             println!("created {} key `{}` (id {})", if info.admin { "admin" } else { "tenant" }, info.name, info.id);
             println!("{}", describe_limits(&info.limits));
+            if let Some(url) = &info.webhook_url {
+                println!("default webhook URL: {url}");
+            }
+            println!("its jobs' webhooks are signed with this secret (give it to the receivers):");
+            println!("webhook secret: {}", created.webhook_secret.reveal());
             if !config.auth.enabled {
                 println!("note: [auth] enabled is false in this config, so the server does not ask for keys yet");
             }
-            println!("store it now; it cannot be shown again:");
-            println!("{key}");
+            println!("store the key now; it cannot be shown again:");
+            println!("{}", created.key);
             Ok(())
         }
         KeysAction::List => {
-            println!("{:<24} {:<14} {:<6} {:<26} {:<26} limits", "name", "id", "admin", "created", "revoked");
+            println!(
+                "{:<24} {:<14} {:<6} {:<26} {:<40} {:<52} revoked",
+                "name", "id", "admin", "created", "webhook", "limits"
+            );
             for k in keys.list().await? {
                 println!(
-                    "{:<24} {:<14} {:<6} {:<26} {:<26} {}",
+                    "{:<24} {:<14} {:<6} {:<26} {:<40} {:<52} {}",
                     k.name,
                     k.id,
                     if k.admin { "yes" } else { "no" },
                     denoised::jobs::time::rfc3339_from_millis(k.created_at),
-                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis),
-                    describe_limits(&k.limits)
+                    k.webhook_url.as_deref().unwrap_or("-"),
+                    describe_limits(&k.limits),
+                    k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis)
                 );
             }
             Ok(())
         }
-        KeysAction::Update { name, limits } => {
-            let info = keys.set_limits(&name, limits.update()).await?;
-            println!("updated key `{}`: {}", info.name, describe_limits(&info.limits));
+        KeysAction::Update { name, options, limits, no_webhook_url } => {
+            let webhook_url = match checked_webhook_url(config, options.webhook_url).await? {
+                Some(url) => Some(Some(url)),
+                None if no_webhook_url => Some(None),
+                None => None,
+            };
+            let changes = denoised::auth::KeyChanges { webhook_url };
+            if changes.is_empty() && limits.update().is_empty() {
+                anyhow::bail!("nothing to change: give an option (see `denoised keys update --help`)");
+            }
+            let mut info = match changes.is_empty() {
+                true => None,
+                false => Some(keys.update(&name, &changes).await?),
+            };
+            if !limits.update().is_empty() {
+                info = Some(keys.set_limits(&name, limits.update()).await?);
+            }
+            let info = info.ok_or_else(|| anyhow::anyhow!("nothing changed"))?;
+            println!("updated key `{}` (id {})", info.name, info.id);
+            println!("default webhook URL: {}", info.webhook_url.as_deref().unwrap_or("none"));
+            println!("{}", describe_limits(&info.limits));
+            Ok(())
+        }
+        KeysAction::RotateWebhookSecret { name } => {
+            let (info, secret) = keys.rotate_webhook_secret(&name).await?;
+            println!("key `{}` (id {}) has a new webhook secret; the old one no longer signs:", info.name, info.id);
+            println!("webhook secret: {}", secret.reveal());
             Ok(())
         }
         KeysAction::Revoke { name } => {

@@ -24,6 +24,8 @@ use crate::net::body::budget::BodyBudget;
 use crate::net::body::{BodyDeadlines, BodyRules};
 use crate::net::ConnectionSettings;
 use crate::storage::ImageFiles;
+use crate::webhooks::sender::Sender;
+use crate::webhooks::WebhookSettings;
 use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
 use crate::worker::pool::{WorkerPool, WorkerSpec};
 
@@ -37,6 +39,8 @@ pub struct Server {
     workers: Option<(Dispatcher, Arc<WorkerPool>)>,
     /// What this process registers as, when it runs jobs.
     registration: Option<WorkerRegistration>,
+    /// Sends the outbox's due webhook deliveries (every process that has the store runs one).
+    webhooks: Sender,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     retention: Option<Duration>,
@@ -83,11 +87,14 @@ impl Server {
             http: http_settings(config),
             workers_ready,
             auth: AuthState { enabled: config.auth.enabled, keys },
+            webhooks: WebhookSettings::from_config(&config.webhooks, config.server.public_url.as_deref()),
         };
+        let webhooks = Sender::new(state.jobs.store().clone(), state.webhooks.clone(), process_id)
+            .context("building the webhook client")?;
         let connections = ConnectionSettings::from_config(&config.server);
         let retention = (config.storage.retention_hours > 0.0 && role.serves_api())
             .then(|| Duration::from_secs_f64(config.storage.retention_hours * 3600.0));
-        Ok(Self { listener, connections, state, role, workers, registration, stop_tx, stop_rx, retention })
+        Ok(Self { listener, connections, state, role, workers, registration, webhooks, stop_tx, stop_rx, retention })
     }
 
     /// The bound address (useful with port 0).
@@ -113,6 +120,7 @@ impl Server {
             Some((dispatcher, pool)) => (Some(tokio::spawn(dispatcher.run(stop_rx.clone()))), Some(pool)),
             None => (None, None),
         };
+        let webhooks = self.webhooks.spawn(stop_rx.clone());
         let sweeper = self
             .retention
             .map(|keep| tokio::spawn(crate::retention::run(self.state.jobs.clone(), keep, stop_rx.clone())));
@@ -131,6 +139,7 @@ impl Server {
             dispatcher.await?;
         }
         fleet.join().await;
+        webhooks.await?;
         if let Some(sweeper) = sweeper {
             sweeper.abort();
         }

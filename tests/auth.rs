@@ -81,7 +81,9 @@ async fn the_keys_commands_create_list_and_revoke() {
     let (ok, listing, _) = keys_cli(&server, &["list"]);
     assert!(ok && listing.contains("alice") && listing.contains("ops"), "{listing}");
     assert!(!listing.contains(&key), "the list must not show secrets");
-    let secret = key.rsplit_once('_').unwrap().1;
+    // `dn_<id>_<secret>`; the secret is URL-safe base64 and may hold `_` itself.
+    let secret = key.splitn(3, '_').nth(2).unwrap();
+    assert!(secret.len() >= 40, "{key}");
     assert!(!listing.contains(secret));
 
     let models = server.url("/v1/models");
@@ -368,7 +370,9 @@ async fn keys_never_appear_in_the_logs() {
     log.extend(rx.try_iter());
     let text = log.join("\n");
     assert!(text.contains("logged"), "requests should be attributed to the key's name: {text}");
-    let secret = key.rsplit_once('_').unwrap().1;
+    // `dn_<id>_<secret>`; the secret is URL-safe base64 and may hold `_` itself.
+    let secret = key.splitn(3, '_').nth(2).unwrap();
+    assert!(secret.len() >= 40, "{key}");
     for needle in [key.as_str(), wrong.as_str(), secret] {
         assert!(!text.contains(needle), "a secret reached the log");
     }

@@ -18,6 +18,7 @@ use super::error::{parse_json, ApiError, ErrorBody};
 use super::images::{ImageFormat, PreviewKind};
 use super::jobs::JobResponse;
 use super::validation;
+use super::webhook::{job_webhook, WebhookEvent};
 use super::AppState;
 use crate::auth::Principal;
 use crate::engine::input::ResizeMode;
@@ -44,6 +45,12 @@ pub struct EditImageRequest {
     pub negative_prompt: Option<String>,
     /// Model id; default: the first configured model that can do `mode`.
     pub model: Option<String>,
+    /// `http`/`https` URL told of this job's end by a signed `POST` (see `POST /v1/images`).
+    #[schema(max_length = 2048)]
+    pub webhook_url: Option<String>,
+    /// Events sent to the webhook besides the terminal one: `["started"]` (in a form: `started`, or one
+    /// `webhook_events` part per event).
+    pub webhook_events: Option<Vec<WebhookEvent>>,
     /// In (0, 1]: how much of the picture is redrawn (default 0.75 for img2img, 1.0 for inpaint/outpaint).
     #[schema(minimum = 0, maximum = 1)]
     pub strength: Option<f32>,
@@ -189,16 +196,19 @@ pub async fn submit_edit(
         None => None,
     };
     let priority = super::submit::priority(who, fields.priority)?;
+    let (url, events) = (fields.webhook_url.clone(), fields.webhook_events.clone());
     let (models, limits) = (state.models.clone(), state.limits.clone());
     let prepared =
         tokio::task::spawn_blocking(move || validation::edit(&models, &limits, fields, &image, mask.as_deref()))
             .await
             .map_err(ApiError::internal)??;
+    let webhook = job_webhook(state, who, url.as_deref(), events.as_deref()).await?;
     let request = JobRequest {
         model: prepared.model,
         params: JobParams::Edit(prepared.params),
         inputs: Some(prepared.inputs),
         priority,
+        webhook,
     };
     Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)
 }

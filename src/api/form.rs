@@ -49,9 +49,17 @@ const NUMERIC_FIELDS: &[&str] = &[
     "partial_images",
 ];
 
+/// Fields whose multipart text is a list in the JSON form: comma-separated items, or one part per item.
+const LIST_FIELDS: &[&str] = &["webhook_events"];
+
 /// A multipart text value as its JSON-form equivalent: a number for numeric fields (when it parses; else
-/// left as text, so the field error names it), text otherwise.
+/// left as text, so the field error names it), an array of the comma-separated items for list fields, text
+/// otherwise.
 fn form_value(name: &str, text: String) -> serde_json::Value {
+    if LIST_FIELDS.contains(&name) {
+        let items = text.split(',').map(str::trim).filter(|item| !item.is_empty());
+        return serde_json::Value::Array(items.map(|item| serde_json::Value::String(item.into())).collect());
+    }
     if NUMERIC_FIELDS.contains(&name) {
         if let Some(number) =
             serde_json::from_str::<serde_json::Value>(text.trim()).ok().filter(serde_json::Value::is_number)
@@ -84,7 +92,13 @@ pub async fn read_form(request: Request, state: &AppState) -> Result<Form, ApiEr
             _ => {
                 let text = field.text().await.map_err(failed)?;
                 let value = form_value(&name, text);
-                form.values.insert(name, value);
+                match (form.values.get_mut(&name), value) {
+                    // A list field's later parts add to its items.
+                    (Some(serde_json::Value::Array(items)), serde_json::Value::Array(more)) => items.extend(more),
+                    (_, value) => {
+                        form.values.insert(name, value);
+                    }
+                }
                 continue;
             }
         };
@@ -111,5 +125,11 @@ mod tests {
         assert_eq!(form_value("steps", "12".into()), serde_json::json!(12));
         assert_eq!(form_value("steps", "twelve".into()), serde_json::json!("twelve"));
         assert_eq!(form_value("prompt", "12".into()), serde_json::json!("12"));
+        assert_eq!(form_value("webhook_events", "started".into()), serde_json::json!(["started"]));
+        assert_eq!(
+            form_value("webhook_events", " started, completed ".into()),
+            serde_json::json!(["started", "completed"])
+        );
+        assert_eq!(form_value("webhook_events", "".into()), serde_json::json!([]));
     }
 }

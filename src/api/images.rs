@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, AppJson, ErrorBody};
 use super::jobs::JobResponse;
 use super::validation;
+use super::webhook::{job_webhook, WebhookEvent};
 use super::AppState;
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
@@ -70,6 +71,15 @@ pub struct GenerateImageRequest {
     /// Model id from `GET /v1/models`; default: the first configured model.
     #[serde(default)]
     pub model: Option<String>,
+    /// `http`/`https` URL told of this job's end by a signed `POST` (Standard Webhooks; see the README),
+    /// instead of the API key's default webhook URL. Its host must resolve to public addresses only.
+    #[serde(default)]
+    #[schema(max_length = 2048)]
+    pub webhook_url: Option<String>,
+    /// Events sent to the webhook besides the terminal one (`completed`, `failed` or `cancelled`, always
+    /// sent): `["started"]` adds the moment a worker takes the job.
+    #[serde(default)]
+    pub webhook_events: Option<Vec<WebhookEvent>>,
     /// Width in pixels, a multiple of the model's `size_multiple` (64 for Stable Diffusion); default: the model's native size.
     #[serde(default)]
     #[schema(minimum = 8, maximum = 2048, multiple_of = 8)]
@@ -173,7 +183,9 @@ pub async fn submit_generate(
         None => None,
     };
     let priority = super::submit::priority(who, request.priority)?;
+    let (url, events) = (request.webhook_url.clone(), request.webhook_events.clone());
     let (model, params) = validation::generation(&state.models, &state.limits, request)?;
-    let request = JobRequest { model, params: JobParams::Generate(params), inputs: None, priority };
+    let webhook = job_webhook(state, who, url.as_deref(), events.as_deref()).await?;
+    let request = JobRequest { model, params: JobParams::Generate(params), inputs: None, priority, webhook };
     Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)
 }

@@ -14,6 +14,7 @@ use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::jobs::bus::ImageInfo;
 use crate::jobs::progress::Progress;
+use crate::jobs::store::{DeliveryStatus, WebhookState};
 use crate::jobs::time::rfc3339_from_millis;
 use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus, Priority};
 
@@ -55,6 +56,41 @@ pub struct JobResponse {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
+    /// Its webhook and how its delivery goes; absent when the job has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<JobWebhookView>,
+}
+
+/// A job's webhook as its view shows it: the URL and the state of its latest delivery (the terminal event's
+/// once the job has ended). Never the signing secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobWebhookView {
+    /// Where the job's events are sent.
+    pub url: String,
+    /// The event that `status` is about (`started`, `completed`, `failed` or `cancelled`); absent until the
+    /// first event is queued.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// `pending` (not yet delivered: waiting for the event, its first attempt or a retry), `delivered` (the
+    /// receiver answered 2xx) or `failed` (every allowed attempt failed).
+    pub status: DeliveryStatus,
+    /// Attempts made for that event.
+    pub attempts: u32,
+    /// Why the last attempt failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl From<WebhookState> for JobWebhookView {
+    fn from(state: WebhookState) -> Self {
+        Self {
+            url: state.url,
+            event: state.event,
+            status: state.status,
+            attempts: state.attempts,
+            last_error: state.last_error,
+        }
+    }
 }
 
 /// A failed job's error.
@@ -74,6 +110,7 @@ pub fn parse_id(text: &str) -> Result<Uuid, ApiError> {
 /// Builds the client view of `job` (its images, when it has succeeded, passed in).
 pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) -> Result<JobResponse, ApiError> {
     let live = state.jobs.live_state(&job).await?;
+    let webhook = state.jobs.webhook(&job).await?.map(JobWebhookView::from);
     let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
     Ok(JobResponse {
         id: job.id,
@@ -90,6 +127,7 @@ pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) 
         priority: Priority::from_value(job.priority),
         images: images.iter().map(ImageInfo::from).collect(),
         error,
+        webhook,
     })
 }
 

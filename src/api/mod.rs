@@ -18,6 +18,7 @@ pub mod schedulers;
 pub mod submit;
 pub mod usage;
 pub mod validation;
+pub mod webhook;
 pub mod workers;
 
 use std::sync::atomic::AtomicBool;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub workers_ready: Arc<AtomicBool>,
     /// API keys.
     pub auth: AuthState,
+    /// Webhook settings (the SSRF check's allowances, the secret of jobs without a key).
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// The HTTP layer's own settings.

@@ -257,6 +257,8 @@ pub async fn generations(
         preview: None,
         latents: None,
         priority: None,
+        webhook_url: None,
+        webhook_events: None,
     };
     let mut generation = generation;
     if body.stream.unwrap_or(false) && partial > 0 {

@@ -8,7 +8,7 @@ mod key;
 mod store;
 
 pub use key::{generate, key_id, GeneratedKey};
-pub use store::{KeyError, KeyInfo, KeyStore, LimitsUpdate};
+pub use store::{CreatedKey, KeyChanges, KeyError, KeyInfo, KeySettings, KeyStore, KeyWebhook, LimitsUpdate};
 
 /// The caller of one request, as the authentication layer established it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,14 @@
-//! The `api_keys` table: create, list, revoke, and authenticate.
+//! The `api_keys` table: create, list, update, revoke, and authenticate; and each key's webhook settings
+//! (default URL and signing secret).
+
+use sqlx::FromRow;
 
 use super::key::{self, GeneratedKey};
 use super::Principal;
 use crate::jobs::store::{on_read, on_write};
 use crate::jobs::time::now_millis;
 use crate::jobs::{JobStore, KeyLimits, StoreError};
+use crate::webhooks::Secret;
 
 /// Why a key operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +57,7 @@ impl LimitsUpdate {
     }
 }
 
-/// A key as `denoised keys list` shows it (never its secret).
+/// A key as `denoised keys list` shows it (never its secrets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
     /// Public id.
@@ -66,8 +70,86 @@ pub struct KeyInfo {
     pub created_at: i64,
     /// Unix milliseconds, once revoked.
     pub revoked_at: Option<i64>,
+    /// Where its jobs' events go when a job names no webhook URL.
+    pub webhook_url: Option<String>,
     /// Its share of the workers and its limits.
     pub limits: KeyLimits,
+}
+
+/// The columns of `api_keys` that make a [`KeyInfo`] (a macro so `concat!` can build static SQL).
+macro_rules! key_columns {
+    () => {
+        "id, name, admin, created_at, revoked_at, webhook_url, weight, rate_per_minute, daily_image_steps"
+    };
+}
+
+/// An `api_keys` row as [`key_columns!`] reads it.
+#[derive(FromRow)]
+struct KeyRow {
+    id: String,
+    name: String,
+    admin: i64,
+    created_at: i64,
+    revoked_at: Option<i64>,
+    webhook_url: Option<String>,
+    weight: i64,
+    rate_per_minute: Option<i64>,
+    daily_image_steps: Option<i64>,
+}
+
+impl From<KeyRow> for KeyInfo {
+    fn from(row: KeyRow) -> Self {
+        KeyInfo {
+            id: row.id,
+            name: row.name,
+            admin: row.admin != 0,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+            webhook_url: row.webhook_url,
+            limits: limits_from_row(row.weight, row.rate_per_minute, row.daily_image_steps),
+        }
+    }
+}
+
+/// A key's settings that operators choose (`denoised keys create` and `keys update` options).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeySettings {
+    /// The default webhook URL of its jobs (checked by the caller: see `crate::webhooks::target`).
+    pub webhook_url: Option<String>,
+}
+
+/// Changes to a key's settings: `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    /// `Some(None)` removes the default webhook URL; `Some(Some(url))` sets it.
+    pub webhook_url: Option<Option<String>>,
+}
+
+impl KeyChanges {
+    /// Whether nothing would change.
+    pub fn is_empty(&self) -> bool {
+        self == &KeyChanges::default()
+    }
+}
+
+/// A key just made: its row, the key string (shown once, never stored) and its webhook signing secret.
+#[derive(Debug)]
+pub struct CreatedKey {
+    /// The row.
+    pub info: KeyInfo,
+    /// `dn_<id>_<secret>`.
+    pub key: String,
+    /// Signs its jobs' webhook deliveries; receivers verify with it.
+    pub webhook_secret: Secret,
+}
+
+/// What a submission needs to know of its key's webhook settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyWebhook {
+    /// The key's default URL.
+    pub url: Option<String>,
+    /// Whether the key has a signing secret (keys made before webhooks have none until rotated).
+    pub has_secret: bool,
 }
 
 /// Handle on the `api_keys` table (shares the job store's connections and backend).
@@ -84,29 +166,35 @@ impl KeyStore {
 
     /// Makes a key named `name`; returns the key string, which is shown once and never stored.
     pub async fn create(&self, name: &str, admin: bool) -> Result<(KeyInfo, String), KeyError> {
+        let created = self.create_with(name, admin, &KeySettings::default()).await?;
+        Ok((created.info, created.key))
+    }
+
+    /// Makes a key named `name` with `settings` and a new webhook signing secret.
+    pub async fn create_with(&self, name: &str, admin: bool, settings: &KeySettings) -> Result<CreatedKey, KeyError> {
         let valid = (1..=64).contains(&name.len())
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !valid {
             return Err(KeyError::InvalidName(name.into()));
         }
         let GeneratedKey { key, id, hash } = key::generate()?;
-        let created_at = now_millis();
-        let result = on_write!(self.store, pool, _d => sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, admin, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
+        let webhook_secret = Secret::generate()?;
+        let result: Result<KeyRow, _> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "INSERT INTO api_keys (id, name, secret_hash, admin, created_at, webhook_url, webhook_secret) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
+            key_columns!()
+        ))
         .bind(&id)
         .bind(name)
         .bind(&hash)
         .bind(i64::from(admin))
-        .bind(created_at)
-        .execute(pool)
-        .await
-        .map(|_| ()));
+        .bind(now_millis())
+        .bind(&settings.webhook_url)
+        .bind(webhook_secret.reveal())
+        .fetch_one(pool)
+        .await);
         match result {
-            Ok(_) => {
-                let limits = KeyLimits::default();
-                Ok((KeyInfo { id, name: name.into(), admin, created_at, revoked_at: None, limits }, key))
-            }
+            Ok(row) => Ok(CreatedKey { info: row.into(), key, webhook_secret }),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(KeyError::NameTaken(name.into())),
             Err(e) => Err(e.into()),
         }
@@ -114,12 +202,56 @@ impl KeyStore {
 
     /// Every key, live and revoked, oldest first.
     pub async fn list(&self) -> Result<Vec<KeyInfo>, KeyError> {
-        let rows: Vec<KeyRow> = on_read!(self.store, pool, _d => sqlx::query_as(concat!(
-            "SELECT ", key_columns!(), " FROM api_keys ORDER BY created_at, id"
-        ))
-        .fetch_all(pool)
-        .await?);
+        let rows: Vec<KeyRow> = on_read!(self.store, pool, _d =>
+            sqlx::query_as(concat!("SELECT ", key_columns!(), " FROM api_keys ORDER BY created_at, id"))
+                .fetch_all(pool)
+                .await?);
         Ok(rows.into_iter().map(KeyInfo::from).collect())
+    }
+
+    /// Applies `changes` to the live key named `name` and returns it as it is now.
+    pub async fn update(&self, name: &str, changes: &KeyChanges) -> Result<KeyInfo, KeyError> {
+        // One CASE per setting: `$n = 1` says whether to change it, the next parameter is its new value.
+        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "UPDATE api_keys SET webhook_url = CASE WHEN $2 = 1 THEN $3 ELSE webhook_url END \
+             WHERE name = $1 AND revoked_at IS NULL RETURNING ",
+            key_columns!()
+        ))
+        .bind(name)
+        .bind(i64::from(changes.webhook_url.is_some()))
+        .bind(changes.webhook_url.clone().flatten())
+        .fetch_optional(pool)
+        .await?);
+        row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
+    }
+
+    /// Gives the live key named `name` a new webhook signing secret (the old one stops signing at once) and
+    /// returns it.
+    pub async fn rotate_webhook_secret(&self, name: &str) -> Result<(KeyInfo, Secret), KeyError> {
+        let secret = Secret::generate()?;
+        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "UPDATE api_keys SET webhook_secret = $2 WHERE name = $1 AND revoked_at IS NULL RETURNING ",
+            key_columns!()
+        ))
+        .bind(name)
+        .bind(secret.reveal())
+        .fetch_optional(pool)
+        .await?);
+        let info = row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))?;
+        Ok((info, secret))
+    }
+
+    /// The webhook settings of the key with id `id` (for a submission by that key); `None` if there is no
+    /// such key.
+    pub async fn webhook(&self, id: &str) -> Result<Option<KeyWebhook>, KeyError> {
+        let row: Option<(Option<String>, i64)> = on_read!(self.store, pool, _d => sqlx::query_as(
+            "SELECT webhook_url, CAST(CASE WHEN webhook_secret IS NULL THEN 0 ELSE 1 END AS BIGINT) \
+             FROM api_keys WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?);
+        Ok(row.map(|(url, has_secret)| KeyWebhook { url, has_secret: has_secret == 1 }))
     }
 
     /// Revokes the live key named `name`: from then on it authenticates nothing (its jobs stay).
@@ -130,32 +262,6 @@ impl KeyStore {
         ))
         .bind(name)
         .bind(now_millis())
-        .fetch_optional(pool)
-        .await?);
-        row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
-    }
-
-    /// Changes the live key `name`'s weight and limits (what `update` leaves `None` stays).
-    pub async fn set_limits(&self, name: &str, update: LimitsUpdate) -> Result<KeyInfo, KeyError> {
-        let zero = update.weight == Some(0)
-            || update.rate_per_minute == Some(Some(0))
-            || update.daily_image_steps == Some(Some(0));
-        if zero {
-            return Err(KeyError::InvalidLimit);
-        }
-        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
-            "UPDATE api_keys SET weight = COALESCE($2, weight), \
-                 rate_per_minute = CASE WHEN $3 = 1 THEN $4 ELSE rate_per_minute END, \
-                 daily_image_steps = CASE WHEN $5 = 1 THEN $6 ELSE daily_image_steps END \
-             WHERE name = $1 AND revoked_at IS NULL RETURNING ",
-            key_columns!()
-        ))
-        .bind(name)
-        .bind(update.weight.map(i64::from))
-        .bind(i64::from(update.rate_per_minute.is_some()))
-        .bind(update.rate_per_minute.flatten().map(i64::from))
-        .bind(i64::from(update.daily_image_steps.is_some()))
-        .bind(update.daily_image_steps.flatten().map(|d| i64::try_from(d).unwrap_or(i64::MAX)))
         .fetch_optional(pool)
         .await?);
         row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
@@ -196,22 +302,31 @@ impl KeyStore {
         let limits = limits_from_row(weight, rate, daily);
         Ok(Some(Principal { key_id: Some(id.into()), name, admin: admin != 0, limits }))
     }
-}
 
-/// The columns of `api_keys` that make a [`KeyInfo`].
-macro_rules! key_columns {
-    () => {
-        "id, name, admin, created_at, revoked_at, weight, rate_per_minute, daily_image_steps"
-    };
-}
-use key_columns;
-
-/// An `api_keys` row.
-type KeyRow = (String, String, i64, i64, Option<i64>, i64, Option<i64>, Option<i64>);
-
-impl From<KeyRow> for KeyInfo {
-    fn from((id, name, admin, created_at, revoked_at, weight, rate, daily): KeyRow) -> Self {
-        KeyInfo { id, name, admin: admin != 0, created_at, revoked_at, limits: limits_from_row(weight, rate, daily) }
+    /// Changes the live key `name`'s weight and limits (what `update` leaves `None` stays).
+    pub async fn set_limits(&self, name: &str, update: LimitsUpdate) -> Result<KeyInfo, KeyError> {
+        let zero = update.weight == Some(0)
+            || update.rate_per_minute == Some(Some(0))
+            || update.daily_image_steps == Some(Some(0));
+        if zero {
+            return Err(KeyError::InvalidLimit);
+        }
+        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "UPDATE api_keys SET weight = COALESCE($2, weight), \
+                 rate_per_minute = CASE WHEN $3 = 1 THEN $4 ELSE rate_per_minute END, \
+                 daily_image_steps = CASE WHEN $5 = 1 THEN $6 ELSE daily_image_steps END \
+             WHERE name = $1 AND revoked_at IS NULL RETURNING ",
+            key_columns!()
+        ))
+        .bind(name)
+        .bind(update.weight.map(i64::from))
+        .bind(i64::from(update.rate_per_minute.is_some()))
+        .bind(update.rate_per_minute.flatten().map(i64::from))
+        .bind(i64::from(update.daily_image_steps.is_some()))
+        .bind(update.daily_image_steps.flatten().map(|d| i64::try_from(d).unwrap_or(i64::MAX)))
+        .fetch_optional(pool)
+        .await?);
+        row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
     }
 }
 
@@ -259,5 +374,41 @@ mod tests {
         assert_eq!(list.iter().filter(|k| k.name == "alice").count(), 2);
         assert_eq!(list.iter().filter(|k| k.revoked_at.is_some()).count(), 1);
         assert!(keys.any_live().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn keys_have_webhook_settings_and_secrets() {
+        let (_dir, keys) = keys().await;
+        let settings = KeySettings { webhook_url: Some("https://hooks.example.com/a".into()) };
+        let created = keys.create_with("alice", false, &settings).await.unwrap();
+        assert_eq!(created.info.webhook_url.as_deref(), Some("https://hooks.example.com/a"));
+        assert!(created.webhook_secret.reveal().starts_with("whsec_"));
+        let id = created.info.id.clone();
+        assert_eq!(
+            keys.webhook(&id).await.unwrap(),
+            Some(KeyWebhook { url: Some("https://hooks.example.com/a".into()), has_secret: true })
+        );
+        // Changing nothing keeps the URL; `Some(None)` removes it; `Some(url)` sets another.
+        assert_eq!(keys.update("alice", &KeyChanges::default()).await.unwrap().webhook_url, settings.webhook_url);
+        let cleared = keys.update("alice", &KeyChanges { webhook_url: Some(None) }).await.unwrap();
+        assert_eq!(cleared.webhook_url, None);
+        let changes = KeyChanges { webhook_url: Some(Some("https://hooks.example.com/b".into())) };
+        assert_eq!(
+            keys.update("alice", &changes).await.unwrap().webhook_url.as_deref(),
+            Some("https://hooks.example.com/b")
+        );
+        assert!(matches!(keys.update("nobody", &changes).await, Err(KeyError::NotFound(_))));
+        // Rotation replaces the secret.
+        let (_, rotated) = keys.rotate_webhook_secret("alice").await.unwrap();
+        assert_ne!(rotated, created.webhook_secret);
+        let stored: (String,) = on_read!(keys.store, pool, _d => sqlx::query_as("SELECT webhook_secret FROM api_keys WHERE id = $1")
+            .bind(&id)
+            .fetch_one(pool)
+            .await
+            .unwrap());
+        assert_eq!(stored.0, rotated.reveal());
+        assert!(matches!(keys.rotate_webhook_secret("nobody").await, Err(KeyError::NotFound(_))));
+        assert_eq!(keys.webhook("000000000000").await.unwrap(), None);
+        assert_eq!(keys.list().await.unwrap()[0].webhook_url.as_deref(), Some("https://hooks.example.com/b"));
     }
 }

@@ -88,6 +88,9 @@ pub struct NewJob {
     pub input_bytes: u64,
     /// What it costs against its owner's daily compute: image-steps (`n × steps`).
     pub cost: u64,
+    /// Where the job's events are delivered, if anywhere (recorded in the job's insert transaction).
+    #[serde(default)]
+    pub webhook: Option<super::store::JobWebhook>,
 }
 
 /// A job as stored: the queue's answer to `get`, `claim` and friends.

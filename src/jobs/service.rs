@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, StartedEvent};
 use super::params::JobParams;
 use super::progress::{Progress, ProgressBoard, StopReason};
+use super::store::JobWebhook;
 use super::{
     IdempotencyKey, ImageRecord, Job, JobStatus, JobStore, NewImage, NewJob, QueuePositions, RateState, StoreError,
     SubmitLimits,
@@ -176,6 +177,8 @@ pub struct JobRequest {
     pub params: JobParams,
     /// An edit's pictures.
     pub inputs: Option<EditInputs>,
+    /// Where its events are delivered (checked by the caller: see `crate::webhooks::target`).
+    pub webhook: Option<JobWebhook>,
     /// Its claim priority (`high` is for admin keys; the route checks).
     pub priority: Priority,
 }
@@ -219,6 +222,7 @@ struct ReadyJob {
     params: JobParams,
     priority: Priority,
     input_bytes: u64,
+    webhook: Option<JobWebhook>,
 }
 
 /// A submission's outcome: the job, and whether this request created it (`false`: an idempotent replay).
@@ -321,12 +325,12 @@ impl Jobs {
         request: JobRequest,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
-        let JobRequest { model, mut params, inputs, priority } = request;
+        let JobRequest { model, mut params, inputs, priority, webhook } = request;
         let folder = Uuid::new_v4();
         let stored = self.store_inputs(folder, &mut params, inputs).await;
         let outcome = match stored {
             Ok(input_bytes) => {
-                let ready = ReadyJob { model, params, priority, input_bytes };
+                let ready = ReadyJob { model, params, priority, input_bytes, webhook };
                 self.enqueue(who, ready, idempotency).await
             }
             Err(e) => Err(e),
@@ -398,7 +402,7 @@ impl Jobs {
         ready: ReadyJob,
         idempotency: Option<&Idempotency>,
     ) -> Result<Submitted, JobsError> {
-        let ReadyJob { model, params, priority, input_bytes } = ready;
+        let ReadyJob { model, params, priority, input_bytes, webhook } = ready;
         let cost = params.image_steps();
         let new = NewJob {
             model,
@@ -408,6 +412,7 @@ impl Jobs {
             owner: who.owner().map(str::to_string),
             input_bytes,
             cost,
+            webhook,
         };
         let limits = SubmitLimits {
             max_queued: self.rules.max_queued,
@@ -515,6 +520,11 @@ impl Jobs {
         Ok(LiveState { progress, queue_position })
     }
 
+    /// `job`'s webhook and the state of its latest delivery; `None` when it has none.
+    pub async fn webhook(&self, job: &Job) -> Result<Option<super::store::WebhookState>, JobsError> {
+        Ok(self.store.webhook_state(job.id).await?)
+    }
+
     /// The images of a job that has succeeded (none otherwise).
     pub async fn images(&self, job: &Job) -> Result<Vec<ImageRecord>, JobsError> {
         if job.status != JobStatus::Succeeded {
@@ -608,10 +618,14 @@ impl Jobs {
         }
     }
 
-    /// Records that a worker took `job` (announced to followers).
-    pub fn started(&self, job: &Job) {
+    /// Records that a worker took `job`: announced to followers, and queued for its webhook when it asked
+    /// for `started` (best effort: a failed write is logged and the job runs on).
+    pub async fn started(&self, job: &Job) {
         self.bus.note_owner(job.id, job.owner.as_deref());
         self.bus.publish(job.id, EventKind::Started(StartedEvent { attempt: job.attempts }));
+        if let Err(e) = self.store.queue_started(job.id, job.attempts).await {
+            warn!(id = %job.id, error = %e, "queueing the webhook's started event failed");
+        }
     }
 
     /// Records a finished job's images, fenced by its lease. The images are stored whole first, so the

@@ -129,7 +129,7 @@ impl Dispatcher {
             return;
         }
         info!(%id, worker, attempt = job.attempts, "job started");
-        self.jobs.started(&job);
+        self.jobs.started(&job).await;
         let outcome = self.wait_renewing(&job, &owner, outcome).await;
         progress.finish(id);
         match outcome {

@@ -81,6 +81,8 @@ pub fn edit(
         preview_every: fields.preview_every,
         preview: fields.preview,
         latents: fields.latents,
+        webhook_url: None,
+        webhook_events: None,
     };
     let (model, generate) = generation(models, limits, generation_fields)?;
     let inputs = EditInputs {

@@ -5,7 +5,8 @@
 //! transition is **fenced** on `(id, lease_owner, status = 'running')`, so a worker that lost its lease (because
 //! a reaper re-queued the job and another worker claimed it) cannot overwrite the new owner's work; a **reaper**
 //! ([`JobStore::recover_expired`]) re-queues jobs whose lease expired, or fails them once they have used all
-//! their attempts.
+//! their attempts. Every transition that ends a job also queues the job's webhook delivery, in the same
+//! transaction (the outbox: `webhooks.rs`).
 //!
 //! Both backends run the same statements: the schemas use the same column types (text ids, i64 integers) and
 //! the statements stay in the dialect both speak (`$N` placeholders, `RETURNING`, `COALESCE`, `CAST`). Where
@@ -67,6 +68,7 @@ mod rows;
 mod sqlite;
 mod submit;
 mod usage;
+mod webhooks;
 mod workers;
 
 use std::time::Duration;
@@ -76,13 +78,16 @@ use uuid::Uuid;
 
 pub use self::events::StoredEvent;
 pub use self::usage::OwnerUsage;
+pub use self::webhooks::{
+    message_id, AttemptOutcome, ClaimedDelivery, DeliveryStatus, DeliveryTarget, JobWebhook, WebhookState,
+};
 pub use self::workers::{WorkerInfo, WorkerRegistration};
 use super::error::StoreError;
 use super::model::{
     ImageRecord, Job, JobStatus, NewImage, NewJob, RecoverReport, StatusCounts, Submission, SubmitLimits,
 };
 use super::time::now_millis;
-use rows::{non_negative, one_job, parse_ids, parse_status, seed_to_db, ImageRow, JobRow};
+use rows::{non_negative, one_job, parse_ids, parse_status, parse_uuid, seed_to_db, ImageRow, JobRow};
 
 /// The `error_code` of a job that failed because its lease expired on its last allowed attempt.
 pub const MAX_ATTEMPTS_EXCEEDED: &str = "max_attempts_exceeded";
@@ -368,6 +373,7 @@ impl JobStore {
                 .execute(&mut *tx)
                 .await?;
             }
+            webhooks::queue_terminal!(tx, id, "completed", now);
             tx.commit().await?;
         });
         Ok(true)
@@ -377,19 +383,28 @@ impl JobStore {
     ///
     /// Fenced: `false` (and nothing written) if `owner` no longer holds the job.
     pub async fn fail(&self, id: Uuid, owner: &str, code: &str, message: &str) -> Result<bool, StoreError> {
-        let result = on_write!(self, pool, _d => sqlx::query(
-            "UPDATE jobs SET status = 'failed', error_code = $3, error_message = $4, finished_at = $5, \
-                 lease_expires_at = NULL \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
-        )
-        .bind(id.to_string())
-        .bind(owner)
-        .bind(code)
-        .bind(message)
-        .bind(now_millis())
-        .execute(pool)
-        .await?
-        .rows_affected());
+        let now = now_millis();
+        let result = on_write!(self, pool, dialect => {
+            let mut tx = pool.begin_with(dialect.begin()).await?;
+            let updated = sqlx::query(
+                "UPDATE jobs SET status = 'failed', error_code = $3, error_message = $4, finished_at = $5, \
+                     lease_expires_at = NULL \
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+            )
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(code)
+            .bind(message)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 1 {
+                webhooks::queue_terminal!(tx, id, "failed", now);
+            }
+            tx.commit().await?;
+            updated
+        });
         Ok(result == 1)
     }
 
@@ -430,9 +445,10 @@ impl JobStore {
     }
 
     async fn recover_leases_expiring_by(&self, cutoff: i64) -> Result<RecoverReport, StoreError> {
+        let now = now_millis();
         let (failed, requeued): (Vec<(String,)>, Vec<(String,)>) = on_write!(self, pool, dialect => {
             let mut tx = pool.begin_with(dialect.begin()).await?;
-            let failed = sqlx::query_as(
+            let failed: Vec<(String,)> = sqlx::query_as(
                 "UPDATE jobs SET status = 'failed', error_code = $2, \
                      error_message = 'lease expired on attempt ' || attempts || ' of ' || max_attempts, \
                      finished_at = $3, lease_expires_at = NULL \
@@ -441,9 +457,12 @@ impl JobStore {
             )
             .bind(cutoff)
             .bind(MAX_ATTEMPTS_EXCEEDED)
-            .bind(now_millis())
+            .bind(now)
             .fetch_all(&mut *tx)
             .await?;
+            for (job,) in &failed {
+                webhooks::queue_terminal!(tx, parse_uuid("jobs", job)?, "failed", now);
+            }
             // What is still running and expired after the statement above has attempts left.
             let requeued = sqlx::query_as(
                 "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL \
@@ -475,14 +494,23 @@ impl JobStore {
     /// `false` if the job does not exist or is not queued (a running job is cancelled by its worker, which
     /// then calls [`finish_cancelled`](Self::finish_cancelled)).
     pub async fn cancel_queued(&self, id: Uuid) -> Result<bool, StoreError> {
-        let result = on_write!(self, pool, _d => sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', finished_at = $2 WHERE id = $1 AND status = 'queued'",
-        )
-        .bind(id.to_string())
-        .bind(now_millis())
-        .execute(pool)
-        .await?
-        .rows_affected());
+        let now = now_millis();
+        let result = on_write!(self, pool, dialect => {
+            let mut tx = pool.begin_with(dialect.begin()).await?;
+            let updated = sqlx::query(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $2 WHERE id = $1 AND status = 'queued'",
+            )
+            .bind(id.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 1 {
+                webhooks::queue_terminal!(tx, id, "cancelled", now);
+            }
+            tx.commit().await?;
+            updated
+        });
         Ok(result == 1)
     }
 
@@ -533,32 +561,49 @@ impl JobStore {
 
     /// Cancels every queued job of `owner` (its API key was revoked); returns how many.
     pub async fn cancel_queued_of(&self, owner: &str) -> Result<u64, StoreError> {
-        let result = on_write!(self, pool, _d => sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', finished_at = $2 \
-             WHERE owner = $1 AND status = 'queued' AND owner IS NOT NULL",
-        )
-        .bind(owner)
-        .bind(now_millis())
-        .execute(pool)
-        .await?
-        .rows_affected());
-        Ok(result)
+        let now = now_millis();
+        let cancelled: Vec<(String,)> = on_write!(self, pool, dialect => {
+            let mut tx = pool.begin_with(dialect.begin()).await?;
+            let cancelled: Vec<(String,)> = sqlx::query_as(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $2 \
+                 WHERE owner = $1 AND status = 'queued' AND owner IS NOT NULL RETURNING id",
+            )
+            .bind(owner)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (job,) in &cancelled {
+                webhooks::queue_terminal!(tx, parse_uuid("jobs", job)?, "cancelled", now);
+            }
+            tx.commit().await?;
+            cancelled
+        });
+        Ok(cancelled.len() as u64)
     }
 
     /// Marks a running job `cancelled` once its worker has stopped it at a client's request.
     ///
     /// Fenced: `false` (and nothing written) if `owner` no longer holds the job.
     pub async fn finish_cancelled(&self, id: Uuid, owner: &str) -> Result<bool, StoreError> {
-        let result = on_write!(self, pool, _d => sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', finished_at = $3, lease_expires_at = NULL \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
-        )
-        .bind(id.to_string())
-        .bind(owner)
-        .bind(now_millis())
-        .execute(pool)
-        .await?
-        .rows_affected());
+        let now = now_millis();
+        let result = on_write!(self, pool, dialect => {
+            let mut tx = pool.begin_with(dialect.begin()).await?;
+            let updated = sqlx::query(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $3, lease_expires_at = NULL \
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+            )
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 1 {
+                webhooks::queue_terminal!(tx, id, "cancelled", now);
+            }
+            tx.commit().await?;
+            updated
+        });
         Ok(result == 1)
     }
 

@@ -269,6 +269,9 @@ impl JobStore {
             .bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await?;
+            if let Some(row) = rows.first() {
+                super::webhooks::attach_webhook!(tx, &row.id, new.webhook.as_ref());
+            }
             if dialect == Dialect::Postgres {
                 sqlx::query("SELECT pg_notify($1, '')").bind(postgres::QUEUE_CHANNEL).execute(&mut *tx).await?;
             }

@@ -87,6 +87,9 @@ macro_rules! on_both_backends {
     };
 }
 
+// The webhook outbox's tests (they use the macro above).
+mod webhooks;
+
 fn params() -> JobParams {
     let stored = json!({
         "prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": 4,
@@ -104,6 +107,7 @@ fn new_job(priority: i32) -> NewJob {
         owner: None,
         input_bytes: 0,
         cost: 4,
+        webhook: None,
     }
 }
 
