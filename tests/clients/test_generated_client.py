@@ -91,3 +91,21 @@ def test_events_parse_into_the_generated_event_classes(server, api_key):
     progress = [e for e in parsed if isinstance(e, ProgressEvent)]
     assert progress and progress[-1].total == 6
     assert parsed[-1].images[0].seed == 5
+
+
+def test_priority_usage_and_workers_through_the_generated_client(server, api_key):
+    from denoised_client.api.health import list_workers  # noqa: E402
+    from denoised_client.api.jobs import usage  # noqa: E402
+    from denoised_client.models import Priority  # noqa: E402
+
+    client = AuthenticatedClient(base_url=server, token=api_key, timeout=60)
+    body = GenerateImageRequest(prompt="a blue square", steps=2, priority=Priority.HIGH)
+    accepted = create_image_job.sync_detailed(client=client, body=body)
+    assert accepted.status_code == 202, accepted.content
+    assert str(accepted.parsed.priority) == "high"
+    listed = usage.sync(client=client)
+    assert listed.object_ == "list" and len(listed.data) >= 1
+    mine = listed.data[0]
+    assert mine.weight >= 1 and mine.max_outstanding_jobs >= 1
+    workers = list_workers.sync(client=client)
+    assert len(workers.data) == 1 and workers.data[0].alive

@@ -161,6 +161,10 @@ impl TestServer {
 
     /// Starts a server from a whole config text whose `data_dir` is `dir`.
     pub async fn start_configured(dir: tempfile::TempDir, toml: String) -> Self {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            // For debugging a test: the server's log on stderr (`TEST_LOG=info cargo test … -- --nocapture`).
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        }
         let config =
             denoised::config::Config::from_toml_str(&toml, "test", dir.path(), Vec::new(), &Default::default())
                 .expect("test config");
