@@ -320,7 +320,7 @@ async fn renew_extends_the_lease_for_its_owner_only(db: TestDb) {
 
 async fn expired_leases_are_requeued_then_failed_past_max_attempts(db: TestDb) {
     let store = db.connect().await;
-    let short = Duration::from_millis(20);
+    let short = Duration::from_millis(600);
     let job = store.insert(NewJob { max_attempts: 2, ..new_job(1) }).await.unwrap();
     let healthy = store.insert(new_job(0)).await.unwrap();
 
@@ -328,7 +328,7 @@ async fn expired_leases_are_requeued_then_failed_past_max_attempts(db: TestDb) {
     assert_eq!(store.claim("dead-1", short).await.unwrap().unwrap().id, job.id);
     assert_eq!(store.claim("alive", LEASE).await.unwrap().unwrap().id, healthy.id);
     assert!(store.recover_expired().await.unwrap().is_empty(), "lease not yet expired");
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let report = store.recover_expired().await.unwrap();
     assert_eq!(report.requeued, vec![job.id]);
     assert!(report.failed.is_empty());
@@ -344,7 +344,7 @@ async fn expired_leases_are_requeued_then_failed_past_max_attempts(db: TestDb) {
     // Attempt 2 (the last): the worker dies again.
     let second = store.claim("dead-2", short).await.unwrap().unwrap();
     assert_eq!((second.id, second.attempts), (job.id, 2));
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let report = store.recover_expired().await.unwrap();
     assert_eq!(report.failed, vec![job.id]);
     assert!(report.requeued.is_empty());
