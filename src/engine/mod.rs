@@ -15,6 +15,7 @@ pub mod rng;
 pub mod runtime;
 pub mod scheduler;
 pub mod t5_tokenizer;
+pub mod text_cache;
 pub mod text_encoder;
 pub mod tokenizer;
 

@@ -1,5 +1,5 @@
 //! One text encoder with its tokenizer (CLIP or T5): which of its outputs the family reads, and encoding a
-//! text.
+//! text (through a bounded cache of its outputs, [`super::text_cache`], so repeated texts skip the graph).
 
 use std::path::Path;
 
@@ -10,6 +10,7 @@ use super::family::{EncoderSpec, HiddenLayer, TokenizerKind};
 use super::graph::{Element, Feed, Graph};
 use super::runtime::SessionFactory;
 use super::t5_tokenizer::T5Tokenizer;
+use super::text_cache::{TextCache, TextCacheLimits};
 use super::tokenizer::ClipTokenizer;
 
 /// The tokenizer of one text encoder.
@@ -47,6 +48,10 @@ pub struct TextEncoder {
     pub hidden_output: Option<String>,
     /// The pooled output (`text_embeds` or `pooler_output`), when the family reads one and the graph has it.
     pub pooled_output: Option<String>,
+    /// Outputs of texts encoded before, by token ids.
+    cache: TextCache,
+    /// Times the graph ran (texts not found in the cache).
+    graph_runs: u64,
 }
 
 /// One text through one encoder.
@@ -84,12 +89,36 @@ impl TextEncoder {
         }
         let hidden_output = spec.hidden.map(|layer| hidden_output(&graph, layer)).transpose().map_err(bad)?;
         let pooled_output = spec.pooled.and_then(|name| graph.output(name)).map(|o| o.name.clone());
-        Ok(Self { tokenizer, graph, hidden_output, pooled_output })
+        let cache = TextCache::new(TextCacheLimits::DEFAULT);
+        Ok(Self { tokenizer, graph, hidden_output, pooled_output, cache, graph_runs: 0 })
     }
 
-    /// Tokenizes `text` (padded to the tokenizer's length) and runs the graph.
+    /// Replaces the output cache with an empty one within `limits` ([`TextCacheLimits::OFF`] turns it off).
+    pub fn set_cache_limits(&mut self, limits: TextCacheLimits) {
+        self.cache = TextCache::new(limits);
+    }
+
+    /// How many times the graph has run: texts whose token ids were not in the cache. Lets tests and
+    /// benchmarks see the cache at work.
+    pub fn graph_runs(&self) -> u64 {
+        self.graph_runs
+    }
+
+    /// Tokenizes `text` (padded to the tokenizer's length) and returns the graph's outputs for those token
+    /// ids: from the cache when they were encoded before, else by running the graph (and caching the result).
     pub fn encode(&mut self, text: &str) -> Result<EncodedText, EngineError> {
-        let ids: Vec<i64> = self.tokenizer.encode_padded(text)?.into_iter().map(i64::from).collect();
+        let ids = self.tokenizer.encode_padded(text)?;
+        if let Some(cached) = self.cache.get(&ids) {
+            return Ok(cached);
+        }
+        let encoded = self.run_graph(&ids)?;
+        self.cache.insert(ids, encoded.clone());
+        Ok(encoded)
+    }
+
+    fn run_graph(&mut self, ids: &[u32]) -> Result<EncodedText, EngineError> {
+        self.graph_runs += 1;
+        let ids: Vec<i64> = ids.iter().copied().map(i64::from).collect();
         let len = ids.len();
         let input_ids =
             ArrayD::from_shape_vec(IxDyn(&[1, len]), ids).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
