@@ -79,8 +79,10 @@ pub enum Feed {
 pub struct Graph {
     name: &'static str,
     session: Session,
-    /// The worker's run options (see [`super::runtime::RunControl`]).
+    /// The worker's run options that shrink the arena after the run (see [`super::runtime::RunControl`]).
     run_options: std::sync::Arc<ort::session::RunOptions>,
+    /// The worker's run options that keep the arena for the next call.
+    steady_options: std::sync::Arc<ort::session::RunOptions>,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
 }
@@ -114,9 +116,10 @@ impl Graph {
         }
         let session = factory.open(path)?;
         let run_options = factory.run_control().options()?;
+        let steady_options = factory.run_control().steady_options()?;
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
-        Ok(Self { name, session, run_options, inputs, outputs })
+        Ok(Self { name, session, run_options, steady_options, inputs, outputs })
     }
 
     /// The graph's label.
@@ -145,8 +148,25 @@ impl Graph {
     }
 
     /// Runs the graph. Every input is converted to its declared type; every float output comes back as f32.
-    /// Integer outputs are skipped.
+    /// Integer outputs are skipped. The CPU arena gives back what the run used (see
+    /// [`super::runtime::RunControl`]).
     pub fn run(&mut self, feeds: Vec<(&str, Feed)>) -> Result<HashMap<String, ArrayD<f32>>, EngineError> {
+        let options = self.run_options.clone();
+        self.run_with(feeds, &options)
+    }
+
+    /// Like [`Graph::run`], keeping the CPU arena's memory for the next call: for a graph that runs again at
+    /// once (every denoising step but the last).
+    pub fn run_again_soon(&mut self, feeds: Vec<(&str, Feed)>) -> Result<HashMap<String, ArrayD<f32>>, EngineError> {
+        let options = self.steady_options.clone();
+        self.run_with(feeds, &options)
+    }
+
+    fn run_with(
+        &mut self,
+        feeds: Vec<(&str, Feed)>,
+        options: &ort::session::RunOptions,
+    ) -> Result<HashMap<String, ArrayD<f32>>, EngineError> {
         let graph = self.name;
         let fail = |message: String| EngineError::Inference { graph, message };
         let mut values: Vec<(Cow<'static, str>, SessionInputValue<'static>)> = Vec::with_capacity(feeds.len());
@@ -155,7 +175,7 @@ impl Graph {
             let value = to_value(spec, feed).map_err(|e| fail(format!("input `{name}`: {e}")))?;
             values.push((Cow::Owned(name.to_string()), value));
         }
-        let outputs = self.session.run_with_options(values, &self.run_options).map_err(|e| fail(e.to_string()))?;
+        let outputs = self.session.run_with_options(values, options).map_err(|e| fail(e.to_string()))?;
         let mut result = HashMap::new();
         for (name, value) in outputs.iter() {
             if let Some(array) = to_f32(&value).map_err(|e| fail(format!("output `{name}`: {e}")))? {

@@ -156,7 +156,8 @@ pub(super) fn denoise(
             Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
             _ => ArrayD::from_elem(IxDyn(&[copies * n]), value),
         };
-        let predicted = predict(model, sample, timestep, run.conditioning)?;
+        let last = call + 1 == calls;
+        let predicted = predict(model, sample, timestep, run.conditioning, last)?;
         if predicted.shape() != model_input.shape() {
             return Err(EngineError::Inference {
                 graph: model.denoiser.name(),
@@ -181,12 +182,14 @@ pub(super) fn denoise(
 }
 
 /// One denoiser call on `sample` `[b, C, h, w]` (packed around the call for Flux); the prediction comes back
-/// unpacked, `[b, C_out, h, w]`.
+/// unpacked, `[b, C_out, h, w]`. The denoiser's arena memory is kept between calls and handed back after the
+/// `last` one.
 fn predict(
     model: &mut LoadedModel,
     sample: ArrayD<f32>,
     timestep: ArrayD<f32>,
     conditioning: &UnetConditioning,
+    last: bool,
 ) -> Result<ArrayD<f32>, EngineError> {
     let kind = model.denoiser_kind;
     let (h, w) = (sample.shape().get(2).copied().unwrap_or(0), sample.shape().get(3).copied().unwrap_or(0));
@@ -194,7 +197,7 @@ fn predict(
     let mut feeds = vec![(kind.sample_input(), Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
     feeds.extend(conditioning.feeds());
     let graph = model.denoiser.name();
-    let mut outputs = model.denoiser.run(feeds)?;
+    let mut outputs = if last { model.denoiser.run(feeds)? } else { model.denoiser.run_again_soon(feeds)? };
     let predicted = outputs
         .remove(&model.denoiser_output)
         .ok_or_else(|| EngineError::Inference { graph, message: "no output".into() })?;
