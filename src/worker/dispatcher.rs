@@ -78,11 +78,8 @@ impl Dispatcher {
                 }
             };
             let this = this.clone();
-            let idle_tx = idle_tx.clone();
-            running.spawn(async move {
-                this.execute(job, worker, owner).await;
-                let _ = idle_tx.send(worker);
-            });
+            let idle = IdleOnDrop { tx: idle_tx.clone(), worker };
+            running.spawn(async move { this.execute(job, owner, idle).await });
         }
         info!(running = running.len(), "dispatcher stopping");
         let grace = tokio::time::sleep(this.settings.shutdown_grace);
@@ -101,8 +98,11 @@ impl Dispatcher {
         reaper.abort();
     }
 
-    async fn execute(&self, job: Job, worker: usize, owner: String) {
-        let id = job.id;
+    /// Runs `job` on `idle`'s worker and records its outcome. The worker is marked idle (by dropping `idle`)
+    /// as soon as its thread hands the outcome back, before the images and the new status are written, so
+    /// the next claim and job overlap this one's durable writes instead of waiting for them.
+    async fn execute(&self, job: Job, owner: String, idle: IdleOnDrop) {
+        let (id, worker) = (job.id, idle.worker);
         let (params, task, steps) = match self.task_of(&job).await {
             Ok(parts) => parts,
             Err(Unrunnable { code, message }) => return self.jobs.failed(id, &owner, code, &message).await,
@@ -131,6 +131,7 @@ impl Dispatcher {
         info!(%id, worker, attempt = job.attempts, "job started");
         self.jobs.started(&job).await;
         let outcome = self.wait_renewing(&job, &owner, outcome).await;
+        drop(idle);
         progress.finish(id);
         match outcome {
             Some(Ok(images)) => self.jobs.succeeded(id, &owner, params.output_format, images).await,
@@ -243,6 +244,19 @@ impl Dispatcher {
                 },
             }
         }
+    }
+}
+
+/// Hands a worker back to the dispatcher's idle list when dropped, so that every way out of
+/// [`Dispatcher::execute`] (a job that never reached the worker included) frees the worker exactly once.
+struct IdleOnDrop {
+    tx: mpsc::UnboundedSender<usize>,
+    worker: usize,
+}
+
+impl Drop for IdleOnDrop {
+    fn drop(&mut self) {
+        let _ = self.tx.send(self.worker);
     }
 }
 
