@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::engine::runtime::Device;
+use crate::worker::layout::{self, Amount, WorkerEntry};
+use crate::worker::pool::WorkerSpec;
+
 /// Prefix of environment variables that override config keys (`DENOISED_SERVER__BIND`).
 pub const ENV_PREFIX: &str = "DENOISED_";
 
@@ -71,7 +75,7 @@ pub struct Config {
     /// Models served, by the id clients use. The first is the default.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
-    /// One worker thread per entry.
+    /// Worker threads, by entry (`count` threads each); none means one [`WorkerConfig::default`] entry.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
 }
@@ -441,24 +445,35 @@ pub struct ModelConfig {
     pub max_pixel_steps: Option<u64>,
 }
 
-/// `[[workers]]`
+/// `[[workers]]`: one or more worker threads with the same device and thread count (see
+/// [`crate::worker::layout`] for how `"auto"` resolves).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// `cpu`, or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// Intra-op threads for this worker's sessions.
-    #[serde(default = "default_threads")]
-    pub threads: usize,
+    /// Intra-op threads for each worker's sessions: a number, or `"auto"` (the default).
+    #[serde(default)]
+    pub threads: Amount,
+    /// Workers made from this entry: a number (default 1), or `"auto"`.
+    #[serde(default = "one")]
+    pub count: Amount,
+}
+
+impl Default for WorkerConfig {
+    /// The layout used when the config has no `[[workers]]`: CPU workers filling every core.
+    fn default() -> Self {
+        Self { device: default_device(), threads: Amount::Auto, count: Amount::Auto }
+    }
 }
 
 fn default_device() -> String {
     "cpu".into()
 }
 
-fn default_threads() -> usize {
-    2
+fn one() -> Amount {
+    Amount::Fixed(1)
 }
 
 /// Command-line flags that override the most common keys.
@@ -528,6 +543,9 @@ impl Config {
             config.storage.database_url = url.clone();
         }
         config.auth.allow_unauthenticated = overrides.allow_unauthenticated;
+        if config.workers.is_empty() {
+            config.workers.push(WorkerConfig::default());
+        }
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
@@ -586,16 +604,7 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("models.name `{}` is configured twice", model.name)));
             }
         }
-        if self.workers.is_empty() {
-            return Err(ConfigError::Invalid("no [[workers]] configured".into()));
-        }
-        for (i, worker) in self.workers.iter().enumerate() {
-            crate::engine::runtime::Device::parse(&worker.device)
-                .map_err(|e| ConfigError::Invalid(format!("workers[{i}].device: {e}")))?;
-            if worker.threads == 0 {
-                return Err(ConfigError::Invalid(format!("workers[{i}].threads must be at least 1")));
-            }
-        }
+        self.worker_specs()?;
         if self.queue.lease_seconds == 0 {
             return Err(ConfigError::Invalid("queue.lease_seconds must be at least 1".into()));
         }
@@ -695,6 +704,26 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// The `[[workers]]` entries with their devices parsed.
+    pub fn worker_entries(&self) -> Result<Vec<WorkerEntry>, ConfigError> {
+        self.workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let device =
+                    Device::parse(&w.device).map_err(|e| ConfigError::Invalid(format!("workers[{i}].device: {e}")))?;
+                Ok(WorkerEntry { device, count: w.count, threads: w.threads })
+            })
+            .collect()
+    }
+
+    /// The worker threads this process starts: the `[[workers]]` entries resolved against the cores it may
+    /// use ([`layout::resolve`]).
+    pub fn worker_specs(&self) -> Result<Vec<WorkerSpec>, ConfigError> {
+        layout::resolve(&self.worker_entries()?, layout::available_cores())
+            .map_err(|e| ConfigError::Invalid(format!("workers: {e}")))
     }
 
     /// The parsed listen address.
@@ -858,7 +887,7 @@ threads = 2
         .unwrap();
         assert_eq!(c.server.bind, "0.0.0.0:9000");
         assert_eq!(c.queue.lease_seconds, 7);
-        assert_eq!(c.workers[0].threads, 4);
+        assert_eq!(c.workers[0].threads, Amount::Fixed(4));
         assert_eq!(c.models[0].path, PathBuf::from("/abs/model"));
     }
 
@@ -969,6 +998,31 @@ threads = 2
         }
         let bad_backend = load(MINIMAL, &[("DENOISED_STORAGE__BACKEND", "gcs")]).unwrap_err().to_string();
         assert!(bad_backend.contains("gcs"), "{bad_backend}");
+    }
+
+    #[test]
+    fn workers_take_numbers_or_auto_and_default_to_filling_the_cores() {
+        let none = load(&MINIMAL.replace("[[workers]]\ndevice = \"cpu\"\nthreads = 2\n", ""), &[]).unwrap();
+        assert_eq!(none.workers.len(), 1);
+        assert_eq!((none.workers[0].count, none.workers[0].threads), (Amount::Auto, Amount::Auto));
+        let specs = none.worker_specs().unwrap();
+        assert_eq!(specs.len(), layout::available_cores());
+        assert!(specs.iter().all(|s| s.device == Device::Cpu && s.threads == 1));
+
+        let fixed = load(MINIMAL, &[]).unwrap();
+        assert_eq!((fixed.workers[0].count, fixed.workers[0].threads), (Amount::Fixed(1), Amount::Fixed(2)));
+        assert_eq!(fixed.worker_specs().unwrap(), [WorkerSpec { device: Device::Cpu, threads: 2 }]);
+
+        let env = [("DENOISED_WORKERS__0__THREADS", "auto"), ("DENOISED_WORKERS__0__COUNT", "3")];
+        let overridden = load(MINIMAL, &env).unwrap();
+        assert_eq!((overridden.workers[0].count, overridden.workers[0].threads), (Amount::Fixed(3), Amount::Auto));
+        assert_eq!(overridden.worker_specs().unwrap().len(), 3);
+
+        let err = load(&MINIMAL.replace("threads = 2", "threads = \"many\""), &[]).unwrap_err().to_string();
+        assert!(err.contains("auto"), "{err}");
+        let ambiguous = format!("{MINIMAL}[[workers]]\ncount = \"auto\"\n[[workers]]\ncount = \"auto\"\n");
+        let err = load(&ambiguous, &[]).unwrap_err().to_string();
+        assert!(err.contains("count = \"auto\""), "{err}");
     }
 
     #[test]

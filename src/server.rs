@@ -15,7 +15,7 @@ use tracing::info;
 use crate::api::{self, AppState, AuthState, HttpSettings};
 use crate::auth::KeyStore;
 use crate::config::{Config, Role};
-use crate::engine::runtime::{Device, Runtime};
+use crate::engine::runtime::Runtime;
 use crate::fleet::{Fleet, FleetRole};
 use crate::jobs::store::WorkerRegistration;
 use crate::jobs::{JobRules, JobStore, Jobs};
@@ -59,19 +59,20 @@ impl Server {
             .with_context(|| format!("creating data_dir {}", config.storage.data_dir.display()))?;
         let (store, keys) = open_store(config).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let rules = job_rules(config, config.workers.len());
+        let specs = config.worker_specs()?;
+        let rules = job_rules(config, specs.len());
         let files = ImageFiles::open(&config.storage).await.context("opening image storage")?;
         let jobs = Jobs::new(store, files, rules, stop_rx.clone());
         let process_id = process_id();
         let (workers, workers_ready, registration) = if role.runs_jobs() {
-            let (dispatcher, pool) = start_workers(config, &registry, &jobs, &process_id).await?;
+            let (dispatcher, pool) = start_workers(config, &specs, &registry, &jobs, &process_id).await?;
             let registration = WorkerRegistration {
                 id: process_id.clone(),
                 host: host_name(),
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 models: registry.all().iter().map(|m| m.name.clone()).collect(),
-                devices: config.workers.iter().map(|w| w.device.clone()).collect(),
+                devices: specs.iter().map(|w| w.device.to_string()).collect(),
             };
             let ready = pool.ready_flag();
             (Some((dispatcher, pool)), ready, Some(registration))
@@ -157,6 +158,7 @@ impl Server {
 /// does not serve then fails clearly instead of waiting forever).
 async fn start_workers(
     config: &Config,
+    specs: &[WorkerSpec],
     registry: &Arc<ModelRegistry>,
     jobs: &Jobs,
     process_id: &str,
@@ -164,11 +166,9 @@ async fn start_workers(
     let library = Runtime::library_path(&config.runtime.onnxruntime_library);
     let runtime = Runtime::load(&library)?;
     info!(library = %runtime.library().display(), "ONNX Runtime loaded");
-    let specs = config
-        .workers
-        .iter()
-        .map(|w| Ok(WorkerSpec { device: Device::parse(&w.device).map_err(anyhow::Error::msg)?, threads: w.threads }))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let threads: Vec<usize> = specs.iter().map(|s| s.threads).collect();
+    info!(workers = specs.len(), ?threads, cores = crate::worker::layout::available_cores(), "worker layout");
+    let specs = specs.to_vec();
     let (registry_for_pool, progress, bus) = (registry.clone(), jobs.progress().clone(), jobs.bus().clone());
     let pool =
         tokio::task::spawn_blocking(move || WorkerPool::start(&runtime, &registry_for_pool, &specs, progress, bus))

@@ -2,4 +2,5 @@
 //! feeds them from the job store.
 
 pub mod dispatcher;
+pub mod layout;
 pub mod pool;

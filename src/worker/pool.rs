@@ -178,7 +178,7 @@ impl std::fmt::Debug for WorkerPool {
 }
 
 /// What each worker thread is started with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerSpec {
     /// Device of its sessions.
     pub device: Device,
