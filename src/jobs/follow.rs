@@ -232,7 +232,9 @@ impl OneJob {
                 let position = now.unwrap_or(0);
                 EventKind::queued(position, self.jobs.queued_eta_ms(current.params.visible_steps(), position))
             }
-            JobStatus::Running if !self.started_seen => {
+            // On a shared bus the relay brings the real `started` event (with its fleet-wide id); one made here
+            // from the row could arrive besides it.
+            JobStatus::Running if !self.started_seen && !self.jobs.bus.is_shared() => {
                 self.started_seen = true;
                 EventKind::Started(StartedEvent { attempt: current.attempts })
             }

@@ -8,10 +8,22 @@ use std::time::{Duration, Instant};
 
 /// A running `denoised serve`.
 pub struct Binary {
+    /// The process.
     pub child: Child,
+    /// `http://127.0.0.1:PORT`, from its log.
     pub base: String,
     /// Every log line so far.
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// A test that fails half-way must not leave its server processes running.
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Starts `denoised serve` on port 0 and reads the bound address from its log.
