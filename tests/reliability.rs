@@ -7,6 +7,10 @@ use std::time::Duration;
 use common::{wait_for_job, TestServer};
 use serde_json::{json, Value};
 
+/// Held by the tests that stop a running job or run a 512² job: the process's metrics are shared by every
+/// test server in it, and the cancel test times one U-Net call, so these run one at a time.
+static STOPS_AND_LARGE_JOBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const TIMEOUT: Duration = Duration::from_secs(60);
 const LONG_JOB: &str = r#"{"prompt": "long", "steps": 150, "n": 8, "preview_every": 0}"#;
 
@@ -85,6 +89,7 @@ async fn an_idempotency_key_returns_the_same_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_its_time_limit_fails_with_timeout_and_frees_the_worker() {
+    let _serial = STOPS_AND_LARGE_JOBS.lock().await;
     let server = TestServer::start("job_timeout_seconds = 1\n").await;
     let client = reqwest::Client::new();
     let long: Value = serde_json::from_str(LONG_JOB).unwrap();
@@ -134,6 +139,7 @@ async fn retention_deletes_finished_jobs_and_their_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker() {
+    let _serial = STOPS_AND_LARGE_JOBS.lock().await;
     let server = TestServer::start_with_model("", "max_pixels = 65536\nmax_pixel_steps = 100000000\n").await;
     let client = reqwest::Client::new();
     // Minutes of work on the one worker if it ran to the end.
@@ -171,6 +177,7 @@ async fn a_job_whose_lease_is_lost_stops_at_its_next_step_and_frees_the_worker()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_interrupts_the_onnx_runtime_call_in_progress() {
+    let _serial = STOPS_AND_LARGE_JOBS.lock().await;
     // One step at 512x512 is one U-Net call of seconds on the tiny model (its attention at full latent size):
     // without interruption a cancel would wait for the call and the decode after it, and the job would
     // succeed; ONNX Runtime stops between graph nodes instead.
@@ -190,17 +197,29 @@ async fn a_cancel_interrupts_the_onnx_runtime_call_in_progress() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(uninterrupted / 5).await;
+    let interrupted_before = interrupted_runs(&client, &server).await;
     let cancelled_at = std::time::Instant::now();
     let cancel = client.post(format!("{url}/cancel")).send().await.unwrap();
     assert_eq!(cancel.status(), 202);
     let job = wait_for_job(&client, &url, TIMEOUT).await;
     let stopping = cancelled_at.elapsed();
     assert_eq!(job["status"], "cancelled", "{job}");
+    // The U-Net call ended in ONNX Runtime's terminate error, not at its end: the worker counts such runs.
+    assert_eq!(interrupted_runs(&client, &server).await, interrupted_before + 1, "the call ran to its end");
     assert!(
         stopping < uninterrupted / 2,
         "stopping took {stopping:?}; the whole job takes {uninterrupted:?}: the call in progress was not interrupted"
     );
     server.shutdown().await;
+}
+
+/// `denoised_onnx_runs_interrupted_total` as the server's metrics show it (0 before the first).
+async fn interrupted_runs(client: &reqwest::Client, server: &TestServer) -> u64 {
+    let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("denoised_onnx_runs_interrupted_total "))
+        .map_or(0, |value| value.trim().parse().unwrap())
 }
 
 /// Resident memory of this process (the server runs in it), from `/proc/self/status`.
@@ -212,6 +231,7 @@ fn resident_mib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_returns_near_its_baseline_after_a_large_job() {
+    let _serial = STOPS_AND_LARGE_JOBS.lock().await;
     let server = TestServer::start_with_model("", "max_pixels = 262144\n").await;
     let client = reqwest::Client::new();
     let run = |body: Value| {

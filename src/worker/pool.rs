@@ -360,7 +360,12 @@ fn serve(
         interruptible.disarm();
         // A run cut short by the stop flag fails inside ONNX Runtime; it is a stop, not an inference error.
         let outcome = match outcome {
-            Err(_) if item.stop.is_set() => Err(WorkError::from(EngineError::Cancelled)),
+            Err(error) if item.stop.is_set() => {
+                if error.code() == "inference_error" {
+                    metrics::counter!("denoised_onnx_runs_interrupted_total").increment(1);
+                }
+                Err(WorkError::from(EngineError::Cancelled))
+            }
             other => other,
         };
         if item.reply.send(outcome).is_err() {
