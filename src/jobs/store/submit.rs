@@ -1,5 +1,10 @@
 //! Submitting a job: idempotency replay, the queue and per-key limits, and the insert, in one transaction.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sqlx::sqlite::SqlitePool;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::super::error::StoreError;
@@ -7,7 +12,7 @@ use super::super::model::{IdempotencyKey, NewJob, RateState, Submission, SubmitL
 use super::super::time::now_millis;
 use super::rows::{non_negative, one_job, JobRow};
 use super::usage::{DAY_MILLIS, STORED_BYTES};
-use super::{job_columns, postgres, Dialect, JobStore};
+use super::{job_columns, postgres, Backend, Dialect, JobStore};
 
 /// The job `key` already made for `owner` within its window (`Replayed`, or `KeyReused` when the request
 /// differs), after clearing the key from jobs older than the window. A macro over the transaction `$tx` so
@@ -199,56 +204,30 @@ pub(super) fn seconds_to_full(tokens: f64, rate: u32) -> u64 {
     ((f64::from(rate) - tokens).max(0.0) * 60.0 / f64::from(rate)).ceil() as u64
 }
 
-impl JobStore {
-    /// Where `owner`'s bucket of `rate` submissions per minute stands now (read only).
-    pub async fn rate_state(&self, owner: &str, rate: u32) -> Result<RateState, StoreError> {
-        let row: Option<(f64, i64)> = super::on_read!(self, pool, _d =>
-            sqlx::query_as("SELECT tokens, updated_at FROM rate_buckets WHERE owner = $1")
-                .bind(owner)
-                .fetch_optional(pool)
-                .await?);
-        let tokens = refilled(row, rate, now_millis());
-        Ok(RateState { limit: rate, remaining: tokens.floor() as u32, reset_seconds: seconds_to_full(tokens, rate) })
-    }
-
-    /// Submits a job in one write transaction: first the job an `Idempotency-Key` created within its window
-    /// (keys are per owner: another API key's job is never returned), then the queue-depth and per-owner
-    /// limits, then the insert. The transaction holds the database's submission lock (SQLite's write lock;
-    /// a PostgreSQL advisory lock), so the limits are counted with no other submission in between, in this
-    /// process or another one on the same database, and two racing requests with the same key get the same
-    /// job. On PostgreSQL the commit also notifies idle workers of every process.
-    pub async fn submit(
-        &self,
-        new: NewJob,
-        idempotency: Option<IdempotencyKey<'_>>,
-        limits: SubmitLimits,
-    ) -> Result<Submission, StoreError> {
-        if new.max_attempts == 0 {
-            return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
-        }
-        let now = now_millis();
-        let owner = new.owner.as_deref();
-        on_write!(self, pool, dialect => {
-            let mut tx = pool.begin_with(dialect.begin()).await?;
-            if dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(postgres::SUBMIT_LOCK).execute(&mut *tx).await?;
-            }
+/// One submission inside the open write transaction `$tx`: the idempotency replay, the limits, the rate
+/// bucket, the insert. Evaluates to `Result<(Submission, bool), StoreError>`, the bool saying whether what it
+/// wrote must be committed (a refusal by the limits wrote nothing worth keeping).
+macro_rules! submit_in {
+    ($tx:expr, $dialect:expr, $new:expr, $idempotency:expr, $limits:expr) => {
+        async {
+            let (new, idempotency, limits, dialect): (&NewJob, Option<IdempotencyKey<'_>>, SubmitLimits, Dialect) =
+                ($new, $idempotency, $limits, $dialect);
+            let now = now_millis();
+            let owner = new.owner.as_deref();
             if let Some(key) = idempotency {
-                if let Some(answer) = replay!(tx, key, owner, now) {
-                    tx.commit().await?;
-                    return Ok(answer);
+                if let Some(answer) = replay!($tx, key, owner, now) {
+                    return Ok((answer, true));
                 }
             }
-            if let Some(refusal) = refusal!(tx, &new, limits) {
-                return Ok(refusal);
+            if let Some(refusal) = refusal!($tx, new, limits) {
+                return Ok((refusal, false));
             }
             if let (Some(owner), Some(rate)) = (owner, limits.rate_per_minute) {
-                if let Some(refusal) = take_token!(tx, dialect, owner, rate, now) {
-                    tx.commit().await?;
-                    return Ok(refusal);
+                if let Some(refusal) = take_token!($tx, dialect, owner, rate, now) {
+                    return Ok((refusal, true));
                 }
             }
-            join_rotation!(tx, dialect, owner.unwrap_or(""));
+            join_rotation!($tx, dialect, owner.unwrap_or(""));
             let rows: Vec<JobRow> = sqlx::query_as(concat!(
                 "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
                  idempotency_key, owner, idempotency_fingerprint, input_bytes, cost) \
@@ -267,17 +246,208 @@ impl JobStore {
             .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
             .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
             .bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *$tx)
             .await?;
             if let Some(row) = rows.first() {
-                super::webhooks::attach_webhook!(tx, &row.id, new.webhook.as_ref());
+                super::webhooks::attach_webhook!($tx, &row.id, new.webhook.as_ref());
             }
             if dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_notify($1, '')").bind(postgres::QUEUE_CHANNEL).execute(&mut *tx).await?;
+                sqlx::query("SELECT pg_notify($1, '')").bind(postgres::QUEUE_CHANNEL).execute(&mut *$tx).await?;
             }
-            tx.commit().await?;
-            let job = one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))?;
-            Ok(Submission::Created(job))
-        })
+            let job =
+                one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))?;
+            Ok::<_, StoreError>((Submission::Created(job), true))
+        }
+        .await
+    };
+}
+
+impl JobStore {
+    /// Where `owner`'s bucket of `rate` submissions per minute stands now (read only).
+    pub async fn rate_state(&self, owner: &str, rate: u32) -> Result<RateState, StoreError> {
+        let row: Option<(f64, i64)> = super::on_read!(self, pool, _d =>
+            sqlx::query_as("SELECT tokens, updated_at FROM rate_buckets WHERE owner = $1")
+                .bind(owner)
+                .fetch_optional(pool)
+                .await?);
+        let tokens = refilled(row, rate, now_millis());
+        Ok(RateState { limit: rate, remaining: tokens.floor() as u32, reset_seconds: seconds_to_full(tokens, rate) })
+    }
+
+    /// Submits a job in one write transaction: first the job an `Idempotency-Key` created within its window
+    /// (keys are per owner: another API key's job is never returned), then the queue-depth and per-owner
+    /// limits, then the insert. The transaction holds the database's submission lock (SQLite's write lock;
+    /// a PostgreSQL advisory lock), so the limits are counted with no other submission in between, in this
+    /// process or another one on the same database, and two racing requests with the same key get the same
+    /// job. On PostgreSQL the commit also notifies idle workers of every process.
+    ///
+    /// On SQLite, submissions that arrive while a commit is being synced wait for the next one and share it
+    /// (group commit, see [`GroupCommit`]): each still returns only after the commit that holds it.
+    pub async fn submit(
+        &self,
+        new: NewJob,
+        idempotency: Option<IdempotencyKey<'_>>,
+        limits: SubmitLimits,
+    ) -> Result<Submission, StoreError> {
+        if new.max_attempts == 0 {
+            return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
+        }
+        match &self.backend {
+            Backend::Sqlite(pools) => pools.submissions.submit(new, idempotency, limits).await,
+            Backend::Postgres(pool) => {
+                let dialect = Dialect::Postgres;
+                let mut tx = pool.begin_with(dialect.begin()).await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(postgres::SUBMIT_LOCK).execute(&mut *tx).await?;
+                let (answer, keep) = submit_in!(tx, dialect, &new, idempotency, limits)?;
+                if keep {
+                    tx.commit().await?;
+                }
+                Ok(answer)
+            }
+        }
+    }
+}
+
+/// How many submissions one SQLite commit holds at most.
+const GROUP_LIMIT: usize = 256;
+
+/// How many submissions may wait for the group-commit task before callers wait to hand theirs over.
+const GROUP_QUEUE: usize = 4096;
+
+/// A submission waiting for its group's commit.
+struct PendingSubmission {
+    new: NewJob,
+    idempotency: Option<OwnedIdempotencyKey>,
+    limits: SubmitLimits,
+    reply: oneshot::Sender<Result<Submission, StoreError>>,
+}
+
+/// [`IdempotencyKey`] with owned strings, to wait in the queue.
+struct OwnedIdempotencyKey {
+    key: String,
+    fingerprint: String,
+    window: std::time::Duration,
+}
+
+impl OwnedIdempotencyKey {
+    fn borrowed(&self) -> IdempotencyKey<'_> {
+        IdempotencyKey { key: &self.key, fingerprint: &self.fingerprint, window: self.window }
+    }
+}
+
+/// Group commit for SQLite submissions: one task owns the write connection's submission transactions and
+/// commits every submission that arrived while the previous commit was being synced in one transaction, each
+/// inside its own savepoint (a refused or failing submission rolls back alone). The durability of each `202`
+/// is unchanged (an answer leaves only after the commit that holds its job, with `synchronous=FULL`), but
+/// one sync serves many jobs instead of one, and no request handler can be cancelled half-way through a
+/// write transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupCommit {
+    queue: mpsc::Sender<PendingSubmission>,
+    /// Group transactions run so far (read by the tests that check submissions are grouped).
+    #[cfg_attr(not(test), allow(dead_code))]
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for PendingSubmission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSubmission").field("model", &self.new.model).finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Starts the task that commits submissions on `write`, SQLite's one write connection. It ends when the
+    /// last handle is dropped.
+    pub(crate) fn start(write: SqlitePool) -> Self {
+        let (queue, pending) = mpsc::channel(GROUP_QUEUE);
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run_groups(write, pending, commits.clone()));
+        Self { queue, commits }
+    }
+
+    /// How many group transactions the task has run.
+    #[cfg(test)]
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    async fn submit(
+        &self,
+        new: NewJob,
+        idempotency: Option<IdempotencyKey<'_>>,
+        limits: SubmitLimits,
+    ) -> Result<Submission, StoreError> {
+        let idempotency = idempotency.map(|i| OwnedIdempotencyKey {
+            key: i.key.to_owned(),
+            fingerprint: i.fingerprint.to_owned(),
+            window: i.window,
+        });
+        let (reply, answer) = oneshot::channel();
+        let pending = PendingSubmission { new, idempotency, limits, reply };
+        self.queue.send(pending).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Takes whatever submissions are waiting (at most [`GROUP_LIMIT`]) and commits them together, until every
+/// [`GroupCommit`] handle is gone.
+async fn run_groups(write: SqlitePool, mut pending: mpsc::Receiver<PendingSubmission>, commits: Arc<AtomicU64>) {
+    let mut group = Vec::with_capacity(GROUP_LIMIT);
+    while pending.recv_many(&mut group, GROUP_LIMIT).await > 0 {
+        metrics::histogram!("denoised_submissions_per_commit").record(group.len() as f64);
+        let answers = commit_group(&write, &group).await;
+        commits.fetch_add(1, Ordering::Relaxed);
+        for (submission, answer) in group.drain(..).zip(answers) {
+            // The caller may have gone (a closed connection): its job stays committed, like any job whose
+            // `202` was lost on the way.
+            let _ = submission.reply.send(answer);
+        }
+    }
+}
+
+/// Runs every submission of `group` in one write transaction, each in a savepoint, and commits; the answers
+/// are in `group`'s order. When the transaction cannot be opened or committed, every answer is that error.
+async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Result<Submission, StoreError>> {
+    let dialect = Dialect::Sqlite;
+    let everyone_fails = |error: sqlx::Error| {
+        let cause = std::sync::Arc::new(StoreError::from(error));
+        group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect::<Vec<_>>()
+    };
+    let mut tx = match write.begin_with(dialect.begin()).await {
+        Ok(tx) => tx,
+        Err(error) => return everyone_fails(error),
+    };
+    let mut answers = Vec::with_capacity(group.len());
+    for submission in group {
+        answers.push(submit_in_savepoint(&mut tx, submission).await);
+    }
+    if let Err(error) = tx.commit().await {
+        return everyone_fails(error);
+    }
+    answers
+}
+
+/// One submission of a group inside its own savepoint: kept when it inserted or changed state that must
+/// last (a replay clears expired keys, a rate refusal drains the bucket), rolled back otherwise.
+async fn submit_in_savepoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    submission: &PendingSubmission,
+) -> Result<Submission, StoreError> {
+    let dialect = Dialect::Sqlite;
+    let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
+    let idempotency = submission.idempotency.as_ref().map(OwnedIdempotencyKey::borrowed);
+    match submit_in!(savepoint, dialect, &submission.new, idempotency, submission.limits) {
+        Ok((answer, true)) => {
+            savepoint.commit().await?;
+            Ok(answer)
+        }
+        Ok((answer, false)) => {
+            savepoint.rollback().await?;
+            Ok(answer)
+        }
+        Err(error) => {
+            savepoint.rollback().await?;
+            Err(error)
+        }
     }
 }
