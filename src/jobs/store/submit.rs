@@ -230,8 +230,8 @@ macro_rules! submit_in {
             join_rotation!($tx, dialect, owner.unwrap_or(""));
             let rows: Vec<JobRow> = sqlx::query_as(concat!(
                 "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-                 idempotency_key, owner, idempotency_fingerprint, input_bytes, cost) \
-                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+                 idempotency_key, owner, idempotency_fingerprint, input_bytes, cost, batch_key) \
+                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
                 job_columns!()
             ))
             .bind(Uuid::now_v7().to_string())
@@ -246,6 +246,7 @@ macro_rules! submit_in {
             .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
             .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
             .bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
+            .bind(new.params.batch_key(&new.model))
             .fetch_all(&mut *$tx)
             .await?;
             if let Some(row) = rows.first() {

@@ -254,6 +254,35 @@ async fn insert_rejects_zero_max_attempts() {
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
 }
 
+async fn companions_share_the_batch_key_and_fit_the_batch(db: TestDb) {
+    let store = db.connect().await;
+    let with = |steps: u32, n: u32, scheduler: &str| {
+        let stored = json!({
+            "prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": steps,
+            "guidance_scale": 7.5, "scheduler": scheduler, "seed": 1, "n": n, "output_format": "png"
+        });
+        let params = JobParams::decode("generate", &stored.to_string()).unwrap();
+        NewJob { cost: params.image_steps(), params, ..new_job(0) }
+    };
+    let first = store.insert(with(4, 1, "euler")).await.unwrap();
+    let other_steps = store.insert(with(8, 1, "euler")).await.unwrap();
+    let other_scheduler = store.insert(with(4, 1, "ddim")).await.unwrap();
+    let too_many = store.insert(with(4, 3, "euler")).await.unwrap();
+    let fits = store.insert(with(4, 2, "euler")).await.unwrap();
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(claimed.id, first.id);
+    let key = claimed.params.batch_key(&claimed.model).unwrap();
+    // Room for two more images at 4 steps: 8 image-steps.
+    let companion = store.claim_companion("w", LEASE, &key, 8).await.unwrap().unwrap();
+    assert_eq!(companion.id, fits.id, "the first job of the same key that fits");
+    assert_eq!((companion.status, companion.lease_owner.as_deref()), (JobStatus::Running, Some("w")));
+    assert_eq!(store.claim_companion("w", LEASE, &key, 8).await.unwrap(), None, "3 images do not fit");
+    assert_eq!(store.claim_companion("w", LEASE, &key, 12).await.unwrap().map(|j| j.id), Some(too_many.id));
+    let rest: HashSet<Uuid> =
+        [store.claim("w", LEASE).await.unwrap().unwrap().id, store.claim("w", LEASE).await.unwrap().unwrap().id].into();
+    assert_eq!(rest, [other_steps.id, other_scheduler.id].into());
+}
+
 async fn claim_takes_highest_priority_then_oldest(db: TestDb) {
     let store = db.connect().await;
     let low_old = store.insert(new_job(0)).await.unwrap();
@@ -922,4 +951,5 @@ on_both_backends!(
     keys_take_turns_by_weight_after_higher_priorities,
     a_key_with_one_job_waits_for_at_most_one_job_of_a_busy_key,
     rate_and_daily_compute_are_counted_inside_the_submission,
+    companions_share_the_batch_key_and_fit_the_batch,
 );
