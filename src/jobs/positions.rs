@@ -51,4 +51,20 @@ impl QueuePositions {
         }
         Ok(snapshot.positions.get(&id).copied())
     }
+
+    /// The position of a job this process has just submitted: a snapshot younger than [`MAX_AGE`] that holds
+    /// it will do, whatever happened since. Only submissions can have happened since (a claim of this very
+    /// job would have to come after its `queued` event), and they move it back by a job at most each; without
+    /// this, every submission of a burst would re-read the whole queue for the one before it.
+    pub async fn of_new(&self, id: Uuid, generation: u64) -> Result<Option<u64>, StoreError> {
+        {
+            let snapshot = self.snapshot.lock().await;
+            if snapshot.taken.is_some_and(|t| t.elapsed() <= MAX_AGE) {
+                if let Some(position) = snapshot.positions.get(&id) {
+                    return Ok(Some(*position));
+                }
+            }
+        }
+        self.get(id, generation).await
+    }
 }

@@ -458,7 +458,7 @@ impl Jobs {
             self.wake.notify_one();
             metrics::counter!("denoised_jobs_submitted_total").increment(1);
             self.bus.note_owner(job.id, job.owner.as_deref());
-            let position = self.queue_position(job.id).await?.unwrap_or(0);
+            let position = self.positions.of_new(job.id, self.bus.last_lifecycle_id()).await?.unwrap_or(0);
             let eta_ms = self.progress.queued_eta_ms(job.params.visible_steps(), position, self.rules.workers);
             self.bus.publish(job.id, EventKind::queued(position, eta_ms));
         }

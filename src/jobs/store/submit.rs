@@ -57,17 +57,27 @@ macro_rules! replay {
     }};
 }
 
+/// Queued jobs, counted inside the transaction `$tx`.
+macro_rules! queued_count {
+    ($tx:expr) => {{
+        let (queued,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *$tx).await?;
+        non_negative("jobs", "count", queued)?
+    }};
+}
+
 /// Why `$new` may not be inserted now, if it may not: the queue, the owner's outstanding jobs or its stored
 /// bytes at their limits, counted inside the caller's write transaction `$tx` (which holds the submission
 /// lock), so racing submissions cannot overshoot them.
 macro_rules! refusal {
-    ($tx:expr, $new:expr, $limits:expr) => {{
-        let (new, limits): (&NewJob, SubmitLimits) = ($new, $limits);
+    ($tx:expr, $new:expr, $limits:expr, $queued:expr) => {{
+        let (new, limits, known): (&NewJob, SubmitLimits, Option<u64>) = ($new, $limits, $queued);
         let mut refusal = None;
         if limits.max_queued != u64::MAX {
-            let (queued,): (i64,) =
-                sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *$tx).await?;
-            let queued = non_negative("jobs", "count", queued)?;
+            let queued = match known {
+                Some(queued) => queued,
+                None => queued_count!($tx),
+            };
             if queued >= limits.max_queued {
                 refusal = Some(Submission::QueueFull { queued });
             }
@@ -144,12 +154,12 @@ macro_rules! take_token {
 /// waiting, neither ahead of them with credit saved while idle nor behind them.
 macro_rules! join_rotation {
     ($tx:expr, $dialect:expr, $owner:expr) => {{
-        let (waiting,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1")
+        let waiting: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1 LIMIT 1")
                 .bind($owner)
-                .fetch_one(&mut *$tx)
+                .fetch_optional(&mut *$tx)
                 .await?;
-        if waiting == 0 {
+        if waiting.is_none() {
             let sql = match $dialect {
                 Dialect::Sqlite => {
                     "INSERT INTO fair_share (owner, pass) VALUES ($1, (SELECT COALESCE(MIN(f.pass), 0.0) FROM \
@@ -208,7 +218,7 @@ pub(super) fn seconds_to_full(tokens: f64, rate: u32) -> u64 {
 /// bucket, the insert. Evaluates to `Result<(Submission, bool), StoreError>`, the bool saying whether what it
 /// wrote must be committed (a refusal by the limits wrote nothing worth keeping).
 macro_rules! submit_in {
-    ($tx:expr, $dialect:expr, $new:expr, $idempotency:expr, $limits:expr) => {
+    ($tx:expr, $dialect:expr, $new:expr, $idempotency:expr, $limits:expr, $queued:expr) => {
         async {
             let (new, idempotency, limits, dialect): (&NewJob, Option<IdempotencyKey<'_>>, SubmitLimits, Dialect) =
                 ($new, $idempotency, $limits, $dialect);
@@ -219,7 +229,7 @@ macro_rules! submit_in {
                     return Ok((answer, true));
                 }
             }
-            if let Some(refusal) = refusal!($tx, new, limits) {
+            if let Some(refusal) = refusal!($tx, new, limits, $queued) {
                 return Ok((refusal, false));
             }
             if let (Some(owner), Some(rate)) = (owner, limits.rate_per_minute) {
@@ -299,7 +309,7 @@ impl JobStore {
                 let dialect = Dialect::Postgres;
                 let mut tx = pool.begin_with(dialect.begin()).await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(postgres::SUBMIT_LOCK).execute(&mut *tx).await?;
-                let (answer, keep) = submit_in!(tx, dialect, &new, idempotency, limits)?;
+                let (answer, keep) = submit_in!(tx, dialect, &new, idempotency, limits, None)?;
                 if keep {
                     tx.commit().await?;
                 }
@@ -418,9 +428,25 @@ async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Re
         Ok(tx) => tx,
         Err(error) => return everyone_fails(error),
     };
+    // The queue's length, counted once for the group (no other write runs until it commits) and kept up to
+    // date by its inserts, instead of once per submission.
+    let mut queued = None;
+    if group.iter().any(|s| s.limits.max_queued != u64::MAX) {
+        match count_queued(&mut tx).await {
+            Ok(count) => queued = Some(count),
+            Err(error) => {
+                let cause = std::sync::Arc::new(error);
+                return group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect();
+            }
+        }
+    }
     let mut answers = Vec::with_capacity(group.len());
     for submission in group {
-        answers.push(submit_in_savepoint(&mut tx, submission).await);
+        let answer = submit_in_savepoint(&mut tx, submission, queued).await;
+        if let (Ok(Submission::Created(_)), Some(count)) = (&answer, queued.as_mut()) {
+            *count += 1;
+        }
+        answers.push(answer);
     }
     if let Err(error) = tx.commit().await {
         return everyone_fails(error);
@@ -428,16 +454,22 @@ async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Re
     answers
 }
 
+/// Queued jobs, inside the group's transaction.
+async fn count_queued(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<u64, StoreError> {
+    Ok(queued_count!(*tx))
+}
+
 /// One submission of a group inside its own savepoint: kept when it inserted or changed state that must
 /// last (a replay clears expired keys, a rate refusal drains the bucket), rolled back otherwise.
 async fn submit_in_savepoint(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     submission: &PendingSubmission,
+    queued: Option<u64>,
 ) -> Result<Submission, StoreError> {
     let dialect = Dialect::Sqlite;
     let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
     let idempotency = submission.idempotency.as_ref().map(OwnedIdempotencyKey::borrowed);
-    match submit_in!(savepoint, dialect, &submission.new, idempotency, submission.limits) {
+    match submit_in!(savepoint, dialect, &submission.new, idempotency, submission.limits, queued) {
         Ok((answer, true)) => {
             savepoint.commit().await?;
             Ok(answer)
