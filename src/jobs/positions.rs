@@ -44,27 +44,30 @@ impl QueuePositions {
         let mut snapshot = self.snapshot.lock().await;
         let fresh = snapshot.taken.is_some_and(|t| t.elapsed() <= MAX_AGE) && snapshot.generation == generation;
         if !fresh || !snapshot.positions.contains_key(&id) {
+            // Taken when the read starts: everything committed before then is in it.
+            let started = Instant::now();
             let order = self.store.queued_order().await?;
             snapshot.positions = order.into_iter().zip(0u64..).collect();
-            snapshot.taken = Some(Instant::now());
+            snapshot.taken = Some(started);
             snapshot.generation = generation;
         }
         Ok(snapshot.positions.get(&id).copied())
     }
 
-    /// The position of a job this process has just submitted: a snapshot younger than [`MAX_AGE`] that holds
-    /// it will do, whatever happened since. Only submissions can have happened since (a claim of this very
-    /// job would have to come after its `queued` event), and they move it back by a job at most each; without
-    /// this, every submission of a burst would re-read the whole queue for the one before it.
-    pub async fn of_new(&self, id: Uuid, generation: u64) -> Result<Option<u64>, StoreError> {
-        {
-            let snapshot = self.snapshot.lock().await;
-            if snapshot.taken.is_some_and(|t| t.elapsed() <= MAX_AGE) {
-                if let Some(position) = snapshot.positions.get(&id) {
-                    return Ok(Some(*position));
-                }
-            }
+    /// The position of a job this process has just submitted, whose commit had ended at `committed`: any
+    /// snapshot taken after that holds it (or no longer holds it, if it was claimed since). Submissions that
+    /// arrive together wait for one re-read of the queue and share it, instead of re-reading it one after the
+    /// other for each new job.
+    pub async fn of_new(&self, id: Uuid, committed: Instant, generation: u64) -> Result<Option<u64>, StoreError> {
+        let mut snapshot = self.snapshot.lock().await;
+        if !snapshot.taken.is_some_and(|t| t > committed) {
+            // Taken when the read starts: everything committed before then is in it.
+            let started = Instant::now();
+            let order = self.store.queued_order().await?;
+            snapshot.positions = order.into_iter().zip(0u64..).collect();
+            snapshot.taken = Some(started);
+            snapshot.generation = generation;
         }
-        self.get(id, generation).await
+        Ok(snapshot.positions.get(&id).copied())
     }
 }

@@ -241,6 +241,7 @@ impl WorkerPool {
                 .spawn(move || {
                     let span = info_span!("worker", index, %device);
                     let _entered = span.enter();
+                    lower_priority();
                     let mut models = Vec::new();
                     for served in registry.all() {
                         match LoadedModel::load(served.info.clone(), &factory) {
@@ -489,6 +490,28 @@ impl Interruptible {
         self.control.reset();
     }
 }
+
+/// How much lower than the rest of the process worker threads run (a nice increment).
+const WORKER_NICENESS: i32 = 10;
+
+/// Lowers the calling worker thread's CPU priority before it builds its sessions (ONNX Runtime's intra-op
+/// threads, made by it, inherit the value): when cores are scarce, accepting and answering requests (short,
+/// latency-bound) goes before another slice of a denoising step (long, throughput-bound), and the workers
+/// still get every cycle the HTTP side leaves. Linux keeps the nice value per thread.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch only the calling thread's scheduling.
+    let outcome = unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, WORKER_NICENESS)
+    };
+    if outcome != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not lower the worker thread's priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 /// Runs `job`, turning a panic into a failed outcome so that the worker thread survives it.
 fn guarded(job: impl FnOnce() -> WorkOutcome) -> WorkOutcome {
