@@ -60,7 +60,7 @@ impl QueuePositions {
     /// other for each new job.
     pub async fn of_new(&self, id: Uuid, committed: Instant, generation: u64) -> Result<Option<u64>, StoreError> {
         let mut snapshot = self.snapshot.lock().await;
-        if !snapshot.taken.is_some_and(|t| t > committed) {
+        if snapshot.taken.is_none_or(|t| t <= committed) {
             // Taken when the read starts: everything committed before then is in it.
             let started = Instant::now();
             let order = self.store.queued_order().await?;
