@@ -52,6 +52,15 @@ fn claim_order(waiting: Vec<Waiting>, mut passes: HashMap<String, f64>, weights:
     let mut order = Vec::new();
     for (_, mut owners) in levels {
         loop {
+            // One owner left at this level: the rest of its jobs go in order, with no turns to take.
+            if owners.values().filter(|jobs| !jobs.is_empty()).count() <= 1 {
+                for (owner, jobs) in owners {
+                    let weight = weights.get(&owner).copied().unwrap_or(1).max(1) as f64;
+                    *passes.entry(owner).or_insert(0.0) += jobs.len() as f64 / weight;
+                    order.extend(jobs.into_iter().map(|(id, _)| id));
+                }
+                break;
+            }
             let next = owners
                 .iter()
                 .filter_map(|(owner, jobs)| jobs.front().map(|(id, first)| (owner, *first, id)))
