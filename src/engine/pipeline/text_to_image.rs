@@ -19,6 +19,7 @@ use crate::engine::error::EngineError;
 use crate::engine::model::{Capability, LoadedModel, ModelInfo};
 use crate::engine::rng::NoiseSource;
 use crate::engine::scheduler::{self, SchedulerKind};
+use crate::engine::watermark::{inject, RingKey};
 
 /// A fully validated text-to-image request.
 #[derive(Debug, Clone)]
@@ -46,6 +47,9 @@ pub struct GenerateRequest {
     pub images: u32,
     /// Unit-Gaussian starting latents `[images, C, height/f, width/f]` instead of seeded ones.
     pub latents: Option<ArrayD<f32>>,
+    /// A Tree-Ring key written into the starting latents (seeded or given) of every image; `None` leaves them
+    /// exactly as drawn. Edits ignore it.
+    pub watermark: Option<RingKey>,
 }
 
 impl GenerateRequest {
@@ -74,7 +78,10 @@ pub fn text_to_image_with(
     model.info.require(Capability::TextToImage)?;
     let shape = latent_shape(&model.info, request)?;
     let mut generators = BatchNoise::new(&request.seeds());
-    let initial = initial_noise(request.latents.as_ref(), &shape, &mut generators)?;
+    let mut initial = initial_noise(request.latents.as_ref(), &shape, &mut generators)?;
+    if let Some(key) = &request.watermark {
+        inject(&mut initial, key).map_err(|e| EngineError::InvalidRequest(format!("watermark: {e}")))?;
+    }
 
     let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
     let negative = extras.negative_prompt(request);
