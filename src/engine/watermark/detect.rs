@@ -9,12 +9,15 @@
 //! picture inverts close to its key, so `η` is small and `p = F(η; 2P, λ)` tiny; another picture's `η`
 //! falls anywhere in the distribution and its p-value is about uniform on [0, 1].
 //!
-//! `s²` is estimated from the plane's other independent coefficients (outside the rings, DC and the
-//! self-conjugate Nyquist ones excluded): `Σ |y|² / 2Q` over those `Q` pairs. The paper estimates it from the
-//! ring coefficients themselves, which makes `η` nearly constant under the null (its `Σ |y|²` part is then
-//! `2P` by construction) and piles p-values around the middle: at 5 % it flagged 0.5 % of clean noise. An
-//! inverted picture has more energy at low frequencies than at high ones, so this estimate errs toward
-//! larger `η` and larger p-values on clean pictures: toward fewer false positives.
+//! `s²` is estimated as the paper does, from the same coefficients: `Σ |y|² / 2P`. That fits the test to the
+//! scale the inversion comes back at, and makes it conservative:
+//! `Σ |y|² / s²` is then `2P` exactly instead of a chi-square draw, so `η` spreads less than the distribution
+//! says and p-values of unrelated noise gather around the middle instead of being uniform (measured on white
+//! noise: 0.5 % below 0.05, none below 0.01). A verdict at `p < 0.01` so flags fewer than 1 % of unrelated
+//! pictures, as long as their inverted noise is isotropic in the rings. Estimating `s²` from the rest of the
+//! plane instead would make white noise uniform, but an inversion that collapses toward small values (as the
+//! default model's do) then matches every key with small ring values: a p-value of 7e-6 for a wrong key was
+//! measured that way.
 
 use ndarray::{ArrayD, Axis};
 
@@ -50,30 +53,24 @@ pub fn score(latents: &ArrayD<f32>, key: &RingKey) -> Result<Vec<Score>, Waterma
         let plane: Vec<f32> = image.index_axis(Axis(0), channel).iter().copied().collect();
         let spectrum = forward(&plane, height, width);
         let (mut l1, mut count) = (0.0, 0usize);
-        let (mut residual, mut key_energy, mut pairs) = (0.0, 0.0, 0usize);
-        let (mut outside_energy, mut outside_pairs) = (0.0, 0usize);
+        let (mut residual, mut energy, mut key_energy, mut pairs) = (0.0, 0.0, 0.0, 0usize);
         for ky in 0..height {
             for kx in 0..width {
+                let Some(ring) = ring_of(ky, kx, height, width, radius) else { continue };
                 let y = spectrum[ky * width + kx];
-                let Some(ring) = ring_of(ky, kx, height, width, radius) else {
-                    if is_representative(ky, kx, height, width) {
-                        outside_energy += y.norm_sqr();
-                        outside_pairs += 1;
-                    }
-                    continue;
-                };
                 let target = key.ring_value(ring, height, width);
                 let difference = y - target;
                 l1 += difference.norm();
                 count += 1;
                 if is_representative(ky, kx, height, width) {
                     residual += difference.norm_sqr();
+                    energy += y.norm_sqr();
                     key_energy += target * target;
                     pairs += 1;
                 }
             }
         }
-        let variance = (outside_energy / (2 * outside_pairs.max(1)) as f64).max(f64::MIN_POSITIVE);
+        let variance = (energy / (2 * pairs.max(1)) as f64).max(f64::MIN_POSITIVE);
         let (statistic, noncentrality) = (residual / variance, key_energy / variance);
         let degrees_of_freedom = 2 * pairs as u32;
         scores.push(Score {
@@ -124,14 +121,20 @@ mod tests {
         assert!(score(&noisy, &key).unwrap()[0].p_value < 1e-6);
     }
 
+    /// The paper's test on clean noise: p-values spread over (0, 1) around the middle, and never below the
+    /// threshold more often than the threshold says (conservative, not uniform: see the module's notes).
     #[test]
-    fn clean_noise_gives_about_uniform_p_values() {
+    fn clean_noise_never_scores_below_the_threshold_more_often_than_it_says() {
         let key = RingKey::derive(b"tenant-a", SPEC);
         let p: Vec<f64> = (0..400).map(|seed| score(&noise(1000 + seed), &key).unwrap()[0].p_value).collect();
         let below = |t: f64| p.iter().filter(|&&v| v < t).count() as f64 / p.len() as f64;
-        assert!((0.0..=0.03).contains(&below(0.01)), "P(p < 0.01) = {}", below(0.01));
-        assert!((0.02..=0.09).contains(&below(0.05)), "P(p < 0.05) = {}", below(0.05));
-        assert!((0.42..=0.58).contains(&below(0.5)), "P(p < 0.5) = {}", below(0.5));
-        assert!((0.85..=0.95).contains(&below(0.9)), "P(p < 0.9) = {}", below(0.9));
+        assert!(below(0.01) <= 0.01, "P(p < 0.01) = {}", below(0.01));
+        assert!(below(0.05) <= 0.05, "P(p < 0.05) = {}", below(0.05));
+        assert!((0.35..=0.65).contains(&below(0.5)), "P(p < 0.5) = {}", below(0.5));
+        assert!(below(0.2) > 0.02 && below(0.8) < 0.98, "spread: {} below 0.2, {} below 0.8", below(0.2), below(0.8));
+        // A scaled copy of the same noise (an inversion that comes back smaller) scores the same.
+        let (plain, half) = (noise(77), noise(77).mapv(|v| v * 0.5));
+        let (a, b) = (score(&plain, &key).unwrap()[0], score(&half, &key).unwrap()[0]);
+        assert!(b.p_value > 1e-3 && (a.p_value - b.p_value).abs() < 0.5, "{a:?} {b:?}");
     }
 }
