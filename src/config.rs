@@ -704,9 +704,7 @@ impl Config {
         self.validate_server()?;
         self.validate_storage()?;
         self.validate_webhooks()?;
-        self.watermark
-            .validate(self.limits.max_steps)
-            .map_err(|e| ConfigError::Invalid(format!("watermark.{e}")))?;
+        self.watermark.validate(self.limits.max_steps).map_err(|e| ConfigError::Invalid(format!("watermark.{e}")))?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }

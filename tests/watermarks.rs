@@ -64,7 +64,8 @@ impl Fixture {
         let url = self.server.url(&format!("/v1/jobs/{id}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let job = loop {
-            let job: Value = self.client.get(&url).header("authorization", bearer(key)).send().await.unwrap().json().await.unwrap();
+            let job: Value =
+                self.client.get(&url).header("authorization", bearer(key)).send().await.unwrap().json().await.unwrap();
             if job["status"] != "queued" && job["status"] != "running" || std::time::Instant::now() > deadline {
                 break job;
             }
@@ -190,7 +191,8 @@ async fn watermarks_are_detected_for_their_key_only_and_keys_test_only_their_own
         assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{answer}");
     }
     // Without a key, detection is refused like every route.
-    let response = f.client.post(f.server.url("/v1/watermarks/detect")).json(&json!({"image": png})).send().await.unwrap();
+    let response =
+        f.client.post(f.server.url("/v1/watermarks/detect")).json(&json!({"image": png})).send().await.unwrap();
     assert_eq!(response.status(), 401);
     f.server.shutdown().await;
 }

@@ -287,7 +287,7 @@ impl GenerateParams {
             seed: self.seed,
             images: self.n,
             latents,
-            watermark: self.watermark.as_ref().map(WatermarkParams::ring_key),
+            watermark: self.watermark.as_ref().map(|w| Box::new(w.ring_key())),
         })
     }
 }
@@ -412,7 +412,8 @@ mod tests {
         params.latents = None;
         assert!(params.to_request(None).unwrap().watermark.is_none(), "rows without one have none");
         let secret = "5eb63bbbe01eeed093cb22bb8f5acdc3".to_string();
-        params.watermark = Some(WatermarkParams { key: "a1b2c3d4e5f6".into(), secret: secret.clone(), radius: 4, channel: 3 });
+        params.watermark =
+            Some(WatermarkParams { key: "a1b2c3d4e5f6".into(), secret: secret.clone(), radius: 4, channel: 3 });
         let params = JobParams::Generate(params);
         let view = params.public_view().to_string();
         assert!(view.contains("a1b2c3d4e5f6") && !view.contains(&secret), "{view}");
@@ -420,7 +421,7 @@ mod tests {
         let again = JobParams::decode("generate", &params.encode()).unwrap();
         let request = again.generation().unwrap().to_request(None).unwrap();
         let expected = RingKey::derive(secret.as_bytes(), WatermarkSpec { radius: 4, channel: 3 });
-        assert_eq!(request.watermark, Some(expected));
+        assert_eq!(request.watermark, Some(Box::new(expected)));
     }
 
     #[test]

@@ -157,9 +157,8 @@ fn run(
         info!(model = %detection.model, "detector loaded the model");
         models.insert(detection.model.clone(), loaded);
     }
-    let model = models
-        .get_mut(&detection.model)
-        .ok_or_else(|| EngineError::InvalidRequest("model not loaded".into()))?;
+    let model =
+        models.get_mut(&detection.model).ok_or_else(|| EngineError::InvalidRequest("model not loaded".into()))?;
     let started = std::time::Instant::now();
     let noise = invert(model, &detection.image, detection.steps, &mut StopWhenAbandoned(stop))?;
     let scores = detection
@@ -167,7 +166,11 @@ fn run(
         .iter()
         .map(|key| {
             let fail = |message: String| EngineError::InvalidRequest(format!("watermark: {message}"));
-            score(&noise, key).map_err(|e| fail(e.to_string()))?.into_iter().next().ok_or_else(|| fail("no image".into()))
+            score(&noise, key)
+                .map_err(|e| fail(e.to_string()))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| fail("no image".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     metrics::histogram!("denoised_watermark_detect_seconds").record(started.elapsed().as_secs_f64());

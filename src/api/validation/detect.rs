@@ -119,7 +119,8 @@ mod tests {
     #[test]
     fn odd_sizes_are_brought_to_the_native_size() {
         let config = WatermarkConfig { radius: 2, ..WatermarkConfig::default() };
-        let prepared = detection(&registry(), &limits(), &config, &fields(serde_json::json!({})), &png(50, 70)).unwrap();
+        let prepared =
+            detection(&registry(), &limits(), &config, &fields(serde_json::json!({})), &png(50, 70)).unwrap();
         assert_eq!((prepared.model.as_str(), prepared.image.dimensions()), ("tiny-sd", (64, 64)));
         assert_eq!(prepared.steps, config.inversion_steps);
     }

@@ -47,8 +47,8 @@ pub fn invert(
     let prompts = encode_prompts(model, "", None, false)?;
     let size = SizeConditioning::for_picture(width, height);
     let conditioning = assemble(model, &prompts, branches(Guidance::Off), 1, &size, 1.0)?;
-    let mut scheduler = DdimInverse::new(&model.info.scheduler_config, steps)
-        .map_err(|e| EngineError::Scheduler(e.to_string()))?;
+    let mut scheduler =
+        DdimInverse::new(&model.info.scheduler_config, steps).map_err(|e| EngineError::Scheduler(e.to_string()))?;
     let run = Denoise {
         latents,
         start: 0,

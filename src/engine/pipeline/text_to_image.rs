@@ -49,7 +49,7 @@ pub struct GenerateRequest {
     pub latents: Option<ArrayD<f32>>,
     /// A Tree-Ring key written into the starting latents (seeded or given) of every image; `None` leaves them
     /// exactly as drawn. Edits ignore it.
-    pub watermark: Option<RingKey>,
+    pub watermark: Option<Box<RingKey>>,
 }
 
 impl GenerateRequest {
