@@ -196,3 +196,47 @@ async fn watermarks_are_detected_for_their_key_only_and_keys_test_only_their_own
     assert_eq!(response.status(), 401);
     f.server.shutdown().await;
 }
+
+/// The inversion itself, without HTTP: on the default model's unconditional pictures (where the starting
+/// noise decides the whole picture), DDIM inversion finds a noise that DDIM redraws into nearly the same
+/// picture, while another seed draws a different one. (It does not find the *same* noise: this model maps
+/// many noises to one picture; see the README.)
+#[test]
+fn ddim_inversion_finds_a_noise_that_redraws_the_picture() {
+    use denoised::engine::model::{LoadedModel, ModelInfo};
+    use denoised::engine::pipeline::invert::invert;
+    use denoised::engine::pipeline::{text_to_image, GenerateRequest, NoObserver};
+    use denoised::engine::scheduler::SchedulerKind;
+
+    let info = ModelInfo::read(&common::root().join("models/tiny-shapes")).unwrap();
+    let factory = common::runtime().session_factory(denoised::engine::runtime::Device::Cpu, 1);
+    let mut model = LoadedModel::load(info, &factory).unwrap();
+    // DDIM over the inversion's own (trailing) timesteps, ending on clean latents.
+    model.info.scheduler_config.timestep_spacing = Some("trailing".into());
+    model.info.scheduler_config.set_alpha_to_one = Some(true);
+    let request = |seed: u64, latents: Option<ndarray::ArrayD<f32>>| GenerateRequest {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 20,
+        guidance_scale: 1.0,
+        guidance_rescale: 0.0,
+        scheduler: SchedulerKind::Ddim,
+        seed,
+        images: 1,
+        latents,
+        watermark: None,
+    };
+    let mean_difference = |a: &image::RgbImage, b: &image::RgbImage| {
+        let total: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs()).sum();
+        total / a.as_raw().len() as f64
+    };
+    let picture = text_to_image(&mut model, &request(5, None), &mut NoObserver).unwrap().remove(0);
+    let noise = invert(&mut model, &picture, 20, &mut NoObserver).unwrap();
+    assert_eq!(noise.shape(), [1, 4, 16, 16]);
+    let redrawn = text_to_image(&mut model, &request(5, Some(noise)), &mut NoObserver).unwrap().remove(0);
+    let other = text_to_image(&mut model, &request(99, None), &mut NoObserver).unwrap().remove(0);
+    let (again, apart) = (mean_difference(&picture, &redrawn), mean_difference(&picture, &other));
+    assert!(again < 20.0 && apart > 60.0, "redrawn {again:.1}/255 away, another seed {apart:.1}/255");
+}
