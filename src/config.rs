@@ -422,6 +422,8 @@ pub struct WatermarkConfig {
     pub radius: u32,
     /// The latent channel that carries the rings.
     pub channel: u32,
+    /// Factor on the ring values: 1 is the paper's; more survives more, and changes pictures more.
+    pub strength: f64,
     /// DDIM inversion steps of a detection when the request names none.
     pub inversion_steps: u32,
     /// A key is reported as detected when its p-value is below this: the false-positive rate per key tested.
@@ -439,6 +441,7 @@ impl Default for WatermarkConfig {
             default_on: false,
             radius: 4,
             channel: 0,
+            strength: 1.0,
             inversion_steps: 20,
             p_value_threshold: 0.01,
             detect_timeout_seconds: 60,
@@ -454,6 +457,7 @@ impl std::fmt::Debug for WatermarkConfig {
             .field("default_on", &self.default_on)
             .field("radius", &self.radius)
             .field("channel", &self.channel)
+            .field("strength", &self.strength)
             .field("inversion_steps", &self.inversion_steps)
             .field("p_value_threshold", &self.p_value_threshold)
             .field("detect_timeout_seconds", &self.detect_timeout_seconds)
@@ -469,6 +473,9 @@ impl WatermarkConfig {
         }
         if self.radius == 0 || self.radius > 63 {
             return Err("radius must be between 1 and 63 (and below half the latent side of each request)".into());
+        }
+        if !(self.strength > 0.0 && self.strength <= 100.0) {
+            return Err("strength must be in (0, 100]".into());
         }
         if self.inversion_steps == 0 || self.inversion_steps > max_steps {
             return Err("inversion_steps must be between 1 and limits.max_steps".into());

@@ -83,6 +83,10 @@ pub struct DetectWatermarkResponse {
     pub threshold: f64,
     /// Whether any tested key was detected.
     pub watermarked: bool,
+    /// Among the detected keys, the one whose pattern is closest (smallest `distance`): whose watermark the
+    /// picture most likely carries. Ring patterns of different keys are not orthogonal (a 16×16 latent has
+    /// room for a few rings only), so a strong watermark can push other keys below the threshold too.
+    pub closest: Option<String>,
     /// One entry per key the caller may test: its own key; every key for admin keys (and without
     /// authentication); and the server's watermark when one is configured. Empty when none has a watermark.
     pub keys: Vec<KeyDetection>,
@@ -149,11 +153,14 @@ pub async fn detect_watermark(
             detected: score.p_value < threshold,
         })
         .collect();
+    let closest =
+        keys.iter().filter(|k| k.detected).min_by(|a, b| a.distance.total_cmp(&b.distance)).map(|k| k.key.clone());
     Ok(Json(DetectWatermarkResponse {
         model: prepared.model,
         inversion_steps: prepared.steps,
         threshold,
-        watermarked: keys.iter().any(|k| k.detected),
+        watermarked: closest.is_some(),
+        closest,
         keys,
     }))
 }

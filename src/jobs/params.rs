@@ -240,6 +240,14 @@ pub struct WatermarkParams {
     pub radius: u32,
     /// Latent channel.
     pub channel: u32,
+    /// Factor on the ring values (1: the paper's; rows written before it existed have 1).
+    #[serde(default = "unit_strength")]
+    pub strength: f64,
+}
+
+/// The strength of watermarks stored without one.
+fn unit_strength() -> f64 {
+    1.0
 }
 
 impl std::fmt::Debug for WatermarkParams {
@@ -249,6 +257,7 @@ impl std::fmt::Debug for WatermarkParams {
             .field("secret", &"<redacted>")
             .field("radius", &self.radius)
             .field("channel", &self.channel)
+            .field("strength", &self.strength)
             .finish()
     }
 }
@@ -256,7 +265,10 @@ impl std::fmt::Debug for WatermarkParams {
 impl WatermarkParams {
     /// The engine's key for these parameters.
     pub fn ring_key(&self) -> RingKey {
-        RingKey::derive(self.secret.as_bytes(), WatermarkSpec { radius: self.radius, channel: self.channel })
+        RingKey::derive(
+            self.secret.as_bytes(),
+            WatermarkSpec { radius: self.radius, channel: self.channel, strength: self.strength },
+        )
     }
 }
 
@@ -412,15 +424,20 @@ mod tests {
         params.latents = None;
         assert!(params.to_request(None).unwrap().watermark.is_none(), "rows without one have none");
         let secret = "5eb63bbbe01eeed093cb22bb8f5acdc3".to_string();
-        params.watermark =
-            Some(WatermarkParams { key: "a1b2c3d4e5f6".into(), secret: secret.clone(), radius: 4, channel: 3 });
+        params.watermark = Some(WatermarkParams {
+            key: "a1b2c3d4e5f6".into(),
+            secret: secret.clone(),
+            radius: 4,
+            channel: 3,
+            strength: 1.0,
+        });
         let params = JobParams::Generate(params);
         let view = params.public_view().to_string();
         assert!(view.contains("a1b2c3d4e5f6") && !view.contains(&secret), "{view}");
         assert!(!format!("{params:?}").contains(&secret), "Debug must not show the secret");
         let again = JobParams::decode("generate", &params.encode()).unwrap();
         let request = again.generation().unwrap().to_request(None).unwrap();
-        let expected = RingKey::derive(secret.as_bytes(), WatermarkSpec { radius: 4, channel: 3 });
+        let expected = RingKey::derive(secret.as_bytes(), WatermarkSpec { radius: 4, channel: 3, strength: 1.0 });
         assert_eq!(request.watermark, Some(Box::new(expected)));
     }
 

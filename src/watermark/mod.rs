@@ -27,13 +27,19 @@ pub struct WatermarkState {
 impl WatermarkState {
     /// Where new watermarks go, from the config.
     pub fn spec(&self) -> WatermarkSpec {
-        WatermarkSpec { radius: self.config.radius, channel: self.config.channel }
+        WatermarkSpec { radius: self.config.radius, channel: self.config.channel, strength: self.config.strength }
     }
 
     /// A job's watermark parameters for `key` (an API key id or [`SERVER_KEY`]) and its secret.
     pub fn params(&self, key: &str, secret: &str) -> WatermarkParams {
         let spec = self.spec();
-        WatermarkParams { key: key.to_string(), secret: secret.to_string(), radius: spec.radius, channel: spec.channel }
+        WatermarkParams {
+            key: key.to_string(),
+            secret: secret.to_string(),
+            radius: spec.radius,
+            channel: spec.channel,
+            strength: spec.strength,
+        }
     }
 
     /// The server's own watermark, when `[watermark] secret` is set.

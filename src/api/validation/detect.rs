@@ -55,7 +55,7 @@ pub fn detection(
         let side = served.info.native_size;
         picture = input::fit_rgb(&picture, side, side, ResizeMode::Stretch);
     }
-    let spec = WatermarkSpec { radius: config.radius, channel: config.channel };
+    let spec = WatermarkSpec { radius: config.radius, channel: config.channel, strength: config.strength };
     carries_watermark(served, picture.width(), picture.height(), spec).map_err(|message| {
         ValidationError::field("image", format!("image is too small to hold a watermark: {message}"))
     })?;

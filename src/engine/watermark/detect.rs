@@ -93,7 +93,7 @@ mod tests {
     use super::*;
     use crate::engine::rng::{NoiseSource, SeededNoise};
 
-    const SPEC: WatermarkSpec = WatermarkSpec { radius: 4, channel: 3 };
+    const SPEC: WatermarkSpec = WatermarkSpec { radius: 4, channel: 3, strength: 1.0 };
 
     fn noise(seed: u64) -> ArrayD<f32> {
         let mut values = vec![0f32; 4 * 16 * 16];

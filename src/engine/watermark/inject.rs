@@ -47,7 +47,7 @@ mod tests {
 
     #[test]
     fn only_the_rings_of_the_chosen_channel_change() {
-        let key = RingKey::derive(b"secret", WatermarkSpec { radius: 3, channel: 1 });
+        let key = RingKey::derive(b"secret", WatermarkSpec { radius: 3, channel: 1, strength: 1.0 });
         let original = noise(5, &[2, 4, 16, 16]);
         let mut marked = original.clone();
         inject(&mut marked, &key).unwrap();
@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn a_key_that_does_not_fit_is_refused() {
-        let key = RingKey::derive(b"secret", WatermarkSpec { radius: 4, channel: 4 });
+        let key = RingKey::derive(b"secret", WatermarkSpec { radius: 4, channel: 4, strength: 1.0 });
         assert!(inject(&mut noise(1, &[1, 4, 16, 16]), &key).is_err());
     }
 }

@@ -16,13 +16,17 @@ use sha2::{Digest, Sha256};
 use super::WatermarkError;
 use crate::engine::rng::SeededNoise;
 
-/// Where the pattern goes: the ring radius (in latent frequency units) and the latent channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Where the pattern goes and how strong it is: the ring radius (in latent frequency units), the latent
+/// channel, and a factor on the ring values.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WatermarkSpec {
     /// Outer ring radius; rings `1..=radius` are written.
     pub radius: u32,
     /// The latent channel that carries the pattern.
     pub channel: u32,
+    /// Multiplies every ring value: 1 is the paper's (the size of a white-noise coefficient); more survives
+    /// more of what the model and attacks do to the picture, and changes the picture more.
+    pub strength: f64,
 }
 
 /// A watermark key: the spec and the ring values derived from a secret. Its `Debug` leaves the values out,
@@ -61,7 +65,7 @@ impl RingKey {
 
     /// The target value of ring `ring` (1-based) on an `h × w` plane.
     pub(super) fn ring_value(&self, ring: usize, height: usize, width: usize) -> f64 {
-        self.values[ring - 1] * ((height * width) as f64).sqrt()
+        self.values[ring - 1] * ((height * width) as f64).sqrt() * self.spec.strength
     }
 
     /// Checks that the key fits latents `[n, C, h, w]` and returns `(channel, h, w)`.
@@ -116,7 +120,7 @@ pub fn is_representative(ky: usize, kx: usize, height: usize, width: usize) -> b
 mod tests {
     use super::*;
 
-    const SPEC: WatermarkSpec = WatermarkSpec { radius: 4, channel: 3 };
+    const SPEC: WatermarkSpec = WatermarkSpec { radius: 4, channel: 3, strength: 1.0 };
 
     #[test]
     fn the_same_secret_gives_the_same_values_and_others_differ() {
