@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use super::error::{parse_json, ApiError, ErrorBody};
 use super::validation::{self, carries_watermark};
 use super::AppState;
-use crate::auth::Principal;
+use crate::auth::{KeyWatermark, Principal};
 use crate::jobs::params::WatermarkParams;
-use crate::watermark::{DetectError, Detection, SERVER_KEY};
+use crate::watermark::{DetectError, Detection, WatermarkState, SERVER_KEY};
 
 /// A detection request. As JSON, `image` is base64 or a `data:` URL; as multipart, a file, and the other
 /// fields are form values.
@@ -221,10 +221,9 @@ async fn read_body(state: &AppState, request: Request) -> Result<(DetectWatermar
     Ok((fields, image))
 }
 
-/// The watermark of a text-to-image job by `who`, for `asked` (the request's `watermark`): `false` none;
-/// `true` the key's own watermark (made with `keys create --watermark`), else the server's, else a `422`;
-/// absent, the key's when it is on, else the server's when `[watermark] default_on`. A default watermark
-/// that the model or size cannot carry is left out; one asked for is a `422` naming `watermark`.
+/// The watermark of a text-to-image job by `who`, for `asked` (the request's `watermark`; see [`choose`]). A
+/// default watermark that the model or size cannot carry is left out; one asked for is a `422` naming
+/// `watermark`.
 pub async fn job_watermark(
     state: &AppState,
     who: &Principal,
@@ -236,28 +235,81 @@ pub async fn job_watermark(
         return Ok(None);
     }
     let own = match &who.key_id {
-        Some(id) => state.auth.keys.watermark(id).await.map_err(ApiError::internal)?,
+        Some(id) => state.auth.keys.watermark(id).await.map_err(ApiError::internal)?.map(|w| (id.as_str(), w)),
         None => None,
     };
-    let config = &state.watermark;
-    let chosen = match (asked, own) {
-        (Some(true), Some(own)) => Some(config.params(who.key_id.as_deref().unwrap_or(SERVER_KEY), &own.secret)),
-        (Some(true), None) => Some(config.server().ok_or_else(|| {
+    let Some(chosen) = choose(&state.watermark, asked, own)? else { return Ok(None) };
+    let served = state.models.get(model).ok_or_else(|| ApiError::internal("validated model is gone"))?;
+    match carries_watermark(served, width, height, state.watermark.spec()) {
+        Ok(()) => Ok(Some(chosen)),
+        Err(message) if asked == Some(true) => Err(ApiError::field("watermark", format!("watermark: {message}"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Whose watermark a job gets: `asked = false` none; `true` the caller's key's own (`own`: its id and
+/// watermark, made with `keys create --watermark`), else the server's, else a `422`; absent, the key's when
+/// it is on, else the server's when `[watermark] default_on`.
+fn choose(
+    settings: &WatermarkState,
+    asked: Option<bool>,
+    own: Option<(&str, KeyWatermark)>,
+) -> Result<Option<WatermarkParams>, ApiError> {
+    Ok(match (asked, own) {
+        (Some(false), _) => None,
+        (Some(true), Some((id, own))) => Some(settings.params(id, &own.secret)),
+        (Some(true), None) => Some(settings.server().ok_or_else(|| {
             ApiError::field(
                 "watermark",
                 "no watermark is configured for this key (`denoised keys update NAME --watermark on`) or the server \
                  (`[watermark] secret`)",
             )
         })?),
-        (_, Some(own)) if own.on => Some(config.params(who.key_id.as_deref().unwrap_or(SERVER_KEY), &own.secret)),
-        _ if config.config.default_on => config.server(),
-        _ => None,
-    };
-    let Some(chosen) = chosen else { return Ok(None) };
-    let served = state.models.get(model).ok_or_else(|| ApiError::internal("validated model is gone"))?;
-    match carries_watermark(served, width, height, config.spec()) {
-        Ok(()) => Ok(Some(chosen)),
-        Err(message) if asked == Some(true) => Err(ApiError::field("watermark", format!("watermark: {message}"))),
-        Err(_) => Ok(None),
+        (None, Some((id, own))) if own.on => Some(settings.params(id, &own.secret)),
+        (None, _) if settings.config.default_on => settings.server(),
+        (None, _) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WatermarkConfig;
+
+    fn settings(secret: Option<&str>, default_on: bool) -> WatermarkState {
+        let config = WatermarkConfig { secret: secret.map(str::to_string), default_on, ..WatermarkConfig::default() };
+        WatermarkState { config, detector: None }
+    }
+
+    fn key(on: bool) -> Option<(&'static str, KeyWatermark)> {
+        Some(("a1b2c3d4e5f6", KeyWatermark { secret: "key-secret".into(), on }))
+    }
+
+    #[test]
+    fn whose_watermark_a_job_gets() {
+        let server = Some("server-secret-0123456789");
+        let whose = |settings: &WatermarkState, asked, own| {
+            choose(settings, asked, own).map(|chosen| chosen.map(|p| (p.key, p.secret)))
+        };
+        let mine = Some(("a1b2c3d4e5f6".to_string(), "key-secret".to_string()));
+        let servers = Some(("server".to_string(), "server-secret-0123456789".to_string()));
+        let cases = [
+            // (server secret, default_on, asked, the key's watermark) → whose
+            ((server, true), Some(false), key(true), None),
+            ((server, false), Some(true), key(false), mine.clone()),
+            ((server, false), Some(true), None, servers.clone()),
+            ((server, false), None, key(true), mine.clone()),
+            ((server, false), None, key(false), None),
+            ((server, true), None, key(false), servers.clone()),
+            ((server, true), None, None, servers.clone()),
+            ((None, true), None, None, None),
+            ((None, false), None, None, None),
+        ];
+        for (((secret, default_on), asked, own, expected)) in cases {
+            let chosen = whose(&settings(secret, default_on), asked, own.clone());
+            assert_eq!(chosen.unwrap(), expected, "{secret:?} {default_on} {asked:?} {own:?}");
+        }
+        let refused = choose(&settings(None, false), Some(true), None).unwrap_err();
+        assert!(matches!(refused, ApiError::InvalidField { ref field, .. } if field == "watermark"), "{refused:?}");
     }
 }
