@@ -305,7 +305,7 @@ mod tests {
             ((None, true), None, None, None),
             ((None, false), None, None, None),
         ];
-        for (((secret, default_on), asked, own, expected)) in cases {
+        for ((secret, default_on), asked, own, expected) in cases {
             let chosen = whose(&settings(secret, default_on), asked, own.clone());
             assert_eq!(chosen.unwrap(), expected, "{secret:?} {default_on} {asked:?} {own:?}");
         }
