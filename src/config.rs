@@ -424,7 +424,8 @@ pub struct WatermarkConfig {
     pub channel: u32,
     /// Factor on the ring values: 1 is the paper's; more survives more, and changes pictures more.
     pub strength: f64,
-    /// DDIM inversion steps of a detection when the request names none.
+    /// DDIM inversion steps of a detection when the request names none (requests may name up to
+    /// `limits.max_steps`; this default is not bound by it).
     pub inversion_steps: u32,
     /// A key is reported as detected when its p-value is below this: the false-positive rate per key tested.
     pub p_value_threshold: f64,
@@ -467,7 +468,7 @@ impl std::fmt::Debug for WatermarkConfig {
 }
 
 impl WatermarkConfig {
-    fn validate(&self, max_steps: u32) -> Result<(), String> {
+    fn validate(&self) -> Result<(), String> {
         if self.secret.as_ref().is_some_and(|s| s.chars().count() < 16) {
             return Err("secret must have at least 16 characters".into());
         }
@@ -477,8 +478,8 @@ impl WatermarkConfig {
         if !(self.strength > 0.0 && self.strength <= 100.0) {
             return Err("strength must be in (0, 100]".into());
         }
-        if self.inversion_steps == 0 || self.inversion_steps > max_steps {
-            return Err("inversion_steps must be between 1 and limits.max_steps".into());
+        if self.inversion_steps == 0 || self.inversion_steps > 1000 {
+            return Err("inversion_steps must be between 1 and 1000".into());
         }
         if !(self.p_value_threshold > 0.0 && self.p_value_threshold < 1.0) {
             return Err("p_value_threshold must be in (0, 1)".into());
@@ -711,7 +712,7 @@ impl Config {
         self.validate_server()?;
         self.validate_storage()?;
         self.validate_webhooks()?;
-        self.watermark.validate(self.limits.max_steps).map_err(|e| ConfigError::Invalid(format!("watermark.{e}")))?;
+        self.watermark.validate().map_err(|e| ConfigError::Invalid(format!("watermark.{e}")))?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }

@@ -38,13 +38,16 @@ pub fn detection(
     can_invert(&served.info).map_err(|e| {
         ValidationError::field("model", format!("model `{}` cannot be checked for watermarks: {e}", served.name))
     })?;
-    let steps = fields.inversion_steps.unwrap_or(config.inversion_steps);
-    if steps == 0 || steps > limits.max_steps {
-        return Err(ValidationError::field(
-            "inversion_steps",
-            format!("inversion_steps must be between 1 and {}", limits.max_steps),
-        ));
-    }
+    let steps = match fields.inversion_steps {
+        Some(steps) if steps == 0 || steps > limits.max_steps => {
+            return Err(ValidationError::field(
+                "inversion_steps",
+                format!("inversion_steps must be between 1 and {}", limits.max_steps),
+            ))
+        }
+        Some(steps) => steps,
+        None => config.inversion_steps,
+    };
     let decoded = input::decode(image, limits.max_input_side, limits.max_input_pixels)
         .map_err(|e| ValidationError::field("image", format!("image: {e}")))?;
     let mut picture = decoded.to_rgb8();
@@ -123,5 +126,12 @@ mod tests {
             detection(&registry(), &limits(), &config, &fields(serde_json::json!({})), &png(50, 70)).unwrap();
         assert_eq!((prepared.model.as_str(), prepared.image.dimensions()), ("tiny-sd", (64, 64)));
         assert_eq!(prepared.steps, config.inversion_steps);
+        // The configured default is not bound by `limits.max_steps`; a request's own value is.
+        let tight = crate::config::LimitsConfig { max_steps: 2, ..limits() };
+        let prepared = detection(&registry(), &tight, &config, &fields(serde_json::json!({})), &png(64, 64)).unwrap();
+        assert_eq!(prepared.steps, 20);
+        let asked = fields(serde_json::json!({"inversion_steps": 3}));
+        let error = detection(&registry(), &tight, &config, &asked, &png(64, 64)).unwrap_err();
+        assert_eq!(error.field_name(), Some("inversion_steps"));
     }
 }
