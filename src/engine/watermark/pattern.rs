@@ -7,9 +7,9 @@
 //!
 //! Ring values are real, so the pattern is symmetric under `f → −f` and its inverse FFT is real: nothing is
 //! lost when the noise is brought back to real numbers (a complex value's imaginary part would be). Each
-//! value is `v_i · sqrt(h·w)` with `v_i ~ N(0, 1)`, the size of a white-noise coefficient, drawn from a
-//! [`SeededNoise`] seeded with the first 8 bytes (little-endian) of `SHA-256("denoised tree-ring v1\0" ‖
-//! secret)`. The same secret always gives the same pattern.
+//! value is `strength · v_i · sqrt(h·w)` with `v_i ~ N(0, 1)` (at strength 1, the paper's, the size of a
+//! white-noise coefficient), drawn from a [`SeededNoise`] seeded with the first 8 bytes (little-endian) of
+//! `SHA-256("denoised tree-ring v1\0" ‖ secret)`. The same secret always gives the same pattern.
 
 use sha2::{Digest, Sha256};
 
