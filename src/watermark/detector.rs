@@ -84,9 +84,11 @@ impl Detector {
         Ok(Self { sender: Some(sender), handle: Some(handle), capacity })
     }
 
-    /// Runs `detection` and returns one score per key, waiting at most `timeout`.
+    /// Runs `detection` and returns one score per key, waiting at most `timeout`. A detection whose caller
+    /// stops waiting (the time limit, a client that hangs up, shutdown) is stopped at its next step.
     pub async fn detect(&self, detection: Detection, timeout: Duration) -> Result<Vec<Score>, DetectError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let _abandon = StopOnDrop(stop.clone());
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.as_ref().ok_or(DetectError::Gone)?;
         sender.try_send(Queued { detection, stop: stop.clone(), reply }).map_err(|e| match e {
@@ -96,10 +98,7 @@ impl Detector {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => Ok(result?),
             Ok(Err(_)) => Err(DetectError::Gone),
-            Err(_) => {
-                stop.store(true, Ordering::SeqCst);
-                Err(DetectError::TimedOut(timeout.as_secs()))
-            }
+            Err(_) => Err(DetectError::TimedOut(timeout.as_secs())),
         }
     }
 }
@@ -112,6 +111,16 @@ impl Drop for Detector {
                 warn!("the detector thread ended with a panic");
             }
         }
+    }
+}
+
+/// Sets a detection's stop flag when its caller's future ends, answered or not (a finished detection ignores
+/// it).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
