@@ -78,10 +78,7 @@ pub fn text_to_image_with(
     model.info.require(Capability::TextToImage)?;
     let shape = latent_shape(&model.info, request)?;
     let mut generators = BatchNoise::new(&request.seeds());
-    let mut initial = initial_noise(request.latents.as_ref(), &shape, &mut generators)?;
-    if let Some(key) = &request.watermark {
-        inject(&mut initial, key).map_err(|e| EngineError::InvalidRequest(format!("watermark: {e}")))?;
-    }
+    let initial = starting_noise(request, &shape, &mut generators)?;
 
     let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
     let negative = extras.negative_prompt(request);
@@ -106,6 +103,20 @@ pub fn text_to_image_with(
     };
     let latents = denoise(model, sched.as_mut(), run, noise, observer)?;
     decode(model, latents, ShiftOnDecode::Add)
+}
+
+/// The unit-Gaussian starting latents of `request` (`shape`): its given `latents` or its seeded draws, with its
+/// watermark written in when it has one. Every text-to-image path starts here, so none can skip the watermark.
+pub(super) fn starting_noise(
+    request: &GenerateRequest,
+    shape: &[usize],
+    generators: &mut BatchNoise,
+) -> Result<ArrayD<f32>, EngineError> {
+    let mut initial = initial_noise(request.latents.as_ref(), shape, generators)?;
+    if let Some(key) = &request.watermark {
+        inject(&mut initial, key).map_err(|e| EngineError::InvalidRequest(format!("watermark: {e}")))?;
+    }
+    Ok(initial)
 }
 
 /// The request's scheduler for its size (flow matching shifts by the image sequence length), refused when it
