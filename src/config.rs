@@ -546,17 +546,26 @@ pub struct WorkerConfig {
     /// Workers made from this entry: a number (default 1), or `"auto"`.
     #[serde(default = "one")]
     pub count: Amount,
+    /// Images one denoiser call may carry for several jobs (a cohort of text-to-image jobs on the same
+    /// schedule, see [`crate::engine::pipeline::cohort`]); 1 runs every job alone.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: u32,
 }
 
 impl Default for WorkerConfig {
     /// The layout used when the config has no `[[workers]]`: CPU workers filling every core.
     fn default() -> Self {
-        Self { device: default_device(), threads: Amount::Auto, count: Amount::Auto }
+        Self { device: default_device(), threads: Amount::Auto, count: Amount::Auto, max_batch: default_max_batch() }
     }
 }
 
 fn default_device() -> String {
     "cpu".into()
+}
+
+/// Images per shared denoiser call unless configured.
+fn default_max_batch() -> u32 {
+    4
 }
 
 fn one() -> Amount {
@@ -802,7 +811,10 @@ impl Config {
             .map(|(i, w)| {
                 let device =
                     Device::parse(&w.device).map_err(|e| ConfigError::Invalid(format!("workers[{i}].device: {e}")))?;
-                Ok(WorkerEntry { device, count: w.count, threads: w.threads })
+                if w.max_batch == 0 {
+                    return Err(ConfigError::Invalid(format!("workers[{i}].max_batch: must be at least 1")));
+                }
+                Ok(WorkerEntry { device, count: w.count, threads: w.threads, max_batch: w.max_batch as usize })
             })
             .collect()
     }
@@ -1099,7 +1111,7 @@ threads = 2
 
         let fixed = load(MINIMAL, &[]).unwrap();
         assert_eq!((fixed.workers[0].count, fixed.workers[0].threads), (Amount::Fixed(1), Amount::Fixed(2)));
-        assert_eq!(fixed.worker_specs().unwrap(), [WorkerSpec { device: Device::Cpu, threads: 2 }]);
+        assert_eq!(fixed.worker_specs().unwrap(), [WorkerSpec { device: Device::Cpu, threads: 2, max_batch: 4 }]);
 
         let env = [("DENOISED_WORKERS__0__THREADS", "auto"), ("DENOISED_WORKERS__0__COUNT", "3")];
         let overridden = load(MINIMAL, &env).unwrap();

@@ -16,7 +16,7 @@ use crate::jobs::bus::ImageInfo;
 use crate::jobs::progress::Progress;
 use crate::jobs::store::{DeliveryStatus, WebhookState};
 use crate::jobs::time::rfc3339_from_millis;
-use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus, Priority};
+use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus, LiveState, Priority};
 
 /// A job as clients see it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -110,6 +110,16 @@ pub fn parse_id(text: &str) -> Result<Uuid, ApiError> {
 /// Builds the client view of `job` (its images, when it has succeeded, passed in).
 pub async fn job_response(state: &AppState, job: Job, images: Vec<ImageRecord>) -> Result<JobResponse, ApiError> {
     let live = state.jobs.live_state(&job).await?;
+    job_response_with(state, job, images, live).await
+}
+
+/// [`job_response`] with a live state the caller already has.
+pub async fn job_response_with(
+    state: &AppState,
+    job: Job,
+    images: Vec<ImageRecord>,
+    live: LiveState,
+) -> Result<JobResponse, ApiError> {
     let webhook = state.jobs.webhook(&job).await?.map(JobWebhookView::from);
     let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
     Ok(JobResponse {

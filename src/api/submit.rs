@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, AppJson};
-use super::jobs::job_response;
+use super::jobs::{job_response, job_response_with};
 use super::AppState;
 use crate::auth::Principal;
 use crate::jobs::{Priority, RateState, Submitted};
@@ -36,7 +36,10 @@ pub fn priority(who: &Principal, asked: Option<Priority>) -> Result<Priority, Ap
 pub async fn accepted(state: &AppState, submitted: Submitted) -> Result<Response, ApiError> {
     let location = format!("/v1/jobs/{}", submitted.job.id);
     let rate = submitted.rate;
-    let body = job_response(state, submitted.job, Vec::new()).await?;
+    let body = match submitted.live {
+        Some(live) => job_response_with(state, submitted.job, Vec::new(), live).await?,
+        None => job_response(state, submitted.job, Vec::new()).await?,
+    };
     let mut response = (StatusCode::ACCEPTED, [(header::LOCATION, location)], AppJson(body)).into_response();
     if !submitted.created {
         response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong inside the engine, from loading a model folder to running a graph.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// The ONNX Runtime shared library is missing or unusable.
     #[error("ONNX Runtime library {path}: {message}")]

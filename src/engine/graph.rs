@@ -85,6 +85,8 @@ pub struct Graph {
     steady_options: std::sync::Arc<ort::session::RunOptions>,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
+    /// Completed runs, so tests and benchmarks can see calls shared between jobs.
+    runs: u64,
 }
 
 impl std::fmt::Debug for Graph {
@@ -119,12 +121,17 @@ impl Graph {
         let steady_options = factory.run_control().steady_options()?;
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
-        Ok(Self { name, session, run_options, steady_options, inputs, outputs })
+        Ok(Self { name, session, run_options, steady_options, inputs, outputs, runs: 0 })
     }
 
     /// The graph's label.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// How many runs of this graph have completed.
+    pub fn runs(&self) -> u64 {
+        self.runs
     }
 
     /// Declared inputs.
@@ -176,6 +183,7 @@ impl Graph {
             values.push((Cow::Owned(name.to_string()), value));
         }
         let outputs = self.session.run_with_options(values, options).map_err(|e| fail(e.to_string()))?;
+        self.runs += 1;
         let mut result = HashMap::new();
         for (name, value) in outputs.iter() {
             if let Some(array) = to_f32(&value).map_err(|e| fail(format!("output `{name}`: {e}")))? {

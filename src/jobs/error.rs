@@ -35,6 +35,13 @@ pub enum StoreError {
         /// What was wrong with it.
         detail: String,
     },
+    /// The shared transaction of a group of submissions could not be opened or committed: every submission
+    /// of the group gets the same cause.
+    #[error("{0}")]
+    Group(std::sync::Arc<StoreError>),
+    /// The store was closed (or its group-commit task ended) before the request could be written.
+    #[error("the job store is closed")]
+    Closed,
 }
 
 impl StoreError {
@@ -47,6 +54,7 @@ impl StoreError {
                 db.code().and_then(|code| code.parse::<i32>().ok()).is_some_and(|code| matches!(code & 0xff, 5 | 6))
             }
             StoreError::Database(sqlx::Error::PoolTimedOut) => true,
+            StoreError::Group(cause) => cause.is_busy(),
             _ => false,
         }
     }

@@ -89,6 +89,19 @@ impl JobParams {
         }
     }
 
+    /// Jobs with the same key may share their denoiser calls on one worker (see
+    /// [`crate::engine::pipeline::cohort`]): text to image for the same `model`, picture size, step count,
+    /// scheduler and guidance on or off. `None` for jobs that always run alone (edits).
+    pub fn batch_key(&self, model: &str) -> Option<String> {
+        match self {
+            JobParams::Generate(p) => {
+                let guided = if p.guidance_scale > 1.0 { "guided" } else { "unguided" };
+                Some(format!("{model}|{}x{}|{}|{}|{guided}", p.width, p.height, p.steps, p.scheduler))
+            }
+            JobParams::Edit(_) | JobParams::Unreadable { .. } => None,
+        }
+    }
+
     /// What the job costs against its key's daily compute: image-steps, `n × ` the steps it runs.
     pub fn image_steps(&self) -> u64 {
         let n = match self {

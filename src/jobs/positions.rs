@@ -44,9 +44,28 @@ impl QueuePositions {
         let mut snapshot = self.snapshot.lock().await;
         let fresh = snapshot.taken.is_some_and(|t| t.elapsed() <= MAX_AGE) && snapshot.generation == generation;
         if !fresh || !snapshot.positions.contains_key(&id) {
+            // Taken when the read starts: everything committed before then is in it.
+            let started = Instant::now();
             let order = self.store.queued_order().await?;
             snapshot.positions = order.into_iter().zip(0u64..).collect();
-            snapshot.taken = Some(Instant::now());
+            snapshot.taken = Some(started);
+            snapshot.generation = generation;
+        }
+        Ok(snapshot.positions.get(&id).copied())
+    }
+
+    /// The position of a job this process has just submitted, whose commit had ended at `committed`: any
+    /// snapshot taken after that holds it (or no longer holds it, if it was claimed since). Submissions that
+    /// arrive together wait for one re-read of the queue and share it, instead of re-reading it one after the
+    /// other for each new job.
+    pub async fn of_new(&self, id: Uuid, committed: Instant, generation: u64) -> Result<Option<u64>, StoreError> {
+        let mut snapshot = self.snapshot.lock().await;
+        if snapshot.taken.is_none_or(|t| t <= committed) {
+            // Taken when the read starts: everything committed before then is in it.
+            let started = Instant::now();
+            let order = self.store.queued_order().await?;
+            snapshot.positions = order.into_iter().zip(0u64..).collect();
+            snapshot.taken = Some(started);
             snapshot.generation = generation;
         }
         Ok(snapshot.positions.get(&id).copied())

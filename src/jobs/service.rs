@@ -234,6 +234,9 @@ pub struct Submitted {
     pub created: bool,
     /// The key's submission rate after this submission, when it has one (for the `RateLimit-*` headers).
     pub rate: Option<RateState>,
+    /// The live state announced in the job's `queued` event, when this request created it: the `202` body
+    /// says the same instead of reading the queue again.
+    pub live: Option<LiveState>,
 }
 
 /// What a cancellation did.
@@ -426,7 +429,9 @@ impl Jobs {
             fingerprint: &i.fingerprint,
             window: IDEMPOTENCY_WINDOW,
         });
-        let (job, created) = match self.store.submit(new, key, limits).await? {
+        let submission = self.store.submit(new, key, limits).await?;
+        let committed = std::time::Instant::now();
+        let (job, created) = match submission {
             super::Submission::Created(job) => (job, true),
             super::Submission::Replayed(job) => (job, false),
             super::Submission::QueueFull { queued } => {
@@ -454,15 +459,18 @@ impl Jobs {
             (Some(owner), Some(rate)) => Some(self.store.rate_state(owner, rate).await?),
             _ => None,
         };
+        let mut live = None;
         if created {
             self.wake.notify_one();
             metrics::counter!("denoised_jobs_submitted_total").increment(1);
             self.bus.note_owner(job.id, job.owner.as_deref());
-            let position = self.queue_position(job.id).await?.unwrap_or(0);
-            let eta_ms = self.progress.queued_eta_ms(job.params.visible_steps(), position, self.rules.workers);
-            self.bus.publish(job.id, EventKind::queued(position, eta_ms));
+            let position = self.positions.of_new(job.id, committed, self.bus.last_lifecycle_id()).await?;
+            let total = job.params.visible_steps();
+            let eta_ms = self.progress.queued_eta_ms(total, position.unwrap_or(0), self.rules.workers);
+            self.bus.publish(job.id, EventKind::queued(position.unwrap_or(0), eta_ms));
+            live = Some(LiveState { progress: Progress { step: 0, total, eta_ms }, queue_position: position });
         }
-        Ok(Submitted { job, created, rate })
+        Ok(Submitted { job, created, rate, live })
     }
 
     /// The job `id` if it exists and `who` may see it; another tenant's job is "not found", exactly like a

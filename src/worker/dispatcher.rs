@@ -10,10 +10,11 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use super::pool::{Task, WorkError, WorkItem, WorkOutcome, WorkerPool};
+use super::pool::{Reply, Task, WorkError, WorkItem, WorkOutcome, WorkerPool};
 use crate::jobs::params::GenerateParams;
 use crate::jobs::progress::StopReason;
 use crate::jobs::{Job, JobParams, Jobs};
+
 use crate::storage::ImageFiles;
 
 /// Queue timing.
@@ -77,9 +78,10 @@ impl Dispatcher {
                     Some(_) = running.join_next(), if !running.is_empty() => {}
                 }
             };
+            let cohort = this.with_companions(job, &owner, worker).await;
             let this = this.clone();
             let idle = IdleOnDrop { tx: idle_tx.clone(), worker };
-            running.spawn(async move { this.execute(job, owner, idle).await });
+            running.spawn(async move { this.execute(cohort, owner, idle).await });
         }
         info!(running = running.len(), "dispatcher stopping");
         let grace = tokio::time::sleep(this.settings.shutdown_grace);
@@ -98,51 +100,102 @@ impl Dispatcher {
         reaper.abort();
     }
 
-    /// Runs `job` on `idle`'s worker and records its outcome. The worker is marked idle (by dropping `idle`)
-    /// as soon as its thread hands the outcome back, before the images and the new status are written, so
-    /// the next claim and job overlap this one's durable writes instead of waiting for them.
-    async fn execute(&self, job: Job, owner: String, idle: IdleOnDrop) {
-        let (id, worker) = (job.id, idle.worker);
-        let (params, task, steps) = match self.task_of(&job).await {
-            Ok(parts) => parts,
-            Err(Unrunnable { code, message }) => return self.jobs.failed(id, &owner, code, &message).await,
-        };
+    /// `job` and, when `worker` batches, queued jobs that can share its denoiser calls (same
+    /// [`JobParams::batch_key`]), claimed now up to the worker's `max_batch` images. A job that arrives later
+    /// waits for the next cohort or runs on another worker.
+    async fn with_companions(&self, job: Job, owner: &str, worker: usize) -> Vec<Job> {
+        let max_batch = self.pool.max_batch(worker) as u64;
+        let steps = u64::from(job.params.visible_steps()).max(1);
+        let key = job.params.batch_key(&job.model).filter(|_| max_batch > 1);
+        let mut images = job.params.image_steps() / steps;
+        let mut cohort = vec![job];
+        let Some(key) = key else { return cohort };
+        while images < max_batch {
+            let room = (max_batch - images) * steps;
+            match self.jobs.store().claim_companion(owner, self.settings.lease, &key, room).await {
+                Ok(Some(next)) => {
+                    images += next.params.image_steps() / steps;
+                    cohort.push(next);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, "claiming a job to share a cohort failed; running without it");
+                    break;
+                }
+            }
+        }
+        cohort
+    }
+
+    /// Runs `jobs` (one, or a cohort sharing its denoiser calls) on `idle`'s worker and records each
+    /// outcome. The worker is marked idle (by dropping `idle`) as soon as its thread has handed back every
+    /// outcome, before the images and the new statuses are written, so the next claim and job overlap these
+    /// durable writes instead of waiting for them.
+    async fn execute(&self, jobs: Vec<Job>, owner: String, idle: IdleOnDrop) {
+        let worker = idle.worker;
+        let idle = Arc::new(idle);
         let progress = self.jobs.progress();
-        let stop = progress.start(id, steps);
-        let (reply, outcome) = oneshot::channel();
-        let item = WorkItem {
-            job: id,
-            model: job.model.clone(),
-            task,
-            steps,
-            format: params.output_format,
-            quality: params.output_quality,
-            stop: stop.clone(),
-            preview_every: params.preview_every,
-            preview_mode: params.preview,
-            reply,
-        };
-        if let Err(e) = self.pool.submit(worker, item) {
-            progress.finish(id);
-            error!(%id, error = %e, "worker refused a job; handing it back");
-            let _ = self.jobs.store().release(id, &owner).await;
+        let mut items = Vec::with_capacity(jobs.len());
+        let mut members = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let (params, task, steps) = match self.task_of(&job).await {
+                Ok(parts) => parts,
+                Err(Unrunnable { code, message }) => {
+                    self.jobs.failed(job.id, &owner, code, &message).await;
+                    continue;
+                }
+            };
+            let stop = progress.start(job.id, steps);
+            let (reply, outcome) = oneshot::channel();
+            items.push(WorkItem {
+                job: job.id,
+                model: job.model.clone(),
+                task,
+                steps,
+                format: params.output_format,
+                quality: params.output_quality,
+                stop: stop.clone(),
+                preview_every: params.preview_every,
+                preview_mode: params.preview,
+                reply: Reply::new(reply),
+            });
+            members.push(Member { job, format: params.output_format, stop, outcome });
+        }
+        if items.is_empty() {
             return;
         }
-        info!(%id, worker, attempt = job.attempts, "job started");
+        if let Err(e) = self.pool.submit_cohort(worker, items) {
+            for member in &members {
+                progress.finish(member.job.id);
+                error!(id = %member.job.id, error = %e, "worker refused a job; handing it back");
+                let _ = self.jobs.store().release(member.job.id, &owner).await;
+            }
+            return;
+        }
+        let cohort = members.len();
+        futures_util::future::join_all(
+            members.into_iter().map(|member| self.follow(member, &owner, worker, cohort, idle.clone())),
+        )
+        .await;
+    }
+
+    /// Follows one job handed to `worker` until its outcome is recorded.
+    async fn follow(&self, member: Member, owner: &str, worker: usize, cohort: usize, idle: Arc<IdleOnDrop>) {
+        let Member { job, format, stop, outcome } = member;
+        let id = job.id;
+        info!(%id, worker, cohort, attempt = job.attempts, "job started");
         self.jobs.started(&job).await;
-        let outcome = self.wait_renewing(&job, &owner, outcome).await;
+        let outcome = self.wait_renewing(&job, owner, outcome).await;
         drop(idle);
-        progress.finish(id);
+        self.jobs.progress().finish(id);
         match outcome {
-            Some(Ok(images)) => self.jobs.succeeded(id, &owner, params.output_format, images).await,
-            Some(Err(WorkError::Engine { code: "cancelled", .. })) => self.stopped(id, &owner, stop.reason()).await,
+            Some(Ok(images)) => self.jobs.succeeded(id, owner, format, images).await,
+            Some(Err(WorkError::Engine { code: "cancelled", .. })) => self.stopped(id, owner, stop.reason()).await,
             Some(Err(e)) => {
                 error!(%id, code = e.code(), detail = %e, "the job's run failed");
-                self.jobs.failed(id, &owner, e.code(), e.public_message()).await
+                self.jobs.failed(id, owner, e.code(), e.public_message()).await
             }
-            None => {
-                self.jobs.failed(id, &owner, "worker_lost", "the worker thread stopped while running the job").await
-            }
+            None => self.jobs.failed(id, owner, "worker_lost", "the worker thread stopped while running the job").await,
         }
     }
 
@@ -245,6 +298,14 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A job handed to a worker: what its outcome needs.
+struct Member {
+    job: Job,
+    format: crate::engine::image::OutputFormat,
+    stop: crate::jobs::progress::StopFlag,
+    outcome: oneshot::Receiver<WorkOutcome>,
 }
 
 /// Hands a worker back to the dispatcher's idle list when dropped, so that every way out of

@@ -64,6 +64,8 @@ pub struct WorkerEntry {
     pub count: Amount,
     /// Intra-op threads of each.
     pub threads: Amount,
+    /// Images one shared denoiser call may carry.
+    pub max_batch: usize,
 }
 
 /// The cores this process may use (its CPU affinity and cgroup quota included), at least 1.
@@ -121,7 +123,7 @@ pub fn resolve(entries: &[WorkerEntry], cores: usize) -> Result<Vec<WorkerSpec>,
                 Some(t) => t,
                 None => shares.next().unwrap_or(1),
             };
-            specs.push(WorkerSpec { device: entry.device, threads });
+            specs.push(WorkerSpec { device: entry.device, threads, max_batch: entry.max_batch });
         }
     }
     Ok(specs)
@@ -141,7 +143,7 @@ mod tests {
     const AUTO: Amount = Amount::Auto;
 
     fn cpu(count: Amount, threads: Amount) -> WorkerEntry {
-        WorkerEntry { device: Device::Cpu, count, threads }
+        WorkerEntry { device: Device::Cpu, count, threads, max_batch: 4 }
     }
 
     fn threads_of(entries: &[WorkerEntry], cores: usize) -> Vec<usize> {
@@ -178,12 +180,13 @@ mod tests {
 
     #[test]
     fn gpu_workers_get_one_thread_and_do_not_take_cores() {
-        let gpu = WorkerEntry { device: Device::Cuda(0), count: AUTO, threads: AUTO };
+        let gpu = WorkerEntry { device: Device::Cuda(0), count: AUTO, threads: AUTO, max_batch: 4 };
         let specs = resolve(&[gpu, cpu(AUTO, AUTO)], 4).unwrap();
-        assert_eq!(specs[0], WorkerSpec { device: Device::Cuda(0), threads: 1 });
+        assert_eq!(specs[0], WorkerSpec { device: Device::Cuda(0), threads: 1, max_batch: 4 });
         assert_eq!(specs.len(), 5);
         assert!(specs[1..].iter().all(|s| s.device == Device::Cpu && s.threads == 1));
-        let two = WorkerEntry { device: Device::Cuda(1), count: Amount::Fixed(2), threads: Amount::Fixed(4) };
+        let two =
+            WorkerEntry { device: Device::Cuda(1), count: Amount::Fixed(2), threads: Amount::Fixed(4), max_batch: 4 };
         assert_eq!(threads_of(&[two], 2), [4, 4]);
     }
 

@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use crate::engine::image::{encode, OutputFormat};
 use crate::engine::model::LoadedModel;
-use crate::engine::pipeline::{edit, text_to_image, EditRequest, GenerateRequest, StepObserver};
+use crate::engine::pipeline::{
+    edit, text_to_image, text_to_image_cohort, CohortMember, EditRequest, GenerateRequest, StepObserver,
+};
 use crate::engine::preview::PreviewMode;
 use crate::engine::runtime::{Device, RunControl, Runtime};
 use crate::engine::EngineError;
@@ -44,7 +46,29 @@ pub struct WorkItem {
     /// How previews are rendered.
     pub preview_mode: PreviewMode,
     /// Where the outcome goes.
-    pub reply: oneshot::Sender<WorkOutcome>,
+    pub reply: Reply,
+}
+
+/// Where a job's outcome goes: sent once, by whichever part of the worker finishes the job (a member of a
+/// cohort that stops is answered before the others finish).
+#[derive(Debug)]
+pub struct Reply(std::sync::Mutex<Option<oneshot::Sender<WorkOutcome>>>);
+
+impl Reply {
+    /// A reply on `sender`.
+    pub fn new(sender: oneshot::Sender<WorkOutcome>) -> Self {
+        Self(std::sync::Mutex::new(Some(sender)))
+    }
+
+    /// Sends `outcome` unless an outcome was sent already.
+    fn send(&self, outcome: WorkOutcome) {
+        let sender = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(sender) = sender {
+            if sender.send(outcome).is_err() {
+                warn!("job result dropped: the dispatcher is gone");
+            }
+        }
+    }
 }
 
 /// The work of one job.
@@ -161,8 +185,9 @@ pub enum SubmitError {
 }
 
 struct WorkerThread {
-    sender: SyncSender<WorkItem>,
+    sender: SyncSender<Vec<WorkItem>>,
     handle: Option<JoinHandle<()>>,
+    max_batch: usize,
 }
 
 /// The running worker threads.
@@ -184,6 +209,8 @@ pub struct WorkerSpec {
     pub device: Device,
     /// Intra-op threads.
     pub threads: usize,
+    /// Images one shared denoiser call may carry (1: every job alone).
+    pub max_batch: usize,
 }
 
 impl WorkerPool {
@@ -201,7 +228,7 @@ impl WorkerPool {
         // With several CPU workers, weights memory-mapped from external data are shared, not re-packed per worker.
         let share_weights = specs.iter().filter(|s| s.device == Device::Cpu).count() > 1;
         for (index, spec) in specs.iter().enumerate() {
-            let (sender, receiver) = sync_channel::<WorkItem>(1);
+            let (sender, receiver) = sync_channel::<Vec<WorkItem>>(1);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
             let factory = runtime.session_factory(spec.device, spec.threads).with_shared_weights(share_weights);
             let control = factory.run_control().clone();
@@ -214,6 +241,7 @@ impl WorkerPool {
                 .spawn(move || {
                     let span = info_span!("worker", index, %device);
                     let _entered = span.enter();
+                    lower_priority();
                     let mut models = Vec::new();
                     for served in registry.all() {
                         match LoadedModel::load(served.info.clone(), &factory) {
@@ -230,7 +258,7 @@ impl WorkerPool {
                     serve(receiver, &mut models, &progress, &bus, &control);
                 })
                 .map_err(|_| PoolError::Died(index))?;
-            workers.push(WorkerThread { sender, handle: Some(handle) });
+            workers.push(WorkerThread { sender, handle: Some(handle), max_batch: spec.max_batch.max(1) });
             loaded.push((index, spec.device, ready_rx));
         }
         let pool = Self { workers, ready: Arc::new(AtomicBool::new(false)) };
@@ -260,10 +288,21 @@ impl WorkerPool {
         self.ready.clone()
     }
 
+    /// Images one shared denoiser call of worker `index` may carry.
+    pub fn max_batch(&self, index: usize) -> usize {
+        self.workers.get(index).map_or(1, |w| w.max_batch)
+    }
+
     /// Hands `item` to worker `index`, which must be idle. Fails if the worker is busy or gone.
     pub fn submit(&self, index: usize, item: WorkItem) -> Result<(), SubmitError> {
+        self.submit_cohort(index, vec![item])
+    }
+
+    /// Hands `items` to worker `index` (idle) to run together: text-to-image jobs that share a schedule share
+    /// their denoiser calls; anything else runs one after the other. Fails if the worker is busy or gone.
+    pub fn submit_cohort(&self, index: usize, items: Vec<WorkItem>) -> Result<(), SubmitError> {
         let worker = self.workers.get(index).ok_or(SubmitError::NoSuchWorker(index))?;
-        worker.sender.try_send(item).map_err(|e| match e {
+        worker.sender.try_send(items).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::Busy(index),
             TrySendError::Disconnected(_) => SubmitError::Gone(index),
         })
@@ -346,50 +385,102 @@ fn preview_data_url(picture: &image::RgbImage) -> Option<String> {
 }
 
 fn serve(
-    receiver: Receiver<WorkItem>,
+    receiver: Receiver<Vec<WorkItem>>,
     models: &mut [(String, LoadedModel)],
     progress: &ProgressBoard,
     bus: &EventBus,
     control: &RunControl,
 ) {
-    while let Ok(item) = receiver.recv() {
-        let span = info_span!("job", id = %item.job, model = %item.model);
-        let _entered = span.enter();
-        let interruptible = Interruptible::arm(&item.stop, control);
-        let outcome = guarded(|| run(&item, models, progress, bus));
-        interruptible.disarm();
-        // A run cut short by the stop flag fails inside ONNX Runtime; it is a stop, not an inference error.
-        let outcome = match outcome {
-            Err(error) if item.stop.is_set() => {
-                if error.code() == "inference_error" {
-                    metrics::counter!("denoised_onnx_runs_interrupted_total").increment(1);
-                }
-                Err(WorkError::from(EngineError::Cancelled))
+    while let Ok(items) = receiver.recv() {
+        if items.len() > 1 && items.iter().all(|item| matches!(item.task, Task::Generate(_))) {
+            serve_cohort(&items, models, progress, bus, control);
+        } else {
+            for item in &items {
+                serve_one(item, models, progress, bus, control);
             }
-            other => other,
-        };
-        if item.reply.send(outcome).is_err() {
-            warn!("job result dropped: the dispatcher is gone");
         }
     }
 }
 
-/// While a job runs, a stop request also interrupts the ONNX Runtime call in progress. Disarmed (under the
-/// same lock) before the next job starts, so a late stop of a finished job never reaches the next one.
+/// Runs one job alone and sends its outcome.
+fn serve_one(
+    item: &WorkItem,
+    models: &mut [(String, LoadedModel)],
+    progress: &ProgressBoard,
+    bus: &EventBus,
+    control: &RunControl,
+) {
+    let span = info_span!("job", id = %item.job, model = %item.model);
+    let _entered = span.enter();
+    let interruptible = Interruptible::arm(std::slice::from_ref(&item.stop), control);
+    let outcome = guarded(|| run(item, models, progress, bus));
+    interruptible.disarm();
+    item.reply.send(as_stop(item, outcome));
+}
+
+/// Runs text-to-image jobs together, sharing their denoiser calls, and sends each outcome as soon as that
+/// job is finished. The call in progress is interrupted only when every member has been asked to stop:
+/// one member's cancel never cuts the others' call short.
+fn serve_cohort(
+    items: &[WorkItem],
+    models: &mut [(String, LoadedModel)],
+    progress: &ProgressBoard,
+    bus: &EventBus,
+    control: &RunControl,
+) {
+    let ids: Vec<String> = items.iter().map(|item| item.job.to_string()).collect();
+    let span = info_span!("cohort", jobs = %ids.join(","), model = %items[0].model);
+    let _entered = span.enter();
+    let stops: Vec<StopFlag> = items.iter().map(|item| item.stop.clone()).collect();
+    let interruptible = Interruptible::arm(&stops, control);
+    let outcome = guarded(|| {
+        run_cohort(items, models, progress, bus)?;
+        Ok(Vec::new())
+    });
+    interruptible.disarm();
+    if let Err(error) = outcome {
+        // A panic or a model that is not loaded: every member not answered yet gets it.
+        for item in items {
+            item.reply.send(as_stop(item, Err(error.clone())));
+        }
+    }
+}
+
+/// A failed outcome of a job that was asked to stop is a stop: a run cut short fails inside ONNX Runtime.
+fn as_stop(item: &WorkItem, outcome: WorkOutcome) -> WorkOutcome {
+    match outcome {
+        Err(error) if item.stop.is_set() => {
+            if error.code() == "inference_error" {
+                metrics::counter!("denoised_onnx_runs_interrupted_total").increment(1);
+            }
+            Err(WorkError::from(EngineError::Cancelled))
+        }
+        other => other,
+    }
+}
+
+/// While a job (or a cohort) runs, a stop request also interrupts the ONNX Runtime call in progress, once
+/// every job sharing it has been asked to stop. Disarmed (under the same lock) before the next work starts,
+/// so a late stop of finished work never reaches the next one.
 struct Interruptible {
     armed: Arc<std::sync::Mutex<bool>>,
     control: RunControl,
 }
 
 impl Interruptible {
-    fn arm(stop: &StopFlag, control: &RunControl) -> Self {
+    fn arm(stops: &[StopFlag], control: &RunControl) -> Self {
         let armed = Arc::new(std::sync::Mutex::new(true));
-        let (hook_armed, hook_control) = (armed.clone(), control.clone());
-        stop.on_stop(move || {
-            if *hook_armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
-                hook_control.interrupt();
-            }
-        });
+        // Each flag's hook runs once, on its first stop: the last one to run finds no one left to serve.
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(stops.len()));
+        for stop in stops {
+            let (hook_armed, hook_control, running) = (armed.clone(), control.clone(), running.clone());
+            stop.on_stop(move || {
+                let armed = hook_armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if running.fetch_sub(1, Ordering::SeqCst) == 1 && *armed {
+                    hook_control.interrupt();
+                }
+            });
+        }
         Self { armed, control: control.clone() }
     }
 
@@ -399,6 +490,28 @@ impl Interruptible {
         self.control.reset();
     }
 }
+
+/// How much lower than the rest of the process worker threads run (a nice increment).
+const WORKER_NICENESS: i32 = 10;
+
+/// Lowers the calling worker thread's CPU priority before it builds its sessions (ONNX Runtime's intra-op
+/// threads, made by it, inherit the value): when cores are scarce, accepting and answering requests (short,
+/// latency-bound) goes before another slice of a denoising step (long, throughput-bound), and the workers
+/// still get every cycle the HTTP side leaves. Linux keeps the nice value per thread.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch only the calling thread's scheduling.
+    let outcome = unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, WORKER_NICENESS)
+    };
+    if outcome != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not lower the worker thread's priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 /// Runs `job`, turning a panic into a failed outcome so that the worker thread survives it.
 fn guarded(job: impl FnOnce() -> WorkOutcome) -> WorkOutcome {
@@ -414,9 +527,7 @@ fn guarded(job: impl FnOnce() -> WorkOutcome) -> WorkOutcome {
 }
 
 fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &ProgressBoard, bus: &EventBus) -> WorkOutcome {
-    let model = models.iter_mut().find(|(name, _)| *name == item.model).map(|(_, m)| m).ok_or_else(|| {
-        WorkError::Engine { code: "unknown_model", message: format!("model `{}` is not loaded", item.model) }
-    })?;
+    let model = find_model(models, &item.model)?;
     let started = std::time::Instant::now();
     let mut observer = JobObserver { board: progress, bus, item, last_step: started, reported: 0 };
     let images = match &item.task {
@@ -424,6 +535,51 @@ fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &Progres
         Task::Edit(request) => edit(model, request, &mut observer)?,
     };
     metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
+    encode_images(item, &images)
+}
+
+/// Runs text-to-image `items` as one cohort, answering each member as it finishes.
+fn run_cohort(
+    items: &[WorkItem],
+    models: &mut [(String, LoadedModel)],
+    progress: &ProgressBoard,
+    bus: &EventBus,
+) -> Result<(), WorkError> {
+    let model = find_model(models, &items[0].model)?;
+    let started = std::time::Instant::now();
+    let mut observers: Vec<JobObserver<'_>> =
+        items.iter().map(|item| JobObserver { board: progress, bus, item, last_step: started, reported: 0 }).collect();
+    let members: Vec<CohortMember<'_>> = items
+        .iter()
+        .zip(observers.iter_mut())
+        .filter_map(|(item, observer)| match &item.task {
+            Task::Generate(request) => Some(CohortMember { request, observer: observer as &mut dyn StepObserver }),
+            Task::Edit(_) => None,
+        })
+        .collect();
+    metrics::histogram!("denoised_cohort_jobs").record(members.len() as f64);
+    text_to_image_cohort(model, members, &mut |index, pictures| {
+        let item = &items[index];
+        let outcome = pictures.map_err(WorkError::from).and_then(|pictures| encode_images(item, &pictures));
+        if outcome.is_ok() {
+            metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
+        }
+        item.reply.send(as_stop(item, outcome));
+    });
+    Ok(())
+}
+
+/// The loaded model called `name`.
+fn find_model<'m>(models: &'m mut [(String, LoadedModel)], name: &str) -> Result<&'m mut LoadedModel, WorkError> {
+    models
+        .iter_mut()
+        .find(|(loaded, _)| loaded == name)
+        .map(|(_, m)| m)
+        .ok_or_else(|| WorkError::Engine { code: "unknown_model", message: format!("model `{name}` is not loaded") })
+}
+
+/// `images` of `item` encoded in its output format, with their seeds.
+fn encode_images(item: &WorkItem, images: &[image::RgbImage]) -> WorkOutcome {
     let seeds = item.task.base().seeds();
     images
         .iter()

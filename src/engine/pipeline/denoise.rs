@@ -55,7 +55,7 @@ impl Guidance {
 
     /// Combines a U-Net output `[copies·n, C, h, w]` into one prediction `[n, C, h, w]`, with PyTorch's
     /// float32 operation order.
-    fn combine(self, predicted: ArrayD<f32>, n: usize) -> ArrayD<f32> {
+    pub(super) fn combine(self, predicted: ArrayD<f32>, n: usize) -> ArrayD<f32> {
         let branch = |i: usize| predicted.slice_axis(Axis(0), (i * n..(i + 1) * n).into());
         match self {
             Guidance::Off => predicted,
@@ -184,7 +184,7 @@ pub(super) fn denoise(
 /// One denoiser call on `sample` `[b, C, h, w]` (packed around the call for Flux); the prediction comes back
 /// unpacked, `[b, C_out, h, w]`. The denoiser's arena memory is kept between calls and handed back after the
 /// `last` one.
-fn predict(
+pub(super) fn predict(
     model: &mut LoadedModel,
     sample: ArrayD<f32>,
     timestep: ArrayD<f32>,

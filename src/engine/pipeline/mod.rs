@@ -1,5 +1,6 @@
 //! Pipelines: the orchestration of tokenizer, text encoder, scheduler, U-Net and VAE for each job kind.
 
+pub mod cohort;
 pub mod conditioning;
 mod denoise;
 pub mod edit;
@@ -13,6 +14,7 @@ pub mod prompt;
 mod text_to_image;
 pub mod vae;
 
+pub use cohort::{can_share, text_to_image_cohort, CohortMember};
 pub use edit::{edit, edit_with, outpaint_canvas, EditMode, EditRequest};
 pub use noise::BatchNoise;
 pub use text_to_image::{text_to_image, text_to_image_with, GenerateRequest};

@@ -128,6 +128,14 @@ impl Dialect {
     }
 }
 
+/// Which queued jobs a claim may take.
+enum ClaimFilter {
+    /// Jobs for one of these models (a JSON array; `None`: any model).
+    Models(Option<String>),
+    /// Jobs of this batch key costing at most `max_cost` image-steps.
+    Companion { batch_key: String, max_cost: i64 },
+}
+
 /// The connection pools of one backend.
 #[derive(Debug, Clone)]
 pub(crate) enum Backend {
@@ -258,15 +266,44 @@ impl JobStore {
         lease: Duration,
         models: Option<&[String]>,
     ) -> Result<Option<Job>, StoreError> {
-        let now = now_millis();
         let models = models.map(|m| serde_json::Value::from(m.to_vec()).to_string());
+        self.claim_where(owner, lease, ClaimFilter::Models(models)).await
+    }
+
+    /// Claims, for the worker `owner` that has just claimed a job whose [`JobParams::batch_key`] is
+    /// `batch_key`, one more queued job of the same key that costs at most `max_cost` image-steps (so the
+    /// cohort stays within the worker's batch), in the usual claim order.
+    ///
+    /// [`JobParams::batch_key`]: crate::jobs::JobParams::batch_key
+    pub async fn claim_companion(
+        &self,
+        owner: &str,
+        lease: Duration,
+        batch_key: &str,
+        max_cost: u64,
+    ) -> Result<Option<Job>, StoreError> {
+        let max_cost = i64::try_from(max_cost).unwrap_or(i64::MAX);
+        self.claim_where(owner, lease, ClaimFilter::Companion { batch_key: batch_key.to_owned(), max_cost }).await
+    }
+
+    /// The claim statement with `filter` on the candidate jobs; the owner's fair-share pass advances by one
+    /// job's worth in the same transaction.
+    async fn claim_where(&self, owner: &str, lease: Duration, filter: ClaimFilter) -> Result<Option<Job>, StoreError> {
+        let now = now_millis();
         let rows: Vec<JobRow> = on_write!(self, pool, dialect => {
-            let (model_filter, lock) = match dialect {
-                Dialect::Sqlite => ("($4 IS NULL OR j.model IN (SELECT value FROM json_each($4)))", ""),
-                Dialect::Postgres => (
-                    "($4::text IS NULL OR j.model IN (SELECT json_array_elements_text($4::json)))",
-                    " FOR UPDATE OF j SKIP LOCKED",
-                ),
+            let lock = if dialect == Dialect::Postgres { " FOR UPDATE OF j SKIP LOCKED" } else { "" };
+            let candidates = match (&filter, dialect) {
+                (ClaimFilter::Models(_), Dialect::Sqlite) => {
+                    "($4 IS NULL OR j.model IN (SELECT value FROM json_each($4))) AND $5 IS NULL"
+                }
+                (ClaimFilter::Models(_), Dialect::Postgres) => {
+                    "($4::text IS NULL OR j.model IN (SELECT json_array_elements_text($4::json))) AND $5::bigint IS NULL"
+                }
+                (ClaimFilter::Companion { .. }, _) => "j.batch_key = $4 AND j.cost <= $5",
+            };
+            let (text, number) = match &filter {
+                ClaimFilter::Models(models) => (models.clone(), None),
+                ClaimFilter::Companion { batch_key, max_cost } => (Some(batch_key.clone()), Some(*max_cost)),
             };
             // Among equal passes, the oldest job's owner goes first: the owner whose turn it is.
             let sql = format!(
@@ -274,7 +311,7 @@ impl JobStore {
                      attempts = attempts + 1, cancel_requested_at = NULL \
                  WHERE status = 'queued' AND id = ( \
                      SELECT j.id FROM jobs j LEFT JOIN fair_share f ON f.owner = COALESCE(j.owner, '') \
-                     WHERE j.status = 'queued' AND {model_filter} \
+                     WHERE j.status = 'queued' AND {candidates} \
                      ORDER BY j.priority DESC, COALESCE(f.pass, 0.0), j.created_at, j.id LIMIT 1{lock}) \
                  RETURNING {}",
                 job_columns!()
@@ -284,7 +321,8 @@ impl JobStore {
                 .bind(owner)
                 .bind(deadline(now, lease))
                 .bind(now)
-                .bind(&models)
+                .bind(&text)
+                .bind(number)
                 .fetch_all(&mut *tx)
                 .await?;
             if let Some(row) = rows.first() {

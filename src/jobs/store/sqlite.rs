@@ -10,6 +10,7 @@ use sqlx::sqlite::{
 };
 
 use super::super::error::StoreError;
+use super::submit::GroupCommit;
 
 /// How long a statement waits for another connection's write lock before failing with `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +29,8 @@ pub(crate) struct SqlitePools {
     pub(crate) read: SqlitePool,
     /// Every write.
     pub(crate) write: SqlitePool,
+    /// Submissions, committed in groups on the write connection.
+    pub(crate) submissions: super::submit::GroupCommit,
 }
 
 /// Opens (creating if missing, with its parent folder) the database at `url` and applies the migrations.
@@ -53,7 +56,7 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePools, StoreError> {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        return Ok(SqlitePools { write: pool.clone(), read: pool });
+        return Ok(SqlitePools { submissions: GroupCommit::start(pool.clone()), write: pool.clone(), read: pool });
     }
     options = options.journal_mode(SqliteJournalMode::Wal).auto_vacuum(SqliteAutoVacuum::Incremental);
     create_parent_dir(options.get_filename()).await?;
@@ -65,7 +68,7 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePools, StoreError> {
         sqlx::query("VACUUM").execute(&write).await?;
     }
     let read = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(options).await?;
-    Ok(SqlitePools { read, write })
+    Ok(SqlitePools { read, submissions: GroupCommit::start(write.clone()), write })
 }
 
 /// Returns the pages freed by deletions to the file system, so the file shrinks instead of keeping its

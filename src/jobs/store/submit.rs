@@ -1,5 +1,10 @@
 //! Submitting a job: idempotency replay, the queue and per-key limits, and the insert, in one transaction.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sqlx::sqlite::SqlitePool;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::super::error::StoreError;
@@ -7,7 +12,7 @@ use super::super::model::{IdempotencyKey, NewJob, RateState, Submission, SubmitL
 use super::super::time::now_millis;
 use super::rows::{non_negative, one_job, JobRow};
 use super::usage::{DAY_MILLIS, STORED_BYTES};
-use super::{job_columns, postgres, Dialect, JobStore};
+use super::{job_columns, postgres, Backend, Dialect, JobStore};
 
 /// The job `key` already made for `owner` within its window (`Replayed`, or `KeyReused` when the request
 /// differs), after clearing the key from jobs older than the window. A macro over the transaction `$tx` so
@@ -52,17 +57,27 @@ macro_rules! replay {
     }};
 }
 
+/// Queued jobs, counted inside the transaction `$tx`.
+macro_rules! queued_count {
+    ($tx:expr) => {{
+        let (queued,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *$tx).await?;
+        non_negative("jobs", "count", queued)?
+    }};
+}
+
 /// Why `$new` may not be inserted now, if it may not: the queue, the owner's outstanding jobs or its stored
 /// bytes at their limits, counted inside the caller's write transaction `$tx` (which holds the submission
 /// lock), so racing submissions cannot overshoot them.
 macro_rules! refusal {
-    ($tx:expr, $new:expr, $limits:expr) => {{
-        let (new, limits): (&NewJob, SubmitLimits) = ($new, $limits);
+    ($tx:expr, $new:expr, $limits:expr, $queued:expr) => {{
+        let (new, limits, known): (&NewJob, SubmitLimits, Option<u64>) = ($new, $limits, $queued);
         let mut refusal = None;
         if limits.max_queued != u64::MAX {
-            let (queued,): (i64,) =
-                sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *$tx).await?;
-            let queued = non_negative("jobs", "count", queued)?;
+            let queued = match known {
+                Some(queued) => queued,
+                None => queued_count!($tx),
+            };
             if queued >= limits.max_queued {
                 refusal = Some(Submission::QueueFull { queued });
             }
@@ -139,12 +154,12 @@ macro_rules! take_token {
 /// waiting, neither ahead of them with credit saved while idle nor behind them.
 macro_rules! join_rotation {
     ($tx:expr, $dialect:expr, $owner:expr) => {{
-        let (waiting,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1")
+        let waiting: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1 LIMIT 1")
                 .bind($owner)
-                .fetch_one(&mut *$tx)
+                .fetch_optional(&mut *$tx)
                 .await?;
-        if waiting == 0 {
+        if waiting.is_none() {
             let sql = match $dialect {
                 Dialect::Sqlite => {
                     "INSERT INTO fair_share (owner, pass) VALUES ($1, (SELECT COALESCE(MIN(f.pass), 0.0) FROM \
@@ -199,6 +214,65 @@ pub(super) fn seconds_to_full(tokens: f64, rate: u32) -> u64 {
     ((f64::from(rate) - tokens).max(0.0) * 60.0 / f64::from(rate)).ceil() as u64
 }
 
+/// One submission inside the open write transaction `$tx`: the idempotency replay, the limits, the rate
+/// bucket, the insert. Evaluates to `Result<(Submission, bool), StoreError>`, the bool saying whether what it
+/// wrote must be committed (a refusal by the limits wrote nothing worth keeping).
+macro_rules! submit_in {
+    ($tx:expr, $dialect:expr, $new:expr, $idempotency:expr, $limits:expr, $queued:expr) => {
+        async {
+            let (new, idempotency, limits, dialect): (&NewJob, Option<IdempotencyKey<'_>>, SubmitLimits, Dialect) =
+                ($new, $idempotency, $limits, $dialect);
+            let now = now_millis();
+            let owner = new.owner.as_deref();
+            if let Some(key) = idempotency {
+                if let Some(answer) = replay!($tx, key, owner, now) {
+                    return Ok((answer, true));
+                }
+            }
+            if let Some(refusal) = refusal!($tx, new, limits, $queued) {
+                return Ok((refusal, false));
+            }
+            if let (Some(owner), Some(rate)) = (owner, limits.rate_per_minute) {
+                if let Some(refusal) = take_token!($tx, dialect, owner, rate, now) {
+                    return Ok((refusal, true));
+                }
+            }
+            join_rotation!($tx, dialect, owner.unwrap_or(""));
+            let rows: Vec<JobRow> = sqlx::query_as(concat!(
+                "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
+                 idempotency_key, owner, idempotency_fingerprint, input_bytes, cost, batch_key) \
+                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
+                job_columns!()
+            ))
+            .bind(Uuid::now_v7().to_string())
+            .bind(new.params.kind())
+            .bind(&new.model)
+            .bind(new.params.encode())
+            .bind(i64::from(new.priority))
+            .bind(i64::from(new.max_attempts))
+            .bind(now)
+            .bind(idempotency.map(|i| i.key))
+            .bind(owner)
+            .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
+            .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
+            .bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
+            .bind(new.params.batch_key(&new.model))
+            .fetch_all(&mut *$tx)
+            .await?;
+            if let Some(row) = rows.first() {
+                super::webhooks::attach_webhook!($tx, &row.id, new.webhook.as_ref());
+            }
+            if dialect == Dialect::Postgres {
+                sqlx::query("SELECT pg_notify($1, '')").bind(postgres::QUEUE_CHANNEL).execute(&mut *$tx).await?;
+            }
+            let job =
+                one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))?;
+            Ok::<_, StoreError>((Submission::Created(job), true))
+        }
+        .await
+    };
+}
+
 impl JobStore {
     /// Where `owner`'s bucket of `rate` submissions per minute stands now (read only).
     pub async fn rate_state(&self, owner: &str, rate: u32) -> Result<RateState, StoreError> {
@@ -217,6 +291,9 @@ impl JobStore {
     /// a PostgreSQL advisory lock), so the limits are counted with no other submission in between, in this
     /// process or another one on the same database, and two racing requests with the same key get the same
     /// job. On PostgreSQL the commit also notifies idle workers of every process.
+    ///
+    /// On SQLite, submissions that arrive while a commit is being synced wait for the next one and share it
+    /// (group commit, see [`GroupCommit`]): each still returns only after the commit that holds it.
     pub async fn submit(
         &self,
         new: NewJob,
@@ -226,58 +303,184 @@ impl JobStore {
         if new.max_attempts == 0 {
             return Err(StoreError::InvalidArgument("max_attempts must be at least 1".into()));
         }
-        let now = now_millis();
-        let owner = new.owner.as_deref();
-        on_write!(self, pool, dialect => {
-            let mut tx = pool.begin_with(dialect.begin()).await?;
-            if dialect == Dialect::Postgres {
+        match &self.backend {
+            Backend::Sqlite(pools) => pools.submissions.submit(new, idempotency, limits).await,
+            Backend::Postgres(pool) => {
+                let dialect = Dialect::Postgres;
+                let mut tx = pool.begin_with(dialect.begin()).await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(postgres::SUBMIT_LOCK).execute(&mut *tx).await?;
-            }
-            if let Some(key) = idempotency {
-                if let Some(answer) = replay!(tx, key, owner, now) {
+                let (answer, keep) = submit_in!(tx, dialect, &new, idempotency, limits, None)?;
+                if keep {
                     tx.commit().await?;
-                    return Ok(answer);
                 }
+                Ok(answer)
             }
-            if let Some(refusal) = refusal!(tx, &new, limits) {
-                return Ok(refusal);
+        }
+    }
+}
+
+/// How many submissions one SQLite commit holds at most.
+const GROUP_LIMIT: usize = 256;
+
+/// How many submissions may wait for the group-commit task before callers wait to hand theirs over.
+const GROUP_QUEUE: usize = 4096;
+
+/// A submission waiting for its group's commit.
+struct PendingSubmission {
+    new: NewJob,
+    idempotency: Option<OwnedIdempotencyKey>,
+    limits: SubmitLimits,
+    reply: oneshot::Sender<Result<Submission, StoreError>>,
+}
+
+/// [`IdempotencyKey`] with owned strings, to wait in the queue.
+struct OwnedIdempotencyKey {
+    key: String,
+    fingerprint: String,
+    window: std::time::Duration,
+}
+
+impl OwnedIdempotencyKey {
+    fn borrowed(&self) -> IdempotencyKey<'_> {
+        IdempotencyKey { key: &self.key, fingerprint: &self.fingerprint, window: self.window }
+    }
+}
+
+/// Group commit for SQLite submissions: one task owns the write connection's submission transactions and
+/// commits every submission that arrived while the previous commit was being synced in one transaction, each
+/// inside its own savepoint (a refused or failing submission rolls back alone). The durability of each `202`
+/// is unchanged (an answer leaves only after the commit that holds its job, with `synchronous=FULL`), but
+/// one sync serves many jobs instead of one, and no request handler can be cancelled half-way through a
+/// write transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupCommit {
+    queue: mpsc::Sender<PendingSubmission>,
+    /// Group transactions run so far (read by the tests that check submissions are grouped).
+    #[cfg_attr(not(test), allow(dead_code))]
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for PendingSubmission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSubmission").field("model", &self.new.model).finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Starts the task that commits submissions on `write`, SQLite's one write connection. It ends when the
+    /// last handle is dropped.
+    pub(crate) fn start(write: SqlitePool) -> Self {
+        let (queue, pending) = mpsc::channel(GROUP_QUEUE);
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run_groups(write, pending, commits.clone()));
+        Self { queue, commits }
+    }
+
+    /// How many group transactions the task has run.
+    #[cfg(test)]
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    async fn submit(
+        &self,
+        new: NewJob,
+        idempotency: Option<IdempotencyKey<'_>>,
+        limits: SubmitLimits,
+    ) -> Result<Submission, StoreError> {
+        let idempotency = idempotency.map(|i| OwnedIdempotencyKey {
+            key: i.key.to_owned(),
+            fingerprint: i.fingerprint.to_owned(),
+            window: i.window,
+        });
+        let (reply, answer) = oneshot::channel();
+        let pending = PendingSubmission { new, idempotency, limits, reply };
+        self.queue.send(pending).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Takes whatever submissions are waiting (at most [`GROUP_LIMIT`]) and commits them together, until every
+/// [`GroupCommit`] handle is gone.
+async fn run_groups(write: SqlitePool, mut pending: mpsc::Receiver<PendingSubmission>, commits: Arc<AtomicU64>) {
+    let mut group = Vec::with_capacity(GROUP_LIMIT);
+    while pending.recv_many(&mut group, GROUP_LIMIT).await > 0 {
+        metrics::histogram!("denoised_submissions_per_commit").record(group.len() as f64);
+        let answers = commit_group(&write, &group).await;
+        commits.fetch_add(1, Ordering::Relaxed);
+        for (submission, answer) in group.drain(..).zip(answers) {
+            // The caller may have gone (a closed connection): its job stays committed, like any job whose
+            // `202` was lost on the way.
+            let _ = submission.reply.send(answer);
+        }
+    }
+}
+
+/// Runs every submission of `group` in one write transaction, each in a savepoint, and commits; the answers
+/// are in `group`'s order. When the transaction cannot be opened or committed, every answer is that error.
+async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Result<Submission, StoreError>> {
+    let dialect = Dialect::Sqlite;
+    let everyone_fails = |error: sqlx::Error| {
+        let cause = std::sync::Arc::new(StoreError::from(error));
+        group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect::<Vec<_>>()
+    };
+    let mut tx = match write.begin_with(dialect.begin()).await {
+        Ok(tx) => tx,
+        Err(error) => return everyone_fails(error),
+    };
+    // The queue's length, counted once for the group (no other write runs until it commits) and kept up to
+    // date by its inserts, instead of once per submission.
+    let mut queued = None;
+    if group.iter().any(|s| s.limits.max_queued != u64::MAX) {
+        match count_queued(&mut tx).await {
+            Ok(count) => queued = Some(count),
+            Err(error) => {
+                let cause = std::sync::Arc::new(error);
+                return group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect();
             }
-            if let (Some(owner), Some(rate)) = (owner, limits.rate_per_minute) {
-                if let Some(refusal) = take_token!(tx, dialect, owner, rate, now) {
-                    tx.commit().await?;
-                    return Ok(refusal);
-                }
-            }
-            join_rotation!(tx, dialect, owner.unwrap_or(""));
-            let rows: Vec<JobRow> = sqlx::query_as(concat!(
-                "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-                 idempotency_key, owner, idempotency_fingerprint, input_bytes, cost) \
-                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
-                job_columns!()
-            ))
-            .bind(Uuid::now_v7().to_string())
-            .bind(new.params.kind())
-            .bind(&new.model)
-            .bind(new.params.encode())
-            .bind(i64::from(new.priority))
-            .bind(i64::from(new.max_attempts))
-            .bind(now)
-            .bind(idempotency.map(|i| i.key))
-            .bind(owner)
-            .bind(idempotency.map(|i| i.fingerprint).filter(|f| !f.is_empty()))
-            .bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
-            .bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await?;
-            if let Some(row) = rows.first() {
-                super::webhooks::attach_webhook!(tx, &row.id, new.webhook.as_ref());
-            }
-            if dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_notify($1, '')").bind(postgres::QUEUE_CHANNEL).execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-            let job = one_job(rows)?.ok_or_else(|| StoreError::corrupt("jobs", "INSERT … RETURNING returned no row"))?;
-            Ok(Submission::Created(job))
-        })
+        }
+    }
+    let mut answers = Vec::with_capacity(group.len());
+    for submission in group {
+        let answer = submit_in_savepoint(&mut tx, submission, queued).await;
+        if let (Ok(Submission::Created(_)), Some(count)) = (&answer, queued.as_mut()) {
+            *count += 1;
+        }
+        answers.push(answer);
+    }
+    if let Err(error) = tx.commit().await {
+        return everyone_fails(error);
+    }
+    answers
+}
+
+/// Queued jobs, inside the group's transaction.
+async fn count_queued(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<u64, StoreError> {
+    Ok(queued_count!(*tx))
+}
+
+/// One submission of a group inside its own savepoint: kept when it inserted or changed state that must
+/// last (a replay clears expired keys, a rate refusal drains the bucket), rolled back otherwise.
+async fn submit_in_savepoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    submission: &PendingSubmission,
+    queued: Option<u64>,
+) -> Result<Submission, StoreError> {
+    let dialect = Dialect::Sqlite;
+    let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
+    let idempotency = submission.idempotency.as_ref().map(OwnedIdempotencyKey::borrowed);
+    match submit_in!(savepoint, dialect, &submission.new, idempotency, submission.limits, queued) {
+        Ok((answer, true)) => {
+            savepoint.commit().await?;
+            Ok(answer)
+        }
+        Ok((answer, false)) => {
+            savepoint.rollback().await?;
+            Ok(answer)
+        }
+        Err(error) => {
+            savepoint.rollback().await?;
+            Err(error)
+        }
     }
 }

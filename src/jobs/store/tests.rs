@@ -189,11 +189,98 @@ async fn insert_then_get(db: TestDb) {
     assert_eq!(store.get(Uuid::now_v7()).await.unwrap(), None);
 }
 
+/// Submissions sent together share SQLite commits, and each still gets its own answer: exact limits across
+/// the group (the count sees the earlier members' inserts), one job for one idempotency key, and refusals
+/// that leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submissions_sent_together_share_commits_with_exact_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let commits_before = sqlite_commits(&store);
+    let limits = SubmitLimits { max_queued: 150, ..SubmitLimits::NONE };
+    let answers = futures_util::future::join_all((0..200).map(|i| {
+        let store = store.clone();
+        async move {
+            let key = format!("k{}", i % 40);
+            let idempotency =
+                (i < 120).then(|| crate::jobs::model::IdempotencyKey::from((key.as_str(), Duration::from_secs(60))));
+            store.submit(new_job(0), idempotency, limits).await.unwrap()
+        }
+    }))
+    .await;
+    let commits = sqlite_commits(&store) - commits_before;
+    assert!(commits < 100, "200 submissions took {commits} commits: they were not grouped");
+    let created: HashSet<Uuid> =
+        answers.iter().filter_map(|a| if let Submission::Created(job) = a { Some(job.id) } else { None }).collect();
+    let (mut replayed, mut full) = (0, 0);
+    for answer in &answers {
+        match answer {
+            Submission::Created(_) => {}
+            Submission::Replayed(job) => {
+                replayed += 1;
+                assert!(created.contains(&job.id), "a replay points at a job that was created");
+            }
+            Submission::QueueFull { .. } => full += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // 40 keys make 40 jobs for the first 120 requests, the other 80 requests make 80: 120 jobs fit, no more.
+    assert_eq!((created.len(), replayed, full), (120, 80, 0));
+    assert_eq!(store.count_by_status().await.unwrap().queued, 120);
+
+    let more = futures_util::future::join_all((0..60).map(|_| {
+        let store = store.clone();
+        async move { store.submit(new_job(0), None, limits).await.unwrap() }
+    }))
+    .await;
+    let fitted = more.iter().filter(|a| matches!(a, Submission::Created(_))).count();
+    assert_eq!(fitted, 30, "the queue limit of 150 held across grouped submissions");
+    assert!(more.iter().all(|a| matches!(a, Submission::Created(_) | Submission::QueueFull { queued: 150 })));
+    assert_eq!(store.count_by_status().await.unwrap().queued, 150);
+}
+
+/// How many group commits `store`'s SQLite submission task has made.
+fn sqlite_commits(store: &JobStore) -> u64 {
+    match &store.backend {
+        Backend::Sqlite(pools) => pools.submissions.commits(),
+        Backend::Postgres(_) => panic!("a SQLite store"),
+    }
+}
+
 #[tokio::test]
 async fn insert_rejects_zero_max_attempts() {
     let store = JobStore::connect("sqlite::memory:").await.unwrap();
     let err = store.insert(NewJob { max_attempts: 0, ..new_job(0) }).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
+}
+
+async fn companions_share_the_batch_key_and_fit_the_batch(db: TestDb) {
+    let store = db.connect().await;
+    let with = |steps: u32, n: u32, scheduler: &str| {
+        let stored = json!({
+            "prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": steps,
+            "guidance_scale": 7.5, "scheduler": scheduler, "seed": 1, "n": n, "output_format": "png"
+        });
+        let params = JobParams::decode("generate", &stored.to_string()).unwrap();
+        NewJob { cost: params.image_steps(), params, ..new_job(0) }
+    };
+    let first = store.insert(with(4, 1, "euler")).await.unwrap();
+    let other_steps = store.insert(with(8, 1, "euler")).await.unwrap();
+    let other_scheduler = store.insert(with(4, 1, "ddim")).await.unwrap();
+    let too_many = store.insert(with(4, 3, "euler")).await.unwrap();
+    let fits = store.insert(with(4, 2, "euler")).await.unwrap();
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(claimed.id, first.id);
+    let key = claimed.params.batch_key(&claimed.model).unwrap();
+    // Room for two more images at 4 steps: 8 image-steps.
+    let companion = store.claim_companion("w", LEASE, &key, 8).await.unwrap().unwrap();
+    assert_eq!(companion.id, fits.id, "the first job of the same key that fits");
+    assert_eq!((companion.status, companion.lease_owner.as_deref()), (JobStatus::Running, Some("w")));
+    assert_eq!(store.claim_companion("w", LEASE, &key, 8).await.unwrap(), None, "3 images do not fit");
+    assert_eq!(store.claim_companion("w", LEASE, &key, 12).await.unwrap().map(|j| j.id), Some(too_many.id));
+    let rest: HashSet<Uuid> =
+        [store.claim("w", LEASE).await.unwrap().unwrap().id, store.claim("w", LEASE).await.unwrap().unwrap().id].into();
+    assert_eq!(rest, [other_steps.id, other_scheduler.id].into());
 }
 
 async fn claim_takes_highest_priority_then_oldest(db: TestDb) {
@@ -864,4 +951,5 @@ on_both_backends!(
     keys_take_turns_by_weight_after_higher_priorities,
     a_key_with_one_job_waits_for_at_most_one_job_of_a_busy_key,
     rate_and_daily_compute_are_counted_inside_the_submission,
+    companions_share_the_batch_key_and_fit_the_batch,
 );
