@@ -25,6 +25,7 @@ fn request(steps: u32, images: u32, guidance: f32, scheduler: SchedulerKind, siz
         seed: 1,
         images,
         latents: None,
+        watermark: None,
     }
 }
 

@@ -72,6 +72,9 @@ pub struct Config {
     /// Signed webhook deliveries.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    /// Tree-Ring watermarks and their detection.
+    #[serde(default)]
+    pub watermark: WatermarkConfig,
     /// Models served, by the id clients use. The first is the default.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -404,6 +407,90 @@ impl std::fmt::Debug for WebhooksConfig {
     }
 }
 
+/// `[watermark]`: Tree-Ring watermarks written into the starting noise of text-to-image jobs, and their
+/// detection (`POST /v1/watermarks/detect`). Its `Debug` leaves the secret out.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatermarkConfig {
+    /// The server's own watermark secret (16 characters or more); unset: the server has no watermark, only
+    /// API keys made or updated with `--watermark` do.
+    pub secret: Option<String>,
+    /// Watermark every text-to-image job that does not say `"watermark": false`: with its key's watermark
+    /// when the key has one, else with the server's.
+    pub default_on: bool,
+    /// Ring radius, in latent frequency units (1 to half the latent side, exclusive).
+    pub radius: u32,
+    /// The latent channel that carries the rings.
+    pub channel: u32,
+    /// Factor on the ring values: 1 is the paper's; more survives more, and changes pictures more.
+    pub strength: f64,
+    /// DDIM inversion steps of a detection when the request names none (requests may name up to
+    /// `limits.max_steps`; this default is not bound by it).
+    pub inversion_steps: u32,
+    /// A key is reported as detected when its p-value is below this: the false-positive rate per key tested.
+    pub p_value_threshold: f64,
+    /// How long `POST /v1/watermarks/detect` waits for its answer before a `503`.
+    pub detect_timeout_seconds: u64,
+    /// Detections waiting for the detector thread at most; more get a `503` with `Retry-After`.
+    pub max_queued_detections: usize,
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            default_on: false,
+            radius: 4,
+            channel: 0,
+            strength: 1.0,
+            inversion_steps: 20,
+            p_value_threshold: 0.01,
+            detect_timeout_seconds: 60,
+            max_queued_detections: 8,
+        }
+    }
+}
+
+impl std::fmt::Debug for WatermarkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatermarkConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("default_on", &self.default_on)
+            .field("radius", &self.radius)
+            .field("channel", &self.channel)
+            .field("strength", &self.strength)
+            .field("inversion_steps", &self.inversion_steps)
+            .field("p_value_threshold", &self.p_value_threshold)
+            .field("detect_timeout_seconds", &self.detect_timeout_seconds)
+            .field("max_queued_detections", &self.max_queued_detections)
+            .finish()
+    }
+}
+
+impl WatermarkConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.secret.as_ref().is_some_and(|s| s.chars().count() < 16) {
+            return Err("secret must have at least 16 characters".into());
+        }
+        if self.radius == 0 || self.radius > 63 {
+            return Err("radius must be between 1 and 63 (and below half the latent side of each request)".into());
+        }
+        if !(self.strength > 0.0 && self.strength <= 100.0) {
+            return Err("strength must be in (0, 100]".into());
+        }
+        if self.inversion_steps == 0 || self.inversion_steps > 1000 {
+            return Err("inversion_steps must be between 1 and 1000".into());
+        }
+        if !(self.p_value_threshold > 0.0 && self.p_value_threshold < 1.0) {
+            return Err("p_value_threshold must be in (0, 1)".into());
+        }
+        if self.detect_timeout_seconds == 0 || self.max_queued_detections == 0 {
+            return Err("detect_timeout_seconds and max_queued_detections must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -634,6 +721,7 @@ impl Config {
         self.validate_server()?;
         self.validate_storage()?;
         self.validate_webhooks()?;
+        self.watermark.validate().map_err(|e| ConfigError::Invalid(format!("watermark.{e}")))?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }

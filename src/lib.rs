@@ -17,5 +17,6 @@ pub mod retention;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod watermark;
 pub mod webhooks;
 pub mod worker;

@@ -93,6 +93,15 @@ fn describe_limits(limits: &denoised::jobs::KeyLimits) -> String {
     format!("weight {}, rate {rate}, compute {daily}", limits.weight)
 }
 
+/// One line about a key's watermark.
+fn describe_watermark(info: &denoised::auth::KeyInfo) -> &'static str {
+    match (info.has_watermark, info.watermark_on) {
+        (_, true) => "watermark: on (text-to-image jobs are watermarked unless they say `\"watermark\": false`)",
+        (true, false) => "watermark: off (earlier pictures are still detected)",
+        (false, false) => "watermark: none",
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum KeysAction {
     /// Make a key and print it with its webhook signing secret (on a line `webhook secret: whsec_…`); the
@@ -108,6 +117,10 @@ enum KeysAction {
         options: KeyOptions,
         #[command(flatten)]
         limits: LimitArgs,
+        /// Give the key a Tree-Ring watermark and turn it on: its text-to-image jobs are watermarked unless
+        /// they say `"watermark": false`, and detection can tell its pictures.
+        #[arg(long)]
+        watermark: bool,
     },
     /// List keys (never their secrets).
     List,
@@ -122,6 +135,10 @@ enum KeysAction {
         /// Remove the key's default webhook URL.
         #[arg(long, conflicts_with = "webhook_url")]
         no_webhook_url: bool,
+        /// `on`: watermark the key's text-to-image jobs by default (making its watermark secret if it has
+        /// none); `off`: stop by default (the secret stays, so its earlier pictures are still detected).
+        #[arg(long, value_name = "on|off")]
+        watermark: Option<OnOff>,
     },
     /// Give the live key with this name a new webhook signing secret and print it (`webhook secret:
     /// whsec_…`); deliveries are signed with the new one from then on, retries of earlier events included.
@@ -134,6 +151,15 @@ enum KeysAction {
         /// The key's name.
         name: String,
     },
+}
+
+/// A switch on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    /// Turn it on.
+    On,
+    /// Turn it off.
+    Off,
 }
 
 /// Settings that `keys create` sets and `keys update` changes.
@@ -216,15 +242,19 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
     let store = denoised::jobs::JobStore::connect(&config.storage.database_url).await?;
     let keys = denoised::auth::KeyStore::new(&store);
     let result = match action {
-        KeysAction::Create { name, admin, options, limits } => {
+        KeysAction::Create { name, admin, options, limits, watermark } => {
             let settings = options.settings(config).await?;
             let mut created = keys.create_with(&name, admin, &settings).await?;
             if !limits.update().is_empty() {
                 created.info = keys.set_limits(&name, limits.update()).await?;
             }
+            if watermark {
+                created.info = keys.set_watermark(&name, true).await?;
+            }
             let info = &created.info;
             println!("created {} key `{}` (id {})", if info.admin { "admin" } else { "tenant" }, info.name, info.id);
             println!("{}", describe_limits(&info.limits));
+            println!("{}", describe_watermark(info));
             if let Some(url) = &info.webhook_url {
                 println!("default webhook URL: {url}");
             }
@@ -239,31 +269,37 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
         }
         KeysAction::List => {
             println!(
-                "{:<24} {:<14} {:<6} {:<26} {:<40} {:<52} revoked",
-                "name", "id", "admin", "created", "webhook", "limits"
+                "{:<24} {:<14} {:<6} {:<26} {:<40} {:<52} {:<10} revoked",
+                "name", "id", "admin", "created", "webhook", "limits", "watermark"
             );
             for k in keys.list().await? {
+                let watermark = match (k.has_watermark, k.watermark_on) {
+                    (_, true) => "on",
+                    (true, false) => "off",
+                    (false, false) => "-",
+                };
                 println!(
-                    "{:<24} {:<14} {:<6} {:<26} {:<40} {:<52} {}",
+                    "{:<24} {:<14} {:<6} {:<26} {:<40} {:<52} {:<10} {}",
                     k.name,
                     k.id,
                     if k.admin { "yes" } else { "no" },
                     denoised::jobs::time::rfc3339_from_millis(k.created_at),
                     k.webhook_url.as_deref().unwrap_or("-"),
                     describe_limits(&k.limits),
+                    watermark,
                     k.revoked_at.map_or_else(|| "-".to_string(), denoised::jobs::time::rfc3339_from_millis)
                 );
             }
             Ok(())
         }
-        KeysAction::Update { name, options, limits, no_webhook_url } => {
+        KeysAction::Update { name, options, limits, no_webhook_url, watermark } => {
             let webhook_url = match checked_webhook_url(config, options.webhook_url).await? {
                 Some(url) => Some(Some(url)),
                 None if no_webhook_url => Some(None),
                 None => None,
             };
             let changes = denoised::auth::KeyChanges { webhook_url };
-            if changes.is_empty() && limits.update().is_empty() {
+            if changes.is_empty() && limits.update().is_empty() && watermark.is_none() {
                 anyhow::bail!("nothing to change: give an option (see `denoised keys update --help`)");
             }
             let mut info = match changes.is_empty() {
@@ -273,10 +309,14 @@ async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
             if !limits.update().is_empty() {
                 info = Some(keys.set_limits(&name, limits.update()).await?);
             }
+            if let Some(switch) = watermark {
+                info = Some(keys.set_watermark(&name, switch == OnOff::On).await?);
+            }
             let info = info.ok_or_else(|| anyhow::anyhow!("nothing changed"))?;
             println!("updated key `{}` (id {})", info.name, info.id);
             println!("default webhook URL: {}", info.webhook_url.as_deref().unwrap_or("none"));
             println!("{}", describe_limits(&info.limits));
+            println!("{}", describe_watermark(&info));
             Ok(())
         }
         KeysAction::RotateWebhookSecret { name } => {

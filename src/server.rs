@@ -24,6 +24,7 @@ use crate::net::body::budget::BodyBudget;
 use crate::net::body::{BodyDeadlines, BodyRules};
 use crate::net::ConnectionSettings;
 use crate::storage::ImageFiles;
+use crate::watermark::{Detector, WatermarkState};
 use crate::webhooks::sender::Sender;
 use crate::webhooks::WebhookSettings;
 use crate::worker::dispatcher::{DispatchSettings, Dispatcher};
@@ -64,8 +65,12 @@ impl Server {
         let files = ImageFiles::open(&config.storage).await.context("opening image storage")?;
         let jobs = Jobs::new(store, files, rules, stop_rx.clone());
         let process_id = process_id();
+        let mut detector = None;
         let (workers, workers_ready, registration) = if role.runs_jobs() {
-            let (dispatcher, pool) = start_workers(config, &specs, &registry, &jobs, &process_id).await?;
+            let (dispatcher, pool, runtime) = start_workers(config, &specs, &registry, &jobs, &process_id).await?;
+            if role.serves_api() {
+                detector = Some(Arc::new(start_detector(config, &specs, &runtime, &registry)?));
+            }
             let registration = WorkerRegistration {
                 id: process_id.clone(),
                 host: host_name(),
@@ -89,6 +94,7 @@ impl Server {
             workers_ready,
             auth: AuthState { enabled: config.auth.enabled, keys },
             webhooks: WebhookSettings::from_config(&config.webhooks, config.server.public_url.as_deref()),
+            watermark: WatermarkState { config: config.watermark.clone(), detector },
         };
         let webhooks = Sender::new(state.jobs.store().clone(), state.webhooks.clone(), process_id)
             .context("building the webhook client")?;
@@ -162,7 +168,7 @@ async fn start_workers(
     registry: &Arc<ModelRegistry>,
     jobs: &Jobs,
     process_id: &str,
-) -> anyhow::Result<(Dispatcher, Arc<WorkerPool>)> {
+) -> anyhow::Result<(Dispatcher, Arc<WorkerPool>, Runtime)> {
     let library = Runtime::library_path(&config.runtime.onnxruntime_library);
     let runtime = Runtime::load(&library)?;
     info!(library = %runtime.library().display(), "ONNX Runtime loaded");
@@ -170,9 +176,11 @@ async fn start_workers(
     info!(workers = specs.len(), ?threads, cores = crate::worker::layout::available_cores(), "worker layout");
     let specs = specs.to_vec();
     let (registry_for_pool, progress, bus) = (registry.clone(), jobs.progress().clone(), jobs.bus().clone());
-    let pool =
-        tokio::task::spawn_blocking(move || WorkerPool::start(&runtime, &registry_for_pool, &specs, progress, bus))
-            .await??;
+    let runtime_for_pool = runtime.clone();
+    let pool = tokio::task::spawn_blocking(move || {
+        WorkerPool::start(&runtime_for_pool, &registry_for_pool, &specs, progress, bus)
+    })
+    .await??;
     let pool = Arc::new(pool);
     let dispatcher = Dispatcher {
         jobs: jobs.clone(),
@@ -186,7 +194,21 @@ async fn start_workers(
         process_id: process_id.to_string(),
         models: (config.server.role == Role::Worker).then(|| registry.all().iter().map(|m| m.name.clone()).collect()),
     };
-    Ok((dispatcher, pool))
+    Ok((dispatcher, pool, runtime))
+}
+
+/// Starts the watermark detector thread with the first worker entry's device and threads; it loads a model
+/// the first time a detection names it.
+fn start_detector(
+    config: &Config,
+    specs: &[WorkerSpec],
+    runtime: &Runtime,
+    registry: &Arc<ModelRegistry>,
+) -> anyhow::Result<Detector> {
+    let spec = specs.first().copied().context("no worker entry to take the detector's device from")?;
+    let factory = runtime.session_factory(spec.device, spec.threads);
+    Detector::start(factory, registry.clone(), config.watermark.max_queued_detections)
+        .context("starting the watermark detector thread")
 }
 
 /// Unique per process run: host, pid and a random suffix (the lease owners' prefix and the worker id).

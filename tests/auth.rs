@@ -103,6 +103,28 @@ async fn the_keys_commands_create_list_and_revoke() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_commands_turn_watermarks_on_and_off() {
+    let server = TestServer::start(AUTH_ON).await;
+    let (ok, out, err) = keys_cli(&server, &["create", "--name", "alice", "--watermark"]);
+    assert!(ok && out.contains("watermark: on"), "{out}{err}");
+    let (ok, out, _) = keys_cli(&server, &["create", "--name", "bob"]);
+    assert!(ok && out.contains("watermark: none"), "{out}");
+    let column = |listing: &str, name: &str| {
+        let line = listing.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        line.split_whitespace().rev().nth(1).unwrap_or_default().to_string()
+    };
+    let (_, listing, _) = keys_cli(&server, &["list"]);
+    assert_eq!((column(&listing, "alice"), column(&listing, "bob")), ("on".into(), "-".into()), "{listing}");
+    let (ok, out, err) = keys_cli(&server, &["update", "alice", "--watermark", "off"]);
+    assert!(ok && out.contains("watermark: off"), "{out}{err}");
+    let (_, listing, _) = keys_cli(&server, &["list"]);
+    assert_eq!(column(&listing, "alice"), "off", "the secret stays: {listing}");
+    let (ok, _, err) = keys_cli(&server, &["update", "alice", "--watermark", "maybe"]);
+    assert!(!ok && err.contains("maybe"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_probes_and_the_api_description_are_public() {
     let server = TestServer::start(AUTH_ON).await;
     let client = reqwest::Client::new();

@@ -29,6 +29,7 @@ fn request(prompt: &str, seed: u64, guidance_scale: f32, images: u32, scheduler:
         seed,
         images,
         latents: None,
+        watermark: None,
     }
 }
 
@@ -146,5 +147,22 @@ fn a_member_on_another_schedule_runs_on_its_own() {
     assert_eq!(model.denoiser.runs() - runs_before, 6 + 4, "two schedules, two runs");
     for (outcome, expected) in outcomes.iter().zip(&expected) {
         assert_eq!(largest_difference(outcome.as_ref().unwrap(), expected), 0);
+    }
+}
+
+#[test]
+fn a_watermarked_member_keeps_its_watermark_in_a_cohort() {
+    use denoised::engine::watermark::{RingKey, WatermarkSpec};
+    let mut model = load("tiny-sd");
+    let mut marked = request("a red circle", 3, 7.5, 1, SchedulerKind::Euler);
+    marked.watermark =
+        Some(Box::new(RingKey::derive(b"cohort", WatermarkSpec { radius: 2, channel: 0, strength: 1.0 })));
+    let requests = [marked.clone(), request("a red circle", 3, 7.5, 1, SchedulerKind::Euler)];
+    let expected: Vec<Vec<RgbImage>> = requests.iter().map(|r| alone(&mut model, r)).collect();
+    assert_ne!(largest_difference(&expected[0], &expected[1]), 0, "the watermark changes the starting noise");
+    let mut observers = vec![Recorder::default(), Recorder::default()];
+    let outcomes = run_cohort(&mut model, &requests, &mut observers);
+    for (i, (outcome, expected)) in outcomes.iter().zip(&expected).enumerate() {
+        assert_eq!(largest_difference(outcome.as_ref().unwrap(), expected), 0, "member {i}: as alone");
     }
 }

@@ -177,6 +177,7 @@ fn blended_request(image: RgbImage, mask: GrayImage, strength: f32, mask_blur: u
             seed: 7,
             images: 2,
             latents: None,
+            watermark: None,
         },
         mode: EditMode::Inpaint,
         image,

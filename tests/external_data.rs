@@ -25,6 +25,7 @@ fn draw(folder: &Path) -> Vec<image::RgbImage> {
         seed: 1234,
         images: 2,
         latents: None,
+        watermark: None,
     };
     text_to_image(&mut model, &request, &mut NoObserver).unwrap()
 }

@@ -73,6 +73,7 @@ fn request(case: &Value, latents_key: &str) -> GenerateRequest {
         seed: 0,
         images: 1,
         latents: Some(npy(case[latents_key].as_str().unwrap())),
+        watermark: None,
     }
 }
 

@@ -64,6 +64,7 @@ fn fp16_export_runs_and_tracks_fp32() {
         seed: 0,
         images: 1,
         latents: Some(latents),
+        watermark: None,
     };
     let full = text_to_image(&mut load("tiny-sd"), &request, &mut NoObserver).unwrap();
     let half = text_to_image(&mut load("tiny-sd-fp16"), &request, &mut NoObserver).unwrap();

@@ -247,7 +247,7 @@ const DATA_URL_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp"];
 
 /// Base64, or a `data:image/png|jpeg|webp;base64,` URL (any other declared type, or a URL that is not
 /// base64, is refused: the declared type is part of what the client said).
-fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+pub(super) fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     let payload = match text.trim().strip_prefix("data:") {
         Some(rest) => {
             let (header, data) = rest.split_once(',').ok_or_else(|| ApiError::field(field, "malformed data URL"))?;

@@ -125,6 +125,9 @@ pub enum ApiError {
     /// Not ready to serve (models loading, database down).
     #[error("{0}")]
     Unavailable(String),
+    /// A synchronous service (the watermark detector) has as much waiting work as it may hold; retry shortly.
+    #[error("{0}")]
+    Busy(String),
     /// A bug or an infrastructure failure; details go to the log only.
     #[error("internal error")]
     Internal(String),
@@ -159,7 +162,9 @@ impl ApiError {
             | ApiError::KeyLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::KeyBodiesInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) | ApiError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy(_) | ApiError::BodiesInFlight { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -184,6 +189,7 @@ impl ApiError {
             ApiError::BodiesInFlight { .. } => "server_busy",
             ApiError::KeyBodiesInFlight { .. } => "too_many_body_bytes",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Busy(_) => "busy",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -192,7 +198,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::QueueFull { retry_after, .. } | ApiError::KeyLimit { retry_after, .. } => Some(*retry_after),
-            ApiError::BodiesInFlight { .. } | ApiError::KeyBodiesInFlight { .. } => Some(1),
+            ApiError::BodiesInFlight { .. } | ApiError::KeyBodiesInFlight { .. } | ApiError::Busy(_) => Some(1),
             _ => None,
         }
     }

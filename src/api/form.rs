@@ -47,6 +47,7 @@ const NUMERIC_FIELDS: &[&str] = &[
     "output_quality",
     "output_compression",
     "partial_images",
+    "inversion_steps",
 ];
 
 /// Fields whose multipart text is a list in the JSON form: comma-separated items, or one part per item.

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, AppJson, ErrorBody};
 use super::jobs::JobResponse;
 use super::validation;
+use super::watermarks::job_watermark;
 use super::webhook::{job_webhook, WebhookEvent};
 use super::AppState;
 use crate::auth::Principal;
@@ -136,6 +137,12 @@ pub struct GenerateImageRequest {
     /// jobs of one priority, keys take turns by weight.
     #[serde(default)]
     pub priority: Option<Priority>,
+    /// Write a Tree-Ring watermark into the starting noise (see `POST /v1/watermarks/detect`): `true` uses
+    /// the API key's watermark, else the server's (a `422` when neither exists); `false` none. Absent: the
+    /// key's when it is on, else the server's when `[watermark] default_on`. The job's `params.watermark.key`
+    /// says whose it got.
+    #[serde(default)]
+    pub watermark: Option<bool>,
 }
 
 /// Submit a text-to-image job.
@@ -184,7 +191,9 @@ pub async fn submit_generate(
     };
     let priority = super::submit::priority(who, request.priority)?;
     let (url, events) = (request.webhook_url.clone(), request.webhook_events.clone());
-    let (model, params) = validation::generation(&state.models, &state.limits, request)?;
+    let asked = request.watermark;
+    let (model, mut params) = validation::generation(&state.models, &state.limits, request)?;
+    params.watermark = job_watermark(state, who, asked, &model, (params.width, params.height)).await?;
     let webhook = job_webhook(state, who, url.as_deref(), events.as_deref()).await?;
     let request = JobRequest { model, params: JobParams::Generate(params), inputs: None, priority, webhook };
     Ok(state.jobs.submit(who, request, idempotency.as_ref()).await?)

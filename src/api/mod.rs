@@ -18,6 +18,7 @@ pub mod schedulers;
 pub mod submit;
 pub mod usage;
 pub mod validation;
+pub mod watermarks;
 pub mod webhook;
 pub mod workers;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub auth: AuthState,
     /// Webhook settings (the SSRF check's allowances, the secret of jobs without a key).
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// Watermark settings and the detector.
+    pub watermark: crate::watermark::WatermarkState,
 }
 
 /// The HTTP layer's own settings.
@@ -101,6 +104,7 @@ pub struct AuthState {
         (name = "models", description = "Served models"),
         (name = "health", description = "Liveness and readiness"),
         (name = "openai", description = "OpenAI-compatible image endpoints"),
+        (name = "watermarks", description = "Tree-Ring watermark detection"),
     )
 )]
 struct ApiDoc;
@@ -124,6 +128,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics::metrics))
         .routes(routes!(workers::list_workers))
         .routes(routes!(usage::usage))
+        .routes(routes!(watermarks::detect_watermark))
 }
 
 /// The OpenAPI document, generated from the handlers (what `denoised openapi` prints and `/openapi.json`

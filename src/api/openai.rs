@@ -259,6 +259,7 @@ pub async fn generations(
         priority: None,
         webhook_url: None,
         webhook_events: None,
+        watermark: None,
     };
     let mut generation = generation;
     if body.stream.unwrap_or(false) && partial > 0 {

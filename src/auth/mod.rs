@@ -8,7 +8,10 @@ mod key;
 mod store;
 
 pub use key::{generate, key_id, GeneratedKey};
-pub use store::{CreatedKey, KeyChanges, KeyError, KeyInfo, KeySettings, KeyStore, KeyWebhook, LimitsUpdate};
+pub use store::{
+    CreatedKey, KeyChanges, KeyError, KeyInfo, KeySettings, KeyStore, KeyWatermark, KeyWebhook, LimitsUpdate,
+    WatermarkSecret,
+};
 
 /// The caller of one request, as the authentication layer established it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -74,12 +74,17 @@ pub struct KeyInfo {
     pub webhook_url: Option<String>,
     /// Its share of the workers and its limits.
     pub limits: KeyLimits,
+    /// Whether its text-to-image jobs are watermarked unless they say `"watermark": false`.
+    pub watermark_on: bool,
+    /// Whether it has a watermark secret (its pictures can be detected, even after `--watermark off`).
+    pub has_watermark: bool,
 }
 
 /// The columns of `api_keys` that make a [`KeyInfo`] (a macro so `concat!` can build static SQL).
 macro_rules! key_columns {
     () => {
-        "id, name, admin, created_at, revoked_at, webhook_url, weight, rate_per_minute, daily_image_steps"
+        "id, name, admin, created_at, revoked_at, webhook_url, weight, rate_per_minute, daily_image_steps, \
+         watermark_on, CAST(CASE WHEN watermark_secret IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_watermark"
     };
 }
 
@@ -95,6 +100,8 @@ struct KeyRow {
     weight: i64,
     rate_per_minute: Option<i64>,
     daily_image_steps: Option<i64>,
+    watermark_on: i64,
+    has_watermark: i64,
 }
 
 impl From<KeyRow> for KeyInfo {
@@ -107,6 +114,8 @@ impl From<KeyRow> for KeyInfo {
             revoked_at: row.revoked_at,
             webhook_url: row.webhook_url,
             limits: limits_from_row(row.weight, row.rate_per_minute, row.daily_image_steps),
+            watermark_on: row.watermark_on != 0,
+            has_watermark: row.has_watermark != 0,
         }
     }
 }
@@ -150,6 +159,38 @@ pub struct KeyWebhook {
     pub url: Option<String>,
     /// Whether the key has a signing secret (keys made before webhooks have none until rotated).
     pub has_secret: bool,
+}
+
+/// A key's watermark, as a submission by that key needs it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyWatermark {
+    /// The secret its ring pattern is derived from (lowercase hex of 32 random bytes).
+    pub secret: String,
+    /// Whether its jobs are watermarked by default.
+    pub on: bool,
+}
+
+impl std::fmt::Debug for KeyWatermark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyWatermark").field("secret", &"<redacted>").field("on", &self.on).finish()
+    }
+}
+
+/// A key whose pictures a detection may test: its id, name and watermark secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WatermarkSecret {
+    /// The key's public id.
+    pub id: String,
+    /// The key's name.
+    pub name: String,
+    /// The secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for WatermarkSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatermarkSecret").field("id", &self.id).field("name", &self.name).finish()
+    }
 }
 
 /// Handle on the `api_keys` table (shares the job store's connections and backend).
@@ -252,6 +293,50 @@ impl KeyStore {
         .fetch_optional(pool)
         .await?);
         Ok(row.map(|(url, has_secret)| KeyWebhook { url, has_secret: has_secret == 1 }))
+    }
+
+    /// Turns the live key `name`'s watermark on (making its secret if it has none; an existing secret is
+    /// kept, so earlier pictures stay detectable) or off (the secret stays for detection).
+    pub async fn set_watermark(&self, name: &str, on: bool) -> Result<KeyInfo, KeyError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        let fresh: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let row: Option<KeyRow> = on_write!(self.store, pool, _d => sqlx::query_as(concat!(
+            "UPDATE api_keys SET watermark_on = $2, \
+                 watermark_secret = CASE WHEN $2 = 1 THEN COALESCE(watermark_secret, $3) ELSE watermark_secret END \
+             WHERE name = $1 AND revoked_at IS NULL RETURNING ",
+            key_columns!()
+        ))
+        .bind(name)
+        .bind(i64::from(on))
+        .bind(&fresh)
+        .fetch_optional(pool)
+        .await?);
+        row.map(KeyInfo::from).ok_or_else(|| KeyError::NotFound(name.into()))
+    }
+
+    /// The watermark of the key with id `id`, if it has a secret.
+    pub async fn watermark(&self, id: &str) -> Result<Option<KeyWatermark>, KeyError> {
+        let row: Option<(Option<String>, i64)> = on_read!(self.store, pool, _d => sqlx::query_as(
+            "SELECT watermark_secret, watermark_on FROM api_keys WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?);
+        Ok(row.and_then(|(secret, on)| secret.map(|secret| KeyWatermark { secret, on: on != 0 })))
+    }
+
+    /// The keys with a watermark secret, revoked ones included (their pictures stay theirs): every such key,
+    /// or only the key with id `only`.
+    pub async fn watermark_secrets(&self, only: Option<&str>) -> Result<Vec<WatermarkSecret>, KeyError> {
+        let rows: Vec<(String, String, String)> = on_read!(self.store, pool, _d => sqlx::query_as(
+            "SELECT id, name, watermark_secret FROM api_keys \
+             WHERE watermark_secret IS NOT NULL AND (CAST($1 AS TEXT) IS NULL OR id = $1) ORDER BY created_at, id",
+        )
+        .bind(only)
+        .fetch_all(pool)
+        .await?);
+        Ok(rows.into_iter().map(|(id, name, secret)| WatermarkSecret { id, name, secret }).collect())
     }
 
     /// Revokes the live key named `name`: from then on it authenticates nothing (its jobs stay).
@@ -410,5 +495,31 @@ mod tests {
         assert!(matches!(keys.rotate_webhook_secret("nobody").await, Err(KeyError::NotFound(_))));
         assert_eq!(keys.webhook("000000000000").await.unwrap(), None);
         assert_eq!(keys.list().await.unwrap()[0].webhook_url.as_deref(), Some("https://hooks.example.com/b"));
+    }
+
+    #[tokio::test]
+    async fn watermarks_are_made_once_turned_off_without_losing_the_secret_and_listed_by_scope() {
+        let (_dir, keys) = keys().await;
+        let (alice, _) = keys.create("alice", false).await.unwrap();
+        let (bob, _) = keys.create("bob", false).await.unwrap();
+        assert!(!alice.watermark_on && !alice.has_watermark);
+        assert_eq!(keys.watermark(&alice.id).await.unwrap(), None);
+        let on = keys.set_watermark("alice", true).await.unwrap();
+        assert!(on.watermark_on && on.has_watermark);
+        let first = keys.watermark(&alice.id).await.unwrap().unwrap();
+        assert!(first.on && first.secret.len() == 64);
+        assert!(!format!("{first:?}").contains(&first.secret));
+        // Off keeps the secret; on again reuses it.
+        let off = keys.set_watermark("alice", false).await.unwrap();
+        assert!(!off.watermark_on && off.has_watermark);
+        keys.set_watermark("alice", true).await.unwrap();
+        assert_eq!(keys.watermark(&alice.id).await.unwrap().unwrap().secret, first.secret);
+        keys.set_watermark("bob", true).await.unwrap();
+        let all = keys.watermark_secrets(None).await.unwrap();
+        assert_eq!(all.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+        assert_ne!(all[0].secret, all[1].secret);
+        let mine = keys.watermark_secrets(Some(&bob.id)).await.unwrap();
+        assert_eq!((mine.len(), mine[0].id.as_str()), (1, bob.id.as_str()));
+        assert!(matches!(keys.set_watermark("nobody", true).await, Err(KeyError::NotFound(_))));
     }
 }

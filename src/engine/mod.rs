@@ -18,5 +18,6 @@ pub mod t5_tokenizer;
 pub mod text_cache;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod watermark;
 
 pub use error::EngineError;

@@ -14,6 +14,7 @@ use crate::engine::pipeline::{EditMode, EditRequest, GenerateRequest};
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::flow_euler::flow_start_call;
 use crate::engine::scheduler::{start_call, Parameterization, SchedulerKind};
+use crate::engine::watermark::{RingKey, WatermarkSpec};
 
 /// A job's parameters, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +144,11 @@ impl JobParams {
             let had = map.remove("latents").is_some() | map.remove("latents_path").is_some();
             map.remove("image_path");
             map.remove("mask_path");
+            // The watermark shows as whose it is; its secret never leaves the server.
+            if let Some(watermark) = map.get_mut("watermark") {
+                let key = watermark.get("key").cloned().unwrap_or_default();
+                *watermark = serde_json::json!({ "key": key });
+            }
             map.insert("has_latents".into(), serde_json::Value::Bool(had));
         }
         view
@@ -229,6 +235,54 @@ pub struct GenerateParams {
     /// row, so listings and status reads never load them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latents_path: Option<String>,
+    /// The Tree-Ring watermark written into the starting noise, when the job has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<WatermarkParams>,
+}
+
+/// A job's watermark: whose key and where the pattern goes. The key's secret is stored with the job so that a
+/// retry writes the same pattern even if the key changes meanwhile and a worker needs no key lookup; clients
+/// never see it ([`JobParams::public_view`] shows only `watermark.key`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatermarkParams {
+    /// The API key id whose watermark it is, or `server` for the server's own (`[watermark]` in the config).
+    pub key: String,
+    /// The watermark secret (hex), from which the ring values are derived.
+    pub secret: String,
+    /// Ring radius in latent frequency units.
+    pub radius: u32,
+    /// Latent channel.
+    pub channel: u32,
+    /// Factor on the ring values (1: the paper's; rows written before it existed have 1).
+    #[serde(default = "unit_strength")]
+    pub strength: f64,
+}
+
+/// The strength of watermarks stored without one.
+fn unit_strength() -> f64 {
+    1.0
+}
+
+impl std::fmt::Debug for WatermarkParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatermarkParams")
+            .field("key", &self.key)
+            .field("secret", &"<redacted>")
+            .field("radius", &self.radius)
+            .field("channel", &self.channel)
+            .field("strength", &self.strength)
+            .finish()
+    }
+}
+
+impl WatermarkParams {
+    /// The engine's key for these parameters.
+    pub fn ring_key(&self) -> RingKey {
+        RingKey::derive(
+            self.secret.as_bytes(),
+            WatermarkSpec { radius: self.radius, channel: self.channel, strength: self.strength },
+        )
+    }
 }
 
 impl GenerateParams {
@@ -258,6 +312,7 @@ impl GenerateParams {
             seed: self.seed,
             images: self.n,
             latents,
+            watermark: self.watermark.as_ref().map(|w| Box::new(w.ring_key())),
         })
     }
 }
@@ -372,6 +427,31 @@ mod tests {
         assert!(view.get("latents").is_none());
         let view = JobParams::decode("edit", EDIT_ROW).unwrap().public_view();
         assert!(view.get("image_path").is_none() && view["mode"] == "img2img" && view["has_latents"] == false);
+    }
+
+    #[test]
+    fn a_watermark_shows_whose_it_is_but_never_its_secret() {
+        let JobParams::Generate(mut params) = JobParams::decode("generate", GENERATE_ROW).unwrap() else {
+            panic!("not a generate row")
+        };
+        params.latents = None;
+        assert!(params.to_request(None).unwrap().watermark.is_none(), "rows without one have none");
+        let secret = "5eb63bbbe01eeed093cb22bb8f5acdc3".to_string();
+        params.watermark = Some(WatermarkParams {
+            key: "a1b2c3d4e5f6".into(),
+            secret: secret.clone(),
+            radius: 4,
+            channel: 3,
+            strength: 1.0,
+        });
+        let params = JobParams::Generate(params);
+        let view = params.public_view().to_string();
+        assert!(view.contains("a1b2c3d4e5f6") && !view.contains(&secret), "{view}");
+        assert!(!format!("{params:?}").contains(&secret), "Debug must not show the secret");
+        let again = JobParams::decode("generate", &params.encode()).unwrap();
+        let request = again.generation().unwrap().to_request(None).unwrap();
+        let expected = RingKey::derive(secret.as_bytes(), WatermarkSpec { radius: 4, channel: 3, strength: 1.0 });
+        assert_eq!(request.watermark, Some(Box::new(expected)));
     }
 
     #[test]

@@ -292,6 +292,7 @@ pub fn case_request(
         seed: 0,
         images: latents.as_ref().map_or(1, |l| l.shape()[0] as u32),
         latents,
+        watermark: None,
     }
 }
 

@@ -65,6 +65,7 @@ pub fn edit(
     let (strength, image_guidance_scale, mask_blur) = defaults(mode, &fields)?;
     let generation_fields = GenerateImageRequest {
         priority: None,
+        watermark: Some(false),
         prompt: fields.prompt,
         negative_prompt: fields.negative_prompt,
         model: Some(served.name.clone()),

@@ -77,6 +77,7 @@ pub fn generation(
         preview: request.preview.map(PreviewMode::from).unwrap_or_default(),
         latents: request.latents,
         latents_path: None,
+        watermark: None,
     };
     Ok((served.name.clone(), params))
 }

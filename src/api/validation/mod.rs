@@ -3,9 +3,11 @@
 //! network, the database or the files, so every rule is unit-tested without a server (the tests beside each
 //! file); `tests/bad_requests.rs` keeps the HTTP view of the same rules.
 
+mod detect;
 mod edit;
 mod generate;
 
+pub use detect::{carries_watermark, detection, PreparedDetection};
 pub use edit::{edit, PreparedEdit};
 pub use generate::{generation, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 

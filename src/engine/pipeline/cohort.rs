@@ -14,10 +14,10 @@ use image::RgbImage;
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
 use super::conditioning::{assemble, branches, classifier_guidance, SizeConditioning, UnetConditioning};
-use super::denoise::{initial_noise, predict, Guidance};
+use super::denoise::{predict, Guidance};
 use super::noise::BatchNoise;
 use super::prompt::encode_prompts;
-use super::text_to_image::{build_scheduler, latent_shape, text_to_image};
+use super::text_to_image::{build_scheduler, latent_shape, starting_noise, text_to_image};
 use super::vae::{decode, render_preview, ShiftOnDecode};
 use super::{GenerateRequest, StepObserver};
 use crate::engine::error::EngineError;
@@ -93,7 +93,7 @@ fn prepare<'a>(
         model.info.require(Capability::TextToImage)?;
         let shape = latent_shape(&model.info, request)?;
         let mut noise = BatchNoise::new(&request.seeds());
-        let initial = initial_noise(request.latents.as_ref(), &shape, &mut noise)?;
+        let initial = starting_noise(request, &shape, &mut noise)?;
         let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
         let negative = (!request.negative_prompt.is_empty()).then_some(request.negative_prompt.as_str());
         let prompts = encode_prompts(model, &request.prompt, negative, guidance != Guidance::Off)?;

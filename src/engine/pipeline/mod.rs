@@ -5,6 +5,7 @@ pub mod conditioning;
 mod denoise;
 pub mod edit;
 pub mod guidance;
+pub mod invert;
 pub mod joint_text;
 pub mod mask;
 mod noise;

@@ -19,6 +19,7 @@ use crate::engine::error::EngineError;
 use crate::engine::model::{Capability, LoadedModel, ModelInfo};
 use crate::engine::rng::NoiseSource;
 use crate::engine::scheduler::{self, SchedulerKind};
+use crate::engine::watermark::{inject, RingKey};
 
 /// A fully validated text-to-image request.
 #[derive(Debug, Clone)]
@@ -46,6 +47,9 @@ pub struct GenerateRequest {
     pub images: u32,
     /// Unit-Gaussian starting latents `[images, C, height/f, width/f]` instead of seeded ones.
     pub latents: Option<ArrayD<f32>>,
+    /// A Tree-Ring key written into the starting latents (seeded or given) of every image; `None` leaves them
+    /// exactly as drawn. Edits ignore it.
+    pub watermark: Option<Box<RingKey>>,
 }
 
 impl GenerateRequest {
@@ -74,7 +78,7 @@ pub fn text_to_image_with(
     model.info.require(Capability::TextToImage)?;
     let shape = latent_shape(&model.info, request)?;
     let mut generators = BatchNoise::new(&request.seeds());
-    let initial = initial_noise(request.latents.as_ref(), &shape, &mut generators)?;
+    let initial = starting_noise(request, &shape, &mut generators)?;
 
     let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
     let negative = extras.negative_prompt(request);
@@ -99,6 +103,20 @@ pub fn text_to_image_with(
     };
     let latents = denoise(model, sched.as_mut(), run, noise, observer)?;
     decode(model, latents, ShiftOnDecode::Add)
+}
+
+/// The unit-Gaussian starting latents of `request` (`shape`): its given `latents` or its seeded draws, with its
+/// watermark written in when it has one. Every text-to-image path starts here, so none can skip the watermark.
+pub(super) fn starting_noise(
+    request: &GenerateRequest,
+    shape: &[usize],
+    generators: &mut BatchNoise,
+) -> Result<ArrayD<f32>, EngineError> {
+    let mut initial = initial_noise(request.latents.as_ref(), shape, generators)?;
+    if let Some(key) = &request.watermark {
+        inject(&mut initial, key).map_err(|e| EngineError::InvalidRequest(format!("watermark: {e}")))?;
+    }
+    Ok(initial)
 }
 
 /// The request's scheduler for its size (flow matching shifts by the image sequence length), refused when it

@@ -27,6 +27,7 @@
 pub mod betas;
 pub mod config;
 pub mod ddim;
+pub mod ddim_inverse;
 pub mod ddpm;
 pub mod dpmpp_2m;
 pub mod error;
