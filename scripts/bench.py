@@ -36,6 +36,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a large red circle center on a blue background"
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle"]
+POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+
+
+def fresh_prompt(i):
+    """The `i`-th of 216 distinct prompts in the default model's words (no text-encoder cache can help)."""
+    colour, shape, position = COLOURS[i % 8], SHAPES[(i // 8) % 3], POSITIONS[(i // 24) % 9]
+    background = COLOURS[(i + 3) % 8]
+    return f"a small {colour} {shape} {position} on a {background} background"
 
 
 # ---------------------------------------------------------------- reference engines, each in its own process
@@ -72,11 +82,11 @@ def optimum_engine(conn, model, threads, steps, guidance, size):
     pipe.set_progress_bar_config(disable=True)
     seed = 0
     conn.send(("ready", rss_mib()))
-    while conn.recv() == "run":
+    while (message := conn.recv()) != "stop":
         seed += 1
         started = time.perf_counter()
         image = pipe(
-            PROMPT,
+            message,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=size,
@@ -115,7 +125,7 @@ def raw_engine(conn, model, threads, steps, guidance, size):
     timestep = np.full((batch,) if timestep_input.shape else (), 999, dtype=timestep_type)
     latents = np.random.default_rng(0).standard_normal((1, channels, size // factor, size // factor)).astype(np.float32)
     conn.send(("ready", rss_mib(), calls))
-    while conn.recv() == "run":
+    while conn.recv() != "stop":
         started = time.perf_counter()
         hidden = text.run(None, {text.get_inputs()[0].name: ids})[0]
         sample = np.concatenate([latents] * batch)
@@ -138,8 +148,8 @@ class Engine:
         self.extra = ready[2:]
         self.peak = 0.0
 
-    def run(self):
-        self.conn.send("run")
+    def run(self, prompt=PROMPT):
+        self.conn.send(prompt)
         elapsed, (rss, peak) = self.conn.recv()
         self.peak = max(self.peak, peak)
         return elapsed
@@ -214,14 +224,14 @@ path = "{model}"
         self.dir.cleanup()
 
 
-def generate(server, steps, guidance, size, seed):
+def generate(server, steps, guidance, size, seed, prompt=PROMPT):
     """One job as a client sees it: POST, the events until `completed`, the image bytes. Returns seconds."""
     started = time.perf_counter()
     connection = http.client.HTTPConnection(server.host, server.port, timeout=300)
     # No step previews: the references render none (a followed job renders one every tenth of its steps by
     # default).
     body = json.dumps({
-        "prompt": PROMPT, "steps": steps, "guidance_scale": guidance, "width": size, "height": size, "seed": seed,
+        "prompt": prompt, "steps": steps, "guidance_scale": guidance, "width": size, "height": size, "seed": seed,
         "preview_every": 0,
     })
     connection.request("POST", "/v1/images", body, {"Content-Type": "application/json"})
@@ -255,13 +265,15 @@ def generate(server, steps, guidance, size, seed):
 
 
 def throughput(server, clients, jobs_each, steps, guidance, size):
-    """Jobs per second with `clients` clients each running `jobs_each` jobs back to back."""
+    """Jobs per second with `clients` clients each running `jobs_each` jobs back to back, each job with a
+    prompt of its own."""
     errors = []
 
     def client(index):
         try:
             for j in range(jobs_each):
-                generate(server, steps, guidance, size, seed=1000 * index + j)
+                n = jobs_each * index + j
+                generate(server, steps, guidance, size, seed=1000 * index + j, prompt=fresh_prompt(n))
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -366,23 +378,38 @@ def main():
     # 1. Single-job latency, interleaved. denoised: one worker with all the threads, like the others.
     optimum = Engine(optimum_engine, *shape)
     raw = Engine(raw_engine, *shape)
+    # The sessions on one thread: what one job costs one core, so cores / this is the most jobs per second
+    # any server can finish on this machine without batching.
+    raw_one = Engine(raw_engine, args.model, 1, args.steps, args.guidance, args.size)
     single = Server(args.binary, args.model, [(1, args.threads)], 1)
     times = {"optimum": [], "raw": [], "denoised": []}
-    for engine in (optimum, raw):
+    fresh = {"optimum": [], "raw": [], "denoised": [], "raw_one_thread": []}
+    for engine in (optimum, raw, raw_one):
         engine.run()  # warm-up
     generate(single, args.steps, args.guidance, args.size, 0)
     for rep in range(args.reps):
+        # The same prompt every time (denoised's text-encoder cache answers it) ...
         times["optimum"].append(optimum.run())
         times["raw"].append(raw.run())
         times["denoised"].append(generate(single, args.steps, args.guidance, args.size, rep + 1))
+        # ... and a prompt never seen before.
+        prompt = fresh_prompt(rep)
+        fresh["optimum"].append(optimum.run(prompt))
+        fresh["raw"].append(raw.run(prompt))
+        fresh["denoised"].append(generate(single, args.steps, args.guidance, args.size, rep + 1, prompt))
+        fresh["raw_one_thread"].append(raw_one.run(prompt))
     single_rss = single.rss()
     single.close()
     latency = {name: median_ms(samples) for name, samples in times.items()}
+    latency_fresh = {name: median_ms(samples) for name, samples in fresh.items()}
     print(f"single job (median of {args.reps}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in latency.items()), flush=True)
-    optimum_rate = 1000 / latency["optimum"]
+    print("single job, new prompts: " + ", ".join(f"{k} {v:.1f} ms" for k, v in latency_fresh.items()), flush=True)
+    optimum_rate = 1000 / latency_fresh["optimum"]
     memory = {"optimum": optimum.peak, "raw": raw.peak}
     optimum.close()
     raw.close()
+    raw_one.close()
+    ceiling = args.threads * 1000 / latency_fresh["raw_one_thread"]
 
     # 2. Throughput with the default worker layout ("auto": one single-thread worker per core), batching on.
     layout = [(args.threads, 1)]
@@ -409,18 +436,26 @@ def main():
     print(f"{args.followers} followers: resident {before:.0f} MiB before, {peak:.0f} MiB at most "
           f"(each received at least {least} bytes)", flush=True)
 
-    overhead = latency["denoised"] - latency["raw"]
+    def latency_row(label, measured):
+        return (label, f"{measured['denoised']:.1f}", f"{measured['optimum']:.1f}", f"{measured['raw']:.1f}",
+                f"{measured['denoised'] / measured['optimum']:.2f}× optimum, "
+                f"{measured['denoised'] / measured['raw']:.3f}× raw")
+
+    overhead = latency_fresh["denoised"] - latency_fresh["raw"]
     rows = [
-        ("single job, median (ms)", f"{latency['denoised']:.1f}", f"{latency['optimum']:.1f}", f"{latency['raw']:.1f}",
-         f"{latency['denoised'] / latency['optimum']:.2f}× optimum, {latency['denoised'] / latency['raw']:.3f}× raw"),
-        ("per-job overhead over raw sessions (ms)", f"{overhead:.1f}", f"{latency['optimum'] - latency['raw']:.1f}", "0",
-         f"{100 * overhead / latency['raw']:.1f} % of raw"),
+        latency_row("single job, the same prompt each time, median (ms)", latency),
+        latency_row("single job, a new prompt each time, median (ms)", latency_fresh),
+        ("per-job overhead over raw sessions, new prompts (ms)", f"{overhead:.1f}",
+         f"{latency_fresh['optimum'] - latency_fresh['raw']:.1f}", "0", f"{100 * overhead / latency_fresh['raw']:.1f} % of raw"),
     ]
     for clients in (1, 4, 8):
-        rows.append((f"throughput, {clients} client{'s' if clients > 1 else ''} (jobs/s)", f"{rates[clients]:.1f}",
+        rows.append((f"throughput, {clients} client{'s' if clients > 1 else ''}, new prompts (jobs/s)", f"{rates[clients]:.1f}",
                      f"{optimum_rate:.1f} back to back", "", f"{rates[clients] / optimum_rate:.2f}× optimum"))
+    rows.append(("ceiling without batching: cores / one-thread raw session time (jobs/s)", f"{ceiling:.1f}", "", "",
+                 f"{latency_fresh['raw_one_thread']:.1f} ms per job on one core"))
     rows.append(("submissions/s under wrk (32 connections), p50 / p99", f"{submitted[0]:.0f}, {submitted[1]:.1f} / "
-                 f"{submitted[2]:.1f} ms", "", "", f"{submitted[3]} non-2xx"))
+                 f"{submitted[2]:.1f} ms", "", "", f"{submitted[3]} non-2xx; the queue grew to about "
+                 f"{submitted[0] * args.wrk_seconds:.0f} jobs"))
     rows.append(("peak resident memory (MiB)", f"{memory['denoised']:.0f}", f"{memory['optimum']:.0f}",
                  f"{memory['raw']:.0f}", "denoised: throughput runs"))
     rows.append((f"{args.followers} event followers, resident memory (MiB)", f"{before:.0f} → {peak:.0f}", "", "", ""))
@@ -431,7 +466,8 @@ def main():
         print("| " + " | ".join(row) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "args": vars(args), "latency_ms": latency, "samples_s": times, "throughput": rates,
+        "args": vars(args), "latency_ms": latency, "latency_new_prompts_ms": latency_fresh, "samples_s": times,
+        "samples_new_prompts_s": fresh, "throughput": rates,
         "optimum_back_to_back": optimum_rate, "submissions": submitted, "memory_mib": memory,
         "single_server_rss_mib": single_rss, "followers": [before, peak, least],
     }, indent=2))
