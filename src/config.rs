@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::runtime::Device;
+use crate::engine::runtime::{ArenaExtend, ConvSearch, CudaOptions, Device};
 use crate::worker::layout::{self, Amount, WorkerEntry};
 use crate::worker::pool::WorkerSpec;
 
@@ -267,11 +267,33 @@ impl std::fmt::Debug for Secret {
 pub struct RuntimeConfig {
     /// Path of the ONNX Runtime shared library. `ORT_DYLIB_PATH` takes precedence when set.
     pub onnxruntime_library: PathBuf,
+    /// Most MiB the CUDA provider's memory arena may hold per session's device (unset: no limit).
+    pub cuda_memory_limit_mib: Option<u64>,
+    /// How the CUDA memory arena grows: `next_power_of_two` (default) or `same_as_requested`.
+    pub cuda_arena_extend: ArenaExtend,
+    /// cuDNN's convolution algorithm search: `heuristic` (default), `exhaustive` or `default`.
+    pub cudnn_conv_algo_search: ConvSearch,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { onnxruntime_library: ".ort/libonnxruntime.so".into() }
+        Self {
+            onnxruntime_library: ".ort/libonnxruntime.so".into(),
+            cuda_memory_limit_mib: None,
+            cuda_arena_extend: ArenaExtend::default(),
+            cudnn_conv_algo_search: ConvSearch::default(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The CUDA provider's options for `cuda:N` workers.
+    pub fn cuda_options(&self) -> CudaOptions {
+        CudaOptions {
+            memory_limit: self.cuda_memory_limit_mib.map(|mib| usize::try_from(mib << 20).unwrap_or(usize::MAX)),
+            arena_extend: self.cuda_arena_extend,
+            conv_search: self.cudnn_conv_algo_search,
+        }
     }
 }
 
@@ -1098,6 +1120,28 @@ threads = 2
         }
         let bad_backend = load(MINIMAL, &[("DENOISED_STORAGE__BACKEND", "gcs")]).unwrap_err().to_string();
         assert!(bad_backend.contains("gcs"), "{bad_backend}");
+    }
+
+    #[test]
+    fn cuda_provider_options_come_from_the_runtime_section() {
+        let defaults = load(MINIMAL, &[]).unwrap().runtime.cuda_options();
+        assert_eq!(defaults, CudaOptions::default());
+        assert_eq!((defaults.memory_limit, defaults.conv_search), (None, ConvSearch::Heuristic));
+        let text = format!(
+            "{MINIMAL}[runtime]\ncuda_memory_limit_mib = 2048\ncuda_arena_extend = \"same_as_requested\"\n\
+             cudnn_conv_algo_search = \"exhaustive\"\n"
+        );
+        let options = load(&text, &[]).unwrap().runtime.cuda_options();
+        assert_eq!(
+            options,
+            CudaOptions {
+                memory_limit: Some(2048 << 20),
+                arena_extend: ArenaExtend::SameAsRequested,
+                conv_search: ConvSearch::Exhaustive
+            }
+        );
+        let err = load(&format!("{MINIMAL}[runtime]\ncudnn_conv_algo_search = \"fast\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("heuristic"), "{err}");
     }
 
     #[test]

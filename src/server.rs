@@ -170,7 +170,7 @@ async fn start_workers(
     process_id: &str,
 ) -> anyhow::Result<(Dispatcher, Arc<WorkerPool>, Runtime)> {
     let library = Runtime::library_path(&config.runtime.onnxruntime_library);
-    let runtime = Runtime::load(&library)?;
+    let runtime = Runtime::load(&library)?.with_cuda_options(config.runtime.cuda_options());
     info!(library = %runtime.library().display(), "ONNX Runtime loaded");
     let threads: Vec<usize> = specs.iter().map(|s| s.threads).collect();
     info!(workers = specs.len(), ?threads, cores = crate::worker::layout::available_cores(), "worker layout");

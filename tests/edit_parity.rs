@@ -18,7 +18,6 @@ use denoised::engine::pipeline::vae::encode_mean;
 use denoised::engine::pipeline::{
     edit, outpaint_canvas, text_to_image, EditMode, EditRequest, GenerateRequest, NoObserver, StepObserver,
 };
-use denoised::engine::runtime::Device;
 use denoised::engine::scheduler::SchedulerKind;
 use image::{GrayImage, RgbImage};
 use ndarray::{ArrayD, Ix4};
@@ -28,7 +27,7 @@ const TOLERANCE: f32 = 2.0 / 255.0;
 
 fn load(fixture: &str) -> LoadedModel {
     let info = ModelInfo::read(&common::fixture(fixture)).unwrap();
-    LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap()
+    LoadedModel::load(info, &common::runtime().session_factory(common::device(), 1)).unwrap()
 }
 
 fn reference_dir() -> PathBuf {

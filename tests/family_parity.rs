@@ -46,7 +46,7 @@ fn fixture_of(case: &Value) -> String {
 
 fn load(fixture: &str) -> LoadedModel {
     let info = ModelInfo::read(&common::fixture(fixture)).unwrap();
-    LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap()
+    LoadedModel::load(info, &common::runtime().session_factory(common::device(), 1)).unwrap()
 }
 
 fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
@@ -454,7 +454,7 @@ fn sd3_without_t5_feeds_zeros_in_its_place() {
     std::fs::remove_dir_all(tmp.path().join("text_encoder_3")).unwrap();
     let info = ModelInfo::read(tmp.path()).unwrap();
     assert_eq!(info.text_encoders.len(), 2);
-    let mut model = LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap();
+    let mut model = LoadedModel::load(info, &common::runtime().session_factory(common::device(), 1)).unwrap();
     let prompt = encode_prompts(&mut model, "a red circle on a blue background", None, false).unwrap().positive;
     let full = npy("sd3_prompt_embeds.npy");
     assert_eq!(prompt.hidden.shape(), full.shape());

@@ -6,7 +6,6 @@ mod common;
 
 use denoised::engine::model::{LoadedModel, ModelInfo};
 use denoised::engine::pipeline::{text_to_image, GenerateRequest, NoObserver};
-use denoised::engine::runtime::Device;
 use denoised::engine::scheduler::SchedulerKind;
 use serde_json::Value;
 
@@ -14,7 +13,7 @@ const TOLERANCE: f32 = 2.0 / 255.0;
 
 fn load(fixture: &str) -> LoadedModel {
     let info = ModelInfo::read(&common::fixture(fixture)).unwrap();
-    LoadedModel::load(info, &common::runtime().session_factory(Device::Cpu, 1)).unwrap()
+    LoadedModel::load(info, &common::runtime().session_factory(common::device(), 1)).unwrap()
 }
 
 fn check_fixture(fixture: &str) {

@@ -56,6 +56,7 @@ impl fmt::Display for Device {
 pub struct Runtime {
     env: ort::environment::Environment,
     library: PathBuf,
+    cuda: CudaOptions,
 }
 
 impl fmt::Debug for Runtime {
@@ -103,7 +104,7 @@ impl Runtime {
         return_freed_memory_promptly();
         let builder = ort::init_from(library).map_err(|e| err(e.to_string()))?;
         let env = builder.with_name("denoised").build().map_err(|e| err(e.to_string()))?;
-        Ok(Self { env, library: library.to_path_buf() })
+        Ok(Self { env, library: library.to_path_buf(), cuda: CudaOptions::default() })
     }
 
     /// The library this runtime was loaded from.
@@ -113,7 +114,20 @@ impl Runtime {
 
     /// A factory for sessions on `device` with `threads` intra-op threads.
     pub fn session_factory(&self, device: Device, threads: usize) -> SessionFactory {
-        SessionFactory { env: self.env.clone(), device, threads, runs: RunControl::default(), share_weights: false }
+        SessionFactory {
+            env: self.env.clone(),
+            device,
+            threads,
+            runs: RunControl::default(),
+            share_weights: false,
+            cuda: self.cuda,
+        }
+    }
+
+    /// With `options` for the CUDA provider of every `cuda:N` factory made from now on.
+    pub fn with_cuda_options(mut self, options: CudaOptions) -> Self {
+        self.cuda = options;
+        self
     }
 }
 
@@ -213,6 +227,42 @@ impl RunControl {
     }
 }
 
+/// How the CUDA provider manages device memory and picks convolution kernels (ignored on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CudaOptions {
+    /// Most bytes the provider's memory arena may hold on the device (`None`: no limit).
+    pub memory_limit: Option<usize>,
+    /// How the arena grows when it needs more.
+    pub arena_extend: ArenaExtend,
+    /// How cuDNN picks a convolution algorithm for a new input shape.
+    pub conv_search: ConvSearch,
+}
+
+/// Growth of the CUDA memory arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArenaExtend {
+    /// Each extension doubles: fewer allocations, more memory held (ONNX Runtime's default).
+    #[default]
+    NextPowerOfTwo,
+    /// Each extension is what was asked for: the least memory held, for GPUs shared with other work.
+    SameAsRequested,
+}
+
+/// cuDNN's convolution algorithm search for each new input shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvSearch {
+    /// cuDNN's heuristics pick at once: new picture sizes cost nothing extra (the default here).
+    #[default]
+    Heuristic,
+    /// Every algorithm is timed on the first call of each shape (hundreds of ms per new size, then the
+    /// fastest kernels): for servers that see few sizes and warm them up.
+    Exhaustive,
+    /// cuDNN's default algorithm, no search.
+    Default,
+}
+
 /// Builds sessions for one worker: same device and thread count for every graph it loads, and one
 /// [`RunControl`] for all of them.
 #[derive(Clone)]
@@ -222,6 +272,7 @@ pub struct SessionFactory {
     threads: usize,
     runs: RunControl,
     share_weights: bool,
+    cuda: CudaOptions,
 }
 
 impl fmt::Debug for SessionFactory {
@@ -264,7 +315,7 @@ impl SessionFactory {
     /// a config that asks for a GPU never silently runs on the CPU.
     pub fn open(&self, model_path: &Path) -> Result<Session, EngineError> {
         let share = self.share_weights && self.device == Device::Cpu;
-        let session = build_session(&self.env, self.device, self.threads, share, model_path);
+        let session = build_session(&self.env, self.device, self.threads, share, self.cuda, model_path);
         trim_heap();
         session.map_err(|e| match self.device {
             Device::Cuda(_) if e.to_string().to_ascii_lowercase().contains("cuda") => {
@@ -280,6 +331,7 @@ fn build_session(
     device: Device,
     threads: usize,
     share_weights: bool,
+    cuda: CudaOptions,
     model_path: &Path,
 ) -> ort::Result<Session> {
     let builder = Session::builder(env)?
@@ -291,7 +343,7 @@ fn build_session(
         .with_prepacking(!share_weights)?;
     let mut builder = match device {
         Device::Cpu => builder,
-        Device::Cuda(ordinal) => with_cuda(builder, ordinal)?,
+        Device::Cuda(ordinal) => with_cuda(builder, ordinal, cuda)?,
     };
     builder.commit_from_file(model_path)
 }
@@ -300,20 +352,33 @@ fn build_session(
 fn with_cuda(
     builder: ort::session::builder::SessionBuilder,
     ordinal: u32,
+    options: CudaOptions,
 ) -> ort::Result<ort::session::builder::SessionBuilder> {
     use ort::ep;
-    let cuda = ep::CUDA::default()
+    let search = match options.conv_search {
+        ConvSearch::Heuristic => ep::cuda::ConvAlgorithmSearch::Heuristic,
+        ConvSearch::Exhaustive => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+        ConvSearch::Default => ep::cuda::ConvAlgorithmSearch::Default,
+    };
+    let extend = match options.arena_extend {
+        ArenaExtend::NextPowerOfTwo => ep::ArenaExtendStrategy::NextPowerOfTwo,
+        ArenaExtend::SameAsRequested => ep::ArenaExtendStrategy::SameAsRequested,
+    };
+    let mut cuda = ep::CUDA::default()
         .with_device_id(ordinal as i32)
-        .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic)
-        .build()
-        .error_on_failure();
-    Ok(builder.with_execution_providers([cuda])?)
+        .with_conv_algorithm_search(search)
+        .with_arena_extend_strategy(extend);
+    if let Some(limit) = options.memory_limit {
+        cuda = cuda.with_memory_limit(limit);
+    }
+    Ok(builder.with_execution_providers([cuda.build().error_on_failure()])?)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn with_cuda(
     _builder: ort::session::builder::SessionBuilder,
     ordinal: u32,
+    _options: CudaOptions,
 ) -> ort::Result<ort::session::builder::SessionBuilder> {
     Err(ort::Error::new(format!(
         "cuda:{ordinal} requested but this build has no CUDA support: rebuild with `--features cuda`"

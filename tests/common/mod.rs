@@ -31,6 +31,15 @@ pub fn ort_library() -> PathBuf {
     path
 }
 
+/// The device the engine-level parity tests run on: `TEST_DEVICE` (`cuda:0` under `scripts/gpu-check`),
+/// else the CPU.
+pub fn device() -> denoised::engine::runtime::Device {
+    match std::env::var("TEST_DEVICE") {
+        Ok(text) => denoised::engine::runtime::Device::parse(&text).expect("TEST_DEVICE: `cpu` or `cuda:N`"),
+        Err(_) => denoised::engine::runtime::Device::Cpu,
+    }
+}
+
 /// The process-wide runtime.
 pub fn runtime() -> Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
