@@ -54,11 +54,15 @@ impl QueuePositions {
         Ok(snapshot.positions.get(&id).copied())
     }
 
-    /// The position of a job this process has just submitted, whose commit had ended at `committed`: any
-    /// snapshot taken after that holds it (or no longer holds it, if it was claimed since). Submissions that
+    /// The position of a job this process has just submitted, whose commit had ended at `committed`. When
+    /// its owner is alone at its priority, the database counts it ([`JobStore::position_among_own`]);
+    /// otherwise any snapshot taken after the commit holds it (or no longer holds it, if it was claimed since). Submissions that
     /// arrive together wait for one re-read of the queue and share it, instead of re-reading it one after the
     /// other for each new job.
     pub async fn of_new(&self, id: Uuid, committed: Instant, generation: u64) -> Result<Option<u64>, StoreError> {
+        if let Some(position) = self.store.position_among_own(id).await? {
+            return Ok(position);
+        }
         let mut snapshot = self.snapshot.lock().await;
         if snapshot.taken.is_none_or(|t| t <= committed) {
             // Taken when the read starts: everything committed before then is in it.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use uuid::Uuid;
 
 use super::super::error::StoreError;
-use super::rows::parse_uuid;
+use super::rows::{non_negative, parse_uuid};
 use super::JobStore;
 
 /// A queued job as the order needs it: id, owner (`''` for none), priority, created_at.
@@ -32,6 +32,47 @@ impl JobStore {
         });
         let order = claim_order(waiting, passes.into_iter().collect(), weights.into_iter().collect());
         order.iter().map(|id| parse_uuid("jobs", id)).collect()
+    }
+
+    /// Where the job `id` stands when no other owner has queued jobs at its priority (the usual case: one
+    /// key, or none): behind every queued job of higher priority and its owner's older jobs, with no turns
+    /// to simulate, counted by the database without reading the queue. `Ok(None)` when another owner has
+    /// queued jobs at its priority (the rotation decides: see [`JobStore::queued_order`]); `Ok(Some(None))`
+    /// when the job is not queued.
+    pub async fn position_among_own(&self, id: Uuid) -> Result<Option<Option<u64>>, StoreError> {
+        let id = id.to_string();
+        on_read!(self, pool, _d => {
+            let job: Option<(String, String, i64, i64)> = sqlx::query_as(
+                "SELECT status, COALESCE(owner, ''), priority, created_at FROM jobs WHERE id = $1",
+            )
+            .bind(&id)
+            .fetch_optional(pool)
+            .await?;
+            let Some((status, owner, priority, created_at)) = job else { return Ok(Some(None)) };
+            if status != "queued" {
+                return Ok(Some(None));
+            }
+            let others: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND COALESCE(owner, '') <> $2 LIMIT 1",
+            )
+            .bind(priority)
+            .bind(&owner)
+            .fetch_optional(pool)
+            .await?;
+            if others.is_some() {
+                return Ok(None);
+            }
+            let (ahead,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > $1 OR (priority = $1 AND \
+                 (created_at < $2 OR (created_at = $2 AND id < $3))))",
+            )
+            .bind(priority)
+            .bind(created_at)
+            .bind(&id)
+            .fetch_one(pool)
+            .await?;
+            Ok(Some(Some(non_negative("jobs", "count", ahead)?)))
+        })
     }
 
     /// How many queued jobs will be claimed before this one (0 = next), in claim order; `None` if the job

@@ -283,6 +283,26 @@ async fn companions_share_the_batch_key_and_fit_the_batch(db: TestDb) {
     assert_eq!(rest, [other_steps.id, other_scheduler.id].into());
 }
 
+async fn a_lone_owners_position_is_counted_like_the_claim_order(db: TestDb) {
+    let store = db.connect().await;
+    let mut ids = Vec::new();
+    for priority in [0, 5, 0, -1, 0, 5] {
+        ids.push(store.insert(new_job(priority)).await.unwrap().id);
+    }
+    let order = store.queued_order().await.unwrap();
+    for id in &ids {
+        let expected = order.iter().position(|queued| queued == id).map(|p| p as u64);
+        assert_eq!(store.position_among_own(*id).await.unwrap(), Some(expected), "{id}");
+    }
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(store.position_among_own(claimed.id).await.unwrap(), Some(None), "not queued");
+    assert_eq!(store.position_among_own(Uuid::now_v7()).await.unwrap(), Some(None), "no such job");
+    // Another owner at the same priority: the rotation decides, so the count does not answer.
+    store.insert(NewJob { owner: Some("someone".into()), ..new_job(0) }).await.unwrap();
+    assert_eq!(store.position_among_own(ids[0]).await.unwrap(), None);
+    assert!(store.position_among_own(ids[3]).await.unwrap().is_some(), "alone at priority -1");
+}
+
 async fn claim_takes_highest_priority_then_oldest(db: TestDb) {
     let store = db.connect().await;
     let low_old = store.insert(new_job(0)).await.unwrap();
@@ -952,4 +972,5 @@ on_both_backends!(
     a_key_with_one_job_waits_for_at_most_one_job_of_a_busy_key,
     rate_and_daily_compute_are_counted_inside_the_submission,
     companions_share_the_batch_key_and_fit_the_batch,
+    a_lone_owners_position_is_counted_like_the_claim_order,
 );
