@@ -44,14 +44,20 @@ impl QueuePositions {
         let mut snapshot = self.snapshot.lock().await;
         let fresh = snapshot.taken.is_some_and(|t| t.elapsed() <= MAX_AGE) && snapshot.generation == generation;
         if !fresh || !snapshot.positions.contains_key(&id) {
-            // Taken when the read starts: everything committed before then is in it.
-            let started = Instant::now();
-            let order = self.store.queued_order().await?;
-            snapshot.positions = order.into_iter().zip(0u64..).collect();
-            snapshot.taken = Some(started);
-            snapshot.generation = generation;
+            self.refresh(&mut snapshot, generation).await?;
         }
         Ok(snapshot.positions.get(&id).copied())
+    }
+
+    /// Re-reads the claim order into `snapshot`, marked as taken when the read starts (everything committed
+    /// before then is in it) under `generation`.
+    async fn refresh(&self, snapshot: &mut Snapshot, generation: u64) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let order = self.store.queued_order().await?;
+        snapshot.positions = order.into_iter().zip(0u64..).collect();
+        snapshot.taken = Some(started);
+        snapshot.generation = generation;
+        Ok(())
     }
 
     /// The position of a job this process has just submitted, whose commit had ended at `committed`. When
@@ -65,12 +71,7 @@ impl QueuePositions {
         }
         let mut snapshot = self.snapshot.lock().await;
         if snapshot.taken.is_none_or(|t| t <= committed) {
-            // Taken when the read starts: everything committed before then is in it.
-            let started = Instant::now();
-            let order = self.store.queued_order().await?;
-            snapshot.positions = order.into_iter().zip(0u64..).collect();
-            snapshot.taken = Some(started);
-            snapshot.generation = generation;
+            self.refresh(&mut snapshot, generation).await?;
         }
         Ok(snapshot.positions.get(&id).copied())
     }

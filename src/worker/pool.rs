@@ -433,10 +433,7 @@ fn serve_cohort(
     let _entered = span.enter();
     let stops: Vec<StopFlag> = items.iter().map(|item| item.stop.clone()).collect();
     let interruptible = Interruptible::arm(&stops, control);
-    let outcome = guarded(|| {
-        run_cohort(items, models, progress, bus)?;
-        Ok(Vec::new())
-    });
+    let outcome = guarded(|| run_cohort(items, models, progress, bus));
     interruptible.disarm();
     if let Err(error) = outcome {
         // A panic or a model that is not loaded: every member not answered yet gets it.
@@ -514,7 +511,7 @@ fn lower_priority() {
 fn lower_priority() {}
 
 /// Runs `job`, turning a panic into a failed outcome so that the worker thread survives it.
-fn guarded(job: impl FnOnce() -> WorkOutcome) -> WorkOutcome {
+fn guarded<T>(job: impl FnOnce() -> Result<T, WorkError>) -> Result<T, WorkError> {
     catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<&str>()
@@ -603,14 +600,14 @@ mod tests {
 
     #[test]
     fn a_panicking_job_fails_with_a_code_and_the_thread_goes_on() {
-        let outcome = guarded(|| panic!("index out of bounds in a pipeline"));
+        let outcome: WorkOutcome = guarded(|| panic!("index out of bounds in a pipeline"));
         let err = outcome.unwrap_err();
         assert_eq!(err.code(), "worker_panicked");
         assert!(err.to_string().contains("index out of bounds"));
-        let formatted = guarded(|| panic!("{} {}", "formatted", 1));
+        let formatted: WorkOutcome = guarded(|| panic!("{} {}", "formatted", 1));
         assert!(formatted.unwrap_err().to_string().contains("formatted 1"));
         // The same thread keeps working after catching.
-        assert!(guarded(|| Ok(Vec::new())).is_ok());
+        assert!(guarded(|| Ok::<_, WorkError>(Vec::<EncodedImage>::new())).is_ok());
     }
 
     #[test]

@@ -13,15 +13,14 @@
 use image::RgbImage;
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
-use super::conditioning::{assemble, branches, classifier_guidance, SizeConditioning, UnetConditioning};
+use super::conditioning::UnetConditioning;
 use super::denoise::{predict, Guidance};
 use super::noise::BatchNoise;
-use super::prompt::encode_prompts;
-use super::text_to_image::{build_scheduler, latent_shape, starting_noise, text_to_image};
+use super::text_to_image::{prepare, text_to_image, Prepared};
 use super::vae::{decode, render_preview, ShiftOnDecode};
-use super::{GenerateRequest, StepObserver};
+use super::{GenerateRequest, RunExtras, StepObserver};
 use crate::engine::error::EngineError;
-use crate::engine::model::{Capability, LoadedModel};
+use crate::engine::model::LoadedModel;
 use crate::engine::scheduler::{Scheduler, StepInput};
 
 /// One job of a cohort: its request and where its progress goes.
@@ -83,39 +82,16 @@ impl Running<'_> {
 }
 
 /// Prepares one member as [`text_to_image`] would.
-fn prepare<'a>(
+fn prepare_member<'a>(
     model: &mut LoadedModel,
     index: usize,
     member: CohortMember<'a>,
-) -> Result<Running<'a>, (usize, CohortMember<'a>, EngineError)> {
+) -> Result<Running<'a>, EngineError> {
     let request = member.request;
-    let setup = (|| {
-        model.info.require(Capability::TextToImage)?;
-        let shape = latent_shape(&model.info, request)?;
-        let mut noise = BatchNoise::new(&request.seeds());
-        let initial = starting_noise(request, &shape, &mut noise)?;
-        let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
-        let negative = (!request.negative_prompt.is_empty()).then_some(request.negative_prompt.as_str());
-        let prompts = encode_prompts(model, &request.prompt, negative, guidance != Guidance::Off)?;
-        let size = SizeConditioning::for_picture(request.width, request.height);
-        let conditioning = assemble(model, &prompts, branches(guidance), shape[0], &size, request.guidance_scale)?;
-        let scheduler = build_scheduler(&model.info, request)?;
-        let latents = initial * scheduler.init_noise_sigma() as f32;
-        Ok::<_, EngineError>((latents, scheduler, noise, conditioning, guidance))
-    })();
-    match setup {
-        Ok((latents, scheduler, noise, conditioning, guidance)) => Ok(Running {
-            index,
-            observer: member.observer,
-            latents,
-            scheduler,
-            noise,
-            conditioning,
-            guidance,
-            size: (request.width, request.height),
-        }),
-        Err(error) => Err((index, member, error)),
-    }
+    let negative = RunExtras::default().negative_prompt(request);
+    let Prepared { latents, scheduler, noise, conditioning, guidance } = prepare(model, request, negative)?;
+    let size = (request.width, request.height);
+    Ok(Running { index, observer: member.observer, latents, scheduler, noise, conditioning, guidance, size })
 }
 
 /// The denoising loop of [`super::denoise`] for members that share a schedule, then one decode per member.
@@ -126,9 +102,9 @@ fn run_shared(
 ) {
     let mut running = Vec::with_capacity(members.len());
     for (index, member) in members {
-        match prepare(model, index, member) {
+        match prepare_member(model, index, member) {
             Ok(run) => running.push(run),
-            Err((index, _, error)) => done(index, Err(error)),
+            Err(error) => done(index, Err(error)),
         }
     }
     let Some(timesteps) = running.first().map(|r| r.scheduler.timesteps().to_vec()) else { return };
@@ -148,11 +124,17 @@ fn run_shared(
         if running.is_empty() {
             return;
         }
-        if running.len() != before || stacked.is_none() {
-            stacked = Some(stack_conditioning(running.iter().map(|r| &r.conditioning).collect()));
-        }
-        let Some(conditioning) = stacked.as_ref() else { return };
-        let result = shared_call(model, &running, conditioning, call, t, calls, timestep_rank);
+        // The stacked conditioning is kept from call to call while the members stay the same.
+        let kept = stacked.take().filter(|_| running.len() == before);
+        let conditioning = match kept {
+            Some(conditioning) => Ok(conditioning),
+            None => stack_conditioning(&running.iter().map(|r| &r.conditioning).collect::<Vec<_>>()),
+        };
+        let result = conditioning.and_then(|conditioning| {
+            let predicted = shared_call(model, &running, &conditioning, call, t, calls, timestep_rank);
+            stacked = Some(conditioning);
+            predicted
+        });
         let predicted = match result {
             Ok(predicted) => predicted,
             Err(error) => {
@@ -221,33 +203,27 @@ fn shared_call(
 }
 
 /// The members' conditioning side by side, in the order of their latents; position tables (Flux's ids) are
-/// not batched and are the same for members of one picture size.
-fn stack_conditioning(parts: Vec<&UnetConditioning>) -> UnetConditioning {
-    let Some(first) = parts.first() else {
-        return UnetConditioning {
-            encoder_hidden_states: ArrayD::zeros(IxDyn(&[0])),
-            text_embeds: None,
-            time_ids: None,
-            timestep_cond: None,
-            pooled_projections: None,
-            guidance: None,
-            img_ids: None,
-            txt_ids: None,
-        };
+/// not batched and are the same for members of one picture size. Members of one model have the same inputs;
+/// anything else is an error, never a silently shorter batch.
+fn stack_conditioning(parts: &[&UnetConditioning]) -> Result<UnetConditioning, EngineError> {
+    let mismatch = || EngineError::InvalidRequest("cohort members have conditioning of different shapes".into());
+    let first = parts.first().ok_or_else(mismatch)?;
+    let join = |pick: fn(&UnetConditioning) -> Option<&ArrayD<f32>>| -> Result<Option<ArrayD<f32>>, EngineError> {
+        let views: Vec<_> = parts.iter().filter_map(|p| pick(p).map(|a| a.view())).collect();
+        match views.len() {
+            0 => Ok(None),
+            n if n == parts.len() => concatenate(Axis(0), &views).map(Some).map_err(|_| mismatch()),
+            _ => Err(mismatch()),
+        }
     };
-    let all = |pick: fn(&UnetConditioning) -> Option<&ArrayD<f32>>| -> Option<ArrayD<f32>> {
-        let views: Option<Vec<_>> = parts.iter().map(|p| pick(p).map(|a| a.view())).collect();
-        concatenate(Axis(0), &views?).ok()
-    };
-    UnetConditioning {
-        encoder_hidden_states: all(|c| Some(&c.encoder_hidden_states))
-            .unwrap_or_else(|| first.encoder_hidden_states.clone()),
-        text_embeds: all(|c| c.text_embeds.as_ref()),
-        time_ids: all(|c| c.time_ids.as_ref()),
-        timestep_cond: all(|c| c.timestep_cond.as_ref()),
-        pooled_projections: all(|c| c.pooled_projections.as_ref()),
-        guidance: all(|c| c.guidance.as_ref()),
+    Ok(UnetConditioning {
+        encoder_hidden_states: join(|c| Some(&c.encoder_hidden_states))?.ok_or_else(mismatch)?,
+        text_embeds: join(|c| c.text_embeds.as_ref())?,
+        time_ids: join(|c| c.time_ids.as_ref())?,
+        timestep_cond: join(|c| c.timestep_cond.as_ref())?,
+        pooled_projections: join(|c| c.pooled_projections.as_ref())?,
+        guidance: join(|c| c.guidance.as_ref())?,
         img_ids: first.img_ids.clone(),
         txt_ids: first.txt_ids.clone(),
-    }
+    })
 }

@@ -9,7 +9,7 @@
 use image::RgbImage;
 use ndarray::ArrayD;
 
-use super::conditioning::{assemble, branches, classifier_guidance, SizeConditioning};
+use super::conditioning::{assemble, branches, classifier_guidance, SizeConditioning, UnetConditioning};
 use super::denoise::{denoise, initial_noise, Denoise, Guidance};
 use super::noise::BatchNoise;
 use super::prompt::encode_prompts;
@@ -75,19 +75,8 @@ pub fn text_to_image_with(
     extras: RunExtras<'_>,
     observer: &mut dyn StepObserver,
 ) -> Result<Vec<RgbImage>, EngineError> {
-    model.info.require(Capability::TextToImage)?;
-    let shape = latent_shape(&model.info, request)?;
-    let mut generators = BatchNoise::new(&request.seeds());
-    let initial = starting_noise(request, &shape, &mut generators)?;
-
-    let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
-    let negative = extras.negative_prompt(request);
-    let prompts = encode_prompts(model, &request.prompt, negative, guidance != Guidance::Off)?;
-    let size = SizeConditioning::for_picture(request.width, request.height);
-    let conditioning = assemble(model, &prompts, branches(guidance), shape[0], &size, request.guidance_scale)?;
-
-    let mut sched = build_scheduler(&model.info, request)?;
-    let latents = initial * sched.init_noise_sigma() as f32;
+    let Prepared { latents, mut scheduler, mut noise, conditioning, guidance } =
+        prepare(model, request, extras.negative_prompt(request))?;
     let run = Denoise {
         latents,
         start: 0,
@@ -97,12 +86,47 @@ pub fn text_to_image_with(
         blend: None,
         size: (request.width, request.height),
     };
-    let noise: &mut dyn NoiseSource = match extras.step_noise {
-        Some(noise) => noise,
-        None => &mut generators,
+    let step_noise: &mut dyn NoiseSource = match extras.step_noise {
+        Some(given) => given,
+        None => &mut noise,
     };
-    let latents = denoise(model, sched.as_mut(), run, noise, observer)?;
+    let latents = denoise(model, scheduler.as_mut(), run, step_noise, observer)?;
     decode(model, latents, ShiftOnDecode::Add)
+}
+
+/// A text-to-image run ready for its first denoiser call: what a job alone and a member of a cohort
+/// ([`super::cohort`]) both start from.
+pub(super) struct Prepared {
+    /// The starting latents, scaled by the scheduler's initial sigma, `[n, C, h, w]`.
+    pub latents: ArrayD<f32>,
+    /// The request's scheduler, before its first step.
+    pub scheduler: Box<dyn scheduler::Scheduler>,
+    /// The per-image generators, after the starting draw (the scheduler's later draws come from them).
+    pub noise: BatchNoise,
+    /// The denoiser's text (and family) inputs for `[branches × n]`.
+    pub conditioning: UnetConditioning,
+    /// The batch layout and how its predictions combine.
+    pub guidance: Guidance,
+}
+
+/// Checks `request` against the model, draws its starting noise, encodes its prompts (`negative` as
+/// diffusers would receive it) and builds its scheduler.
+pub(super) fn prepare(
+    model: &mut LoadedModel,
+    request: &GenerateRequest,
+    negative: Option<&str>,
+) -> Result<Prepared, EngineError> {
+    model.info.require(Capability::TextToImage)?;
+    let shape = latent_shape(&model.info, request)?;
+    let mut noise = BatchNoise::new(&request.seeds());
+    let initial = starting_noise(request, &shape, &mut noise)?;
+    let guidance = classifier_guidance(model, request.guidance_scale, request.guidance_rescale);
+    let prompts = encode_prompts(model, &request.prompt, negative, guidance != Guidance::Off)?;
+    let size = SizeConditioning::for_picture(request.width, request.height);
+    let conditioning = assemble(model, &prompts, branches(guidance), shape[0], &size, request.guidance_scale)?;
+    let scheduler = build_scheduler(&model.info, request)?;
+    let latents = initial * scheduler.init_noise_sigma() as f32;
+    Ok(Prepared { latents, scheduler, noise, conditioning, guidance })
 }
 
 /// The unit-Gaussian starting latents of `request` (`shape`): its given `latents` or its seeded draws, with its

@@ -420,13 +420,13 @@ async fn run_groups(write: SqlitePool, mut pending: mpsc::Receiver<PendingSubmis
 /// are in `group`'s order. When the transaction cannot be opened or committed, every answer is that error.
 async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Result<Submission, StoreError>> {
     let dialect = Dialect::Sqlite;
-    let everyone_fails = |error: sqlx::Error| {
-        let cause = std::sync::Arc::new(StoreError::from(error));
+    let everyone_fails = |error: StoreError| {
+        let cause = Arc::new(error);
         group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect::<Vec<_>>()
     };
     let mut tx = match write.begin_with(dialect.begin()).await {
         Ok(tx) => tx,
-        Err(error) => return everyone_fails(error),
+        Err(error) => return everyone_fails(error.into()),
     };
     // The queue's length, counted once for the group (no other write runs until it commits) and kept up to
     // date by its inserts, instead of once per submission.
@@ -434,10 +434,7 @@ async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Re
     if group.iter().any(|s| s.limits.max_queued != u64::MAX) {
         match count_queued(&mut tx).await {
             Ok(count) => queued = Some(count),
-            Err(error) => {
-                let cause = std::sync::Arc::new(error);
-                return group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect();
-            }
+            Err(error) => return everyone_fails(error),
         }
     }
     let mut answers = Vec::with_capacity(group.len());
@@ -449,7 +446,7 @@ async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Re
         answers.push(answer);
     }
     if let Err(error) = tx.commit().await {
-        return everyone_fails(error);
+        return everyone_fails(error.into());
     }
     answers
 }

@@ -239,6 +239,18 @@ async fn submissions_sent_together_share_commits_with_exact_limits() {
     assert_eq!(store.count_by_status().await.unwrap().queued, 150);
 }
 
+/// A submission that cannot be written (here: the store was closed) is an error for its caller, not a job.
+#[tokio::test]
+async fn a_submission_to_a_closed_store_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    store.close().await;
+    let err = store.submit(new_job(0), None, SubmitLimits::NONE).await.unwrap_err();
+    assert!(matches!(err, StoreError::Group(_) | StoreError::Closed), "{err}");
+    let reopened = JobStore::connect(&url(&dir)).await.unwrap();
+    assert_eq!(reopened.count_by_status().await.unwrap().queued, 0, "nothing was written");
+}
+
 /// How many group commits `store`'s SQLite submission task has made.
 fn sqlite_commits(store: &JobStore) -> u64 {
     match &store.backend {
