@@ -75,6 +75,9 @@ pub struct Config {
     /// Tree-Ring watermarks and their detection.
     #[serde(default)]
     pub watermark: WatermarkConfig,
+    /// C2PA content credentials signed into every output picture.
+    #[serde(default)]
+    pub content_credentials: ContentCredentialsConfig,
     /// Models served, by the id clients use. The first is the default.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -513,6 +516,46 @@ impl WatermarkConfig {
     }
 }
 
+/// `[content_credentials]`: when both paths are set, every output picture (PNG, JPEG or WebP) carries a C2PA
+/// manifest signed with this certificate chain and private key (see [`crate::credentials`]). Both unset: no
+/// credentials. Only the worker processes sign; the files are read and checked once at start-up.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContentCredentialsConfig {
+    /// PEM file with the signing certificate first, then its intermediates (not the root).
+    pub certificate_chain: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8).
+    pub private_key: Option<PathBuf>,
+    /// Signature algorithm matching the key: `es256` (the default), `es384`, `es512`, `ps256`, `ps384`,
+    /// `ps512` or `ed25519`.
+    pub algorithm: Option<String>,
+    /// PEM file of root certificates to trust when an edit's input carries credentials of its own: the
+    /// validation of that history recorded in the new manifest then says whether its signer is trusted
+    /// (unset: it says `signingCredential.untrusted` for every input signer).
+    pub trust_anchors: Option<PathBuf>,
+}
+
+impl ContentCredentialsConfig {
+    /// Whether outputs are signed.
+    pub fn enabled(&self) -> bool {
+        self.certificate_chain.is_some()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.certificate_chain.is_some() != self.private_key.is_some() {
+            return Err("certificate_chain and private_key must be set together".into());
+        }
+        if let Some(algorithm) = &self.algorithm {
+            if algorithm.parse::<c2pa::SigningAlg>().is_err() {
+                return Err(format!(
+                    "algorithm `{algorithm}` is not one of es256, es384, es512, ps256, ps384, ps512, ed25519"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -676,6 +719,12 @@ impl Config {
         for model in &mut self.models {
             model.path = resolve(&model.path);
         }
+        let credentials = &mut self.content_credentials;
+        for path in [&mut credentials.certificate_chain, &mut credentials.private_key, &mut credentials.trust_anchors] {
+            if let Some(p) = path.as_mut() {
+                *p = resolve(p);
+            }
+        }
         if let Some(rest) = self.storage.database_url.strip_prefix("sqlite://") {
             let (file, query) = rest.split_once('?').map_or((rest, None), |(f, q)| (f, Some(q)));
             if !file.is_empty() && !file.starts_with(':') && !Path::new(file).is_absolute() {
@@ -744,6 +793,7 @@ impl Config {
         self.validate_storage()?;
         self.validate_webhooks()?;
         self.watermark.validate().map_err(|e| ConfigError::Invalid(format!("watermark.{e}")))?;
+        self.content_credentials.validate().map_err(|e| ConfigError::Invalid(format!("content_credentials.{e}")))?;
         if self.limits.max_images == 0 || self.limits.max_steps == 0 || self.limits.max_side < 8 {
             return Err(ConfigError::Invalid("limits must allow at least one image, one step and 8 px".into()));
         }

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod engine;
 pub mod fleet;
 pub mod jobs;

@@ -2,6 +2,7 @@
 //! down in order on SIGINT/SIGTERM. The process's [`Role`] decides which parts run: an `api` process loads no
 //! model and runs no worker; a `worker` process serves only health and metrics over HTTP.
 
+use crate::credentials::ContentCredentials;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -169,6 +170,10 @@ async fn start_workers(
     jobs: &Jobs,
     process_id: &str,
 ) -> anyhow::Result<(Dispatcher, Arc<WorkerPool>, Runtime)> {
+    let credentials = ContentCredentials::load(&config.content_credentials)?.map(Arc::new);
+    if credentials.is_some() {
+        info!("content credentials on: outputs carry signed C2PA manifests");
+    }
     let library = Runtime::library_path(&config.runtime.onnxruntime_library);
     let runtime = Runtime::load(&library)?.with_cuda_options(config.runtime.cuda_options());
     info!(library = %runtime.library().display(), "ONNX Runtime loaded");
@@ -193,6 +198,7 @@ async fn start_workers(
         },
         process_id: process_id.to_string(),
         models: (config.server.role == Role::Worker).then(|| registry.all().iter().map(|m| m.name.clone()).collect()),
+        credentials,
     };
     Ok((dispatcher, pool, runtime))
 }

@@ -144,6 +144,7 @@ impl JobParams {
             let had = map.remove("latents").is_some() | map.remove("latents_path").is_some();
             map.remove("image_path");
             map.remove("mask_path");
+            map.remove("original_path");
             // The watermark shows as whose it is; its secret never leaves the server.
             if let Some(watermark) = map.get_mut("watermark") {
                 let key = watermark.get("key").cloned().unwrap_or_default();
@@ -339,6 +340,10 @@ pub struct EditParams {
     /// The prepared mask (white = repaint), relative to `data_dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_path: Option<String>,
+    /// The stored picture as the client sent it (before any resizing), which content credentials record as
+    /// the edit's parent; jobs stored before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_path: Option<String>,
 }
 
 impl EditParams {

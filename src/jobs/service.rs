@@ -162,6 +162,9 @@ impl Idempotency {
 /// An edit's prepared pictures, stored beside the job so that a retried job edits the same pixels.
 #[derive(Debug, Clone)]
 pub struct EditInputs {
+    /// The picture as the client sent it and its file extension: the history content credentials record
+    /// (`None` when its format is not known).
+    pub original: Option<(Vec<u8>, &'static str)>,
     /// The picture at its final size, as PNG.
     pub image_png: Vec<u8>,
     /// The mask (white = repaint), as PNG.
@@ -367,7 +370,11 @@ impl Jobs {
             return Ok(0);
         }
         let bytes = latents.as_ref().map_or(0, Vec::len)
-            + inputs.as_ref().map_or(0, |i| i.image_png.len() + i.mask_png.as_ref().map_or(0, Vec::len));
+            + inputs.as_ref().map_or(0, |i| {
+                i.image_png.len()
+                    + i.mask_png.as_ref().map_or(0, Vec::len)
+                    + i.original.as_ref().map_or(0, |(bytes, _)| bytes.len())
+            });
         let files = &self.files;
         let written = async {
             let latents = match latents {
@@ -381,7 +388,13 @@ impl Jobs {
                         Some(mask) => Some(files.write_input(folder, "mask.png", mask).await?),
                         None => None,
                     };
-                    Some((image, mask))
+                    let original = match inputs.original {
+                        Some((bytes, extension)) => {
+                            Some(files.write_input(folder, &format!("original.{extension}"), bytes).await?)
+                        }
+                        None => None,
+                    };
+                    Some((image, mask, original))
                 }
                 None => None,
             };
@@ -392,9 +405,10 @@ impl Jobs {
         if let Some(generation) = params.generation_mut() {
             generation.latents_path = latents_path;
         }
-        if let (Some((image_path, mask_path)), JobParams::Edit(edit)) = (pictures, params) {
+        if let (Some((image_path, mask_path, original_path)), JobParams::Edit(edit)) = (pictures, params) {
             edit.image_path = image_path;
             edit.mask_path = mask_path;
+            edit.original_path = original_path;
         }
         Ok(bytes as u64)
     }

@@ -87,6 +87,7 @@ pub fn edit(
     };
     let (model, generate) = generation(models, limits, generation_fields)?;
     let inputs = EditInputs {
+        original: original(image),
         image_png: png(&DynamicImage::ImageRgb8(picture))?,
         mask_png: mask.map(|m| png(&DynamicImage::ImageLuma8(m))).transpose()?,
     };
@@ -99,8 +100,21 @@ pub fn edit(
         resize_mode,
         image_path: String::new(),
         mask_path: None,
+        original_path: None,
     };
     Ok(PreparedEdit { model, params, inputs })
+}
+
+/// The picture as the client sent it, with the file extension of its format (it decoded, so it is one of
+/// the accepted formats).
+fn original(image: &[u8]) -> Option<(Vec<u8>, &'static str)> {
+    let extension = match image::guess_format(image).ok()? {
+        image::ImageFormat::Png => "png",
+        image::ImageFormat::Jpeg => "jpg",
+        image::ImageFormat::WebP => "webp",
+        _ => return None,
+    };
+    Some((image.to_vec(), extension))
 }
 
 fn capability(mode: EditKind) -> Capability {
