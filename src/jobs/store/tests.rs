@@ -192,6 +192,64 @@ async fn insert_then_get(db: TestDb) {
 /// Submissions sent together share SQLite commits, and each still gets its own answer: exact limits across
 /// the group (the count sees the earlier members' inserts), one job for one idempotency key, and refusals
 /// that leave nothing behind.
+/// The SQLite claim that picks the owner first takes, at every step of a mixed queue (owners with and
+/// without keys, three priorities, uneven fair-share passes), the job the one-statement order names.
+#[tokio::test]
+async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let write = match &store.backend {
+        Backend::Sqlite(pools) => pools.write.clone(),
+        Backend::Postgres(_) => unreachable!(),
+    };
+    let owners = [None, Some("a"), Some("b"), Some("c"), Some("")];
+    let mut state = 12345u64;
+    let mut next = |n: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    for _ in 0..90 {
+        let owner = owners[next(owners.len() as u64) as usize].map(str::to_owned);
+        let priority = next(3) as i32 - 1;
+        store.insert(NewJob { owner, priority, ..new_job(0) }).await.unwrap();
+    }
+    for (owner, pass) in [("a", 3.0), ("b", 1.5), ("c", 3.0), ("", 0.5)] {
+        sqlx::query("INSERT INTO fair_share (owner, pass) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET pass = excluded.pass")
+            .bind(owner)
+            .bind(pass)
+            .execute(&write)
+            .await
+            .unwrap();
+    }
+    let ordered = format!(
+        "SELECT ({}) AS id, $1 AS a, $2 AS b, $3 AS c",
+        next_job_sql(&ClaimFilter::Models(Some(r#"["tiny-sd"]"#.into())), Dialect::Sqlite)
+    );
+    let owner_first = format!(
+        "SELECT ({}) AS id, $1 AS a, $2 AS b, $3 AS c",
+        next_job_sql(&ClaimFilter::Models(None), Dialect::Sqlite)
+    );
+    for step in 0..91 {
+        let mut named = Vec::new();
+        for (sql, models) in [(&ordered, Some(r#"["tiny-sd"]"#.to_owned())), (&owner_first, None)] {
+            let row: (Option<String>, i64, i64, i64) = sqlx::query_as(sql)
+                .bind(0i64)
+                .bind(0i64)
+                .bind(0i64)
+                .bind(models)
+                .bind(None::<i64>)
+                .fetch_one(&write)
+                .await
+                .unwrap();
+            named.push(row.0);
+        }
+        let (expected, fast) = (named[0].clone(), named[1].clone());
+        assert_eq!(fast, expected, "step {step}");
+        let claimed = store.claim("w", LEASE).await.unwrap().map(|job| job.id.to_string());
+        assert_eq!(claimed, expected, "step {step}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn submissions_sent_together_share_commits_with_exact_limits() {
     let dir = tempfile::tempdir().unwrap();
