@@ -123,7 +123,8 @@ async fn diffedit_recolours_by_prompt_and_returns_its_mask_across_a_restart() {
     for (name, value) in [("mode", "inpaint"), ("source_prompt", SOURCE), ("prompt", TARGET), ("seed", "11")] {
         form = form.text(name, value);
     }
-    let accepted: Value = client.post(server.url("/v1/edits")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let accepted: Value =
+        client.post(server.url("/v1/edits")).multipart(form).send().await.unwrap().json().await.unwrap();
     let (again, again_picture) = finished(&client, &server, &accepted).await;
     let (_, again_mask) = get_bytes(&client, server.url(again["mask"]["url"].as_str().unwrap())).await;
     assert_eq!(image::load_from_memory(&again_mask).unwrap().to_luma8(), mask, "the mask depends on the seed only");

@@ -29,7 +29,6 @@ pub use params::JobParams;
 pub use positions::QueuePositions;
 pub use service::{
     has_computed_mask, Cancelled, EditInputs, Idempotency, JobRequest, JobRules, Jobs, JobsError, LiveState, Priority,
-    Submitted,
-    IDEMPOTENCY_WINDOW,
+    Submitted, IDEMPOTENCY_WINDOW,
 };
 pub use store::{JobStore, MAX_ATTEMPTS_EXCEEDED};

@@ -53,11 +53,8 @@ pub fn edit(
             ValidationError::field("mask", format!("model `{}` cannot compute DiffEdit masks: {e}", served.name))
         })?;
     }
-    let (picture, mask) = if auto {
-        (decode_picture(image, limits)?.to_rgb8(), None)
-    } else {
-        decode(image, mask, mode, limits)?
-    };
+    let (picture, mask) =
+        if auto { (decode_picture(image, limits)?.to_rgb8(), None) } else { decode(image, mask, mode, limits)? };
     let width = fields.width.unwrap_or_else(|| input::round_to_multiple(picture.width(), multiple));
     let height = fields.height.unwrap_or_else(|| input::round_to_multiple(picture.height(), multiple));
     let resize_mode = fields.resize_mode.map(ResizeMode::from).unwrap_or_default();
@@ -200,7 +197,10 @@ pub fn diffedit(
     }
     let mask_samples = fields.mask_samples.unwrap_or(DEFAULT_SAMPLES);
     if !(1..=MAX_SAMPLES).contains(&mask_samples) {
-        return Err(ValidationError::field("mask_samples", format!("mask_samples must be between 1 and {MAX_SAMPLES}")));
+        return Err(ValidationError::field(
+            "mask_samples",
+            format!("mask_samples must be between 1 and {MAX_SAMPLES}"),
+        ));
     }
     let mask_threshold = fields.mask_threshold.unwrap_or(DEFAULT_THRESHOLD);
     if !(mask_threshold.is_finite() && mask_threshold > 0.0) {

@@ -162,9 +162,10 @@ pub fn semantic_mask(
     let start = scheduler
         .start_call_for_strength(f64::from(options.encode_strength))
         .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-    let t = scheduler.timesteps().get(start).copied().ok_or_else(|| {
-        EngineError::InvalidRequest(format!("the encode strength leaves no step of {}", base.steps))
-    })?;
+    let t =
+        scheduler.timesteps().get(start).copied().ok_or_else(|| {
+            EngineError::InvalidRequest(format!("the encode strength leaves no step of {}", base.steps))
+        })?;
     // The batch is [source, target]: the source prompt in the "negative" slot, the target in the "positive".
     let prompts = Prompts {
         positive: encode_prompt(model, &base.prompt)?,

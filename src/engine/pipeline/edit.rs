@@ -91,7 +91,9 @@ pub fn edit_with(
     };
     model.info.require(wanted)?;
     if request.diffedit.is_some() {
-        return Err(EngineError::InvalidRequest("a DiffEdit request runs through `diffedit`, which returns its mask".into()));
+        return Err(EngineError::InvalidRequest(
+            "a DiffEdit request runs through `diffedit`, which returns its mask".into(),
+        ));
     }
     let base = &request.base;
     let shape = latent_shape(&model.info, base)?;
