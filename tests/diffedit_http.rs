@@ -1,7 +1,8 @@
 //! DiffEdit (`mask: "auto"` on `POST /v1/edits`) end to end on the default model (`models/tiny-shapes`): a
 //! generated red circle is recoloured by prompt, the computed mask comes back as the job's `mask` (a PNG at
 //! `/v1/jobs/{id}/mask`) in both encodings, inpainting with that mask explicitly gives the same picture, the
-//! mask survives a restart and goes with the job; the field rules are `422`s naming the field.
+//! mask survives a restart and goes with the job; identical prompts change nothing; the field rules are `422`s
+//! naming the field.
 
 mod common;
 
@@ -139,6 +140,16 @@ async fn diffedit_recolours_by_prompt_and_returns_its_mask_across_a_restart() {
     let plain_id = plain["id"].as_str().unwrap();
     let (status, _) = get_bytes(&client, server.url(&format!("/v1/jobs/{plain_id}/mask"))).await;
     assert_eq!(status, 404, "a job with a given mask has no computed one");
+
+    // Identical prompts: nothing differs, the mask is empty and the picture comes back as it was.
+    let same = json!({"mode": "inpaint", "image": b64(&picture_png), "mask": "auto", "source_prompt": SOURCE,
+                      "prompt": SOURCE, "seed": 11, "mask_samples": 3});
+    let (_, accepted) = post_json(&client, &server, "/v1/edits", &same).await;
+    let (unchanged, unchanged_picture) = finished(&client, &server, &accepted).await;
+    assert_eq!(unchanged["progress"]["total"].as_u64(), Some(23), "{unchanged}");
+    let (_, empty) = get_bytes(&client, server.url(unchanged["mask"]["url"].as_str().unwrap())).await;
+    assert!(image::load_from_memory(&empty).unwrap().to_luma8().pixels().all(|p| p[0] == 0), "an empty mask");
+    assert_eq!(largest_difference(&unchanged_picture, &picture, |_, _| true), 0);
 
     // The mask survives a restart, and goes with the job.
     server.shutdown().await;
