@@ -77,6 +77,7 @@ fn request_for(case: &Value) -> EditRequest {
         strength: case.get("strength").and_then(Value::as_f64).unwrap_or(1.0) as f32,
         image_guidance_scale: case.get("image_guidance_scale").and_then(Value::as_f64).unwrap_or(1.5) as f32,
         mask_blur: 4,
+        diffedit: None,
     }
 }
 
@@ -184,6 +185,7 @@ fn blended_request(image: RgbImage, mask: GrayImage, strength: f32, mask_blur: u
         strength,
         image_guidance_scale: 1.5,
         mask_blur,
+        diffedit: None,
     }
 }
 

@@ -105,6 +105,7 @@ fn edit_request(case: &Value, mode: EditMode, mask_blur: u32) -> EditRequest {
         strength: case["strength"].as_f64().unwrap() as f32,
         image_guidance_scale: 1.5,
         mask_blur,
+        diffedit: None,
     }
 }
 

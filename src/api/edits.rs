@@ -18,6 +18,7 @@ use super::error::{parse_json, ApiError, ErrorBody};
 use super::images::{ImageFormat, PreviewKind};
 use super::jobs::JobResponse;
 use super::validation;
+use super::validation::AUTO_MASK;
 use super::webhook::{job_webhook, WebhookEvent};
 use super::AppState;
 use crate::auth::Principal;
@@ -36,9 +37,24 @@ pub struct EditImageRequest {
     #[schema(format = Byte)]
     pub image: Option<String>,
     /// `inpaint`: white = repaint, black = keep; or a PNG whose transparent pixels mark the region. Must
-    /// have the image's size. Without a mask, the image's own transparent pixels are the region.
+    /// have the image's size. Without a mask, the image's own transparent pixels are the region. The text
+    /// `auto` computes the mask with DiffEdit from `source_prompt` and `prompt` (returned as the job's `mask`).
     #[schema(format = Byte)]
     pub mask: Option<String>,
+    /// DiffEdit (`mask: "auto"`, mode `inpaint`; required there, refused elsewhere): what the picture shows.
+    /// The mask marks where the model's noise predictions under it and under `prompt` differ.
+    pub source_prompt: Option<String>,
+    /// DiffEdit: how far into the schedule the picture is noised to compare the predictions, in (0, 1]
+    /// (default 0.5).
+    #[schema(minimum = 0, maximum = 1)]
+    pub mask_encode_strength: Option<f32>,
+    /// DiffEdit: noise draws averaged, 1–32 (default 10); each is one denoiser call, counted as a step.
+    #[schema(minimum = 1, maximum = 32)]
+    pub mask_samples: Option<u32>,
+    /// DiffEdit: a latent cell is repainted where its difference exceeds `mask_threshold / 2` times the
+    /// mean difference (diffusers' `mask_thresholding_ratio`; default 3, above 0).
+    #[schema(exclusive_minimum = 0)]
+    pub mask_threshold: Option<f32>,
     /// What the result should show (`instruct`: the instruction).
     pub prompt: String,
     /// What to steer away from.
@@ -130,7 +146,7 @@ pub struct EditImageForm {
     /// The picture to edit.
     #[schema(value_type = String, format = Binary)]
     image: Vec<u8>,
-    /// The mask (see the JSON form).
+    /// The mask (see the JSON form); the text `auto` for a DiffEdit mask.
     #[schema(value_type = Option<String>, format = Binary)]
     mask: Option<Vec<u8>>,
     /// Edit mode.
@@ -226,9 +242,16 @@ async fn read_body(
         .to_ascii_lowercase();
     if content_type.starts_with("multipart/form-data") {
         let form = super::form::read_form(request, state).await?;
-        let fields: EditImageRequest = parse_json(&serde_json::to_vec(&form.values).map_err(ApiError::internal)?)?;
+        let mut fields: EditImageRequest = parse_json(&serde_json::to_vec(&form.values).map_err(ApiError::internal)?)?;
         let image = form.image.ok_or_else(|| ApiError::field("image", "image is required"))?;
-        return Ok((fields, image, form.mask));
+        let mask = match form.mask {
+            Some(bytes) if bytes.trim_ascii() == AUTO_MASK.as_bytes() => {
+                fields.mask = Some(AUTO_MASK.into());
+                None
+            }
+            other => other,
+        };
+        return Ok((fields, image, mask));
     }
     if !content_type.starts_with("application/json") {
         return Err(ApiError::UnsupportedMediaType);
@@ -238,7 +261,13 @@ async fn read_body(
         Some(text) => decode_base64("image", &text)?,
         None => return Err(ApiError::field("image", "image is required")),
     };
-    let mask = fields.mask.take().map(|text| decode_base64("mask", &text)).transpose()?;
+    let mask = match fields.mask.take() {
+        Some(text) if text.trim() == AUTO_MASK => {
+            fields.mask = Some(AUTO_MASK.into());
+            None
+        }
+        other => other.map(|text| decode_base64("mask", &text)).transpose()?,
+    };
     Ok((fields, image, mask))
 }
 

@@ -242,7 +242,7 @@ impl From<crate::jobs::JobsError> for ApiError {
     fn from(e: crate::jobs::JobsError) -> Self {
         use crate::jobs::JobsError;
         match e {
-            JobsError::NotFound(_) | JobsError::NoImage(..) | JobsError::Deleted(_) => {
+            JobsError::NotFound(_) | JobsError::NoImage(..) | JobsError::NoMask(_) | JobsError::Deleted(_) => {
                 ApiError::NotFound(e.to_string())
             }
             JobsError::WrongState { .. } | JobsError::RunningElsewhere(_) => ApiError::Conflict(e.to_string()),

@@ -48,6 +48,9 @@ const NUMERIC_FIELDS: &[&str] = &[
     "output_compression",
     "partial_images",
     "inversion_steps",
+    "mask_encode_strength",
+    "mask_samples",
+    "mask_threshold",
 ];
 
 /// Fields whose multipart text is a list in the JSON form: comma-separated items, or one part per item.

@@ -16,7 +16,7 @@ use crate::jobs::bus::ImageInfo;
 use crate::jobs::progress::Progress;
 use crate::jobs::store::{DeliveryStatus, WebhookState};
 use crate::jobs::time::rfc3339_from_millis;
-use crate::jobs::{Cancelled, ImageRecord, Job, JobStatus, LiveState, Priority};
+use crate::jobs::{has_computed_mask, Cancelled, ImageRecord, Job, JobStatus, LiveState, Priority};
 
 /// A job as clients see it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -53,6 +53,10 @@ pub struct JobResponse {
     pub priority: Priority,
     /// The pictures, once succeeded.
     pub images: Vec<ImageInfo>,
+    /// The mask a DiffEdit job (`mask: "auto"`) computed and inpainted with, once succeeded; absent for
+    /// every other job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskInfo>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
@@ -93,6 +97,13 @@ impl From<WebhookState> for JobWebhookView {
     }
 }
 
+/// Where a job's computed mask is served.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MaskInfo {
+    /// `/v1/jobs/{id}/mask`: a grayscale PNG of the pictures' size, white = repainted.
+    pub url: String,
+}
+
 /// A failed job's error.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobError {
@@ -122,6 +133,8 @@ pub async fn job_response_with(
 ) -> Result<JobResponse, ApiError> {
     let webhook = state.jobs.webhook(&job).await?.map(JobWebhookView::from);
     let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
+    let mask = (job.status == JobStatus::Succeeded && has_computed_mask(&job.params))
+        .then(|| MaskInfo { url: format!("/v1/jobs/{}/mask", job.id) });
     Ok(JobResponse {
         id: job.id,
         status: job.status,
@@ -136,6 +149,7 @@ pub async fn job_response_with(
         attempts: job.attempts,
         priority: Priority::from_value(job.priority),
         images: images.iter().map(ImageInfo::from).collect(),
+        mask,
         error,
         webhook,
     })
@@ -198,6 +212,35 @@ pub async fn get_image(
         [
             (header::CONTENT_TYPE, mime.to_string()),
             (header::ETAG, format!("\"{}\"", record.image.sha256)),
+            (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// Downloads the mask a DiffEdit job (`mask: "auto"`) computed: white where the pictures were repainted.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/mask",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The mask, a grayscale PNG of the pictures' size", content_type = "image/png"),
+        (status = 404, description = "No such job, or a job that computes no mask", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (yet)", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
+pub async fn get_mask(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bytes = state.jobs.mask(&who, parse_id(&id)?).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png".to_string()),
             (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
         ],
         bytes,

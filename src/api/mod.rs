@@ -121,6 +121,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(events::job_events))
         .routes(routes!(events::all_events))
         .routes(routes!(jobs::get_image))
+        .routes(routes!(jobs::get_mask))
         .routes(routes!(models::list_models))
         .routes(routes!(schedulers::list_schedulers))
         .routes(routes!(health::healthz))

@@ -28,7 +28,7 @@ pub use model::{
 pub use params::JobParams;
 pub use positions::QueuePositions;
 pub use service::{
-    Cancelled, EditInputs, Idempotency, JobRequest, JobRules, Jobs, JobsError, LiveState, Priority, Submitted,
-    IDEMPOTENCY_WINDOW,
+    has_computed_mask, Cancelled, EditInputs, Idempotency, JobRequest, JobRules, Jobs, JobsError, LiveState, Priority,
+    Submitted, IDEMPOTENCY_WINDOW,
 };
 pub use store::{JobStore, MAX_ATTEMPTS_EXCEEDED};

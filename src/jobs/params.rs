@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::image::OutputFormat;
 use crate::engine::input::ResizeMode;
-use crate::engine::pipeline::{EditMode, EditRequest, GenerateRequest};
+use crate::engine::pipeline::{DiffEditOptions, EditMode, EditRequest, GenerateRequest};
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::flow_euler::flow_start_call;
 use crate::engine::scheduler::{start_call, Parameterization, SchedulerKind};
@@ -344,6 +344,34 @@ pub struct EditParams {
     /// the edit's parent; jobs stored before it existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_path: Option<String>,
+    /// DiffEdit (`mask: "auto"`): the mask is computed from the prompts when the job runs; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffedit: Option<DiffEditParams>,
+}
+
+/// Stored DiffEdit settings, every default resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiffEditParams {
+    /// What the input picture shows.
+    pub source_prompt: String,
+    /// How far into the schedule the picture is noised for the mask's predictions, in (0, 1].
+    pub mask_encode_strength: f32,
+    /// Noise draws averaged, 1–32.
+    pub mask_samples: u32,
+    /// Clamp ratio of the difference map before binarising (> 0).
+    pub mask_threshold: f32,
+}
+
+impl DiffEditParams {
+    /// The engine's options.
+    pub fn options(&self) -> DiffEditOptions {
+        DiffEditOptions {
+            source_prompt: self.source_prompt.clone(),
+            encode_strength: self.mask_encode_strength,
+            samples: self.mask_samples,
+            threshold: self.mask_threshold,
+        }
+    }
 }
 
 impl EditParams {
@@ -363,13 +391,21 @@ impl EditParams {
             strength: self.strength,
             image_guidance_scale: self.image_guidance_scale,
             mask_blur: self.mask_blur,
+            diffedit: self.diffedit.as_ref().map(DiffEditParams::options),
         })
     }
 
     /// Steps the client will see: img2img and partial-strength inpainting run `strength` of the schedule,
     /// counted as the engine's scheduler family counts them (diffusers' `int(n · strength)` steps for the
-    /// diffusion families; SD3 and Flux start at `int(n − n · strength)`).
+    /// diffusion families; SD3 and Flux start at `int(n − n · strength)`). A DiffEdit job first makes one
+    /// denoiser call per mask sample, and counts them as steps too.
     pub fn visible_steps(&self) -> u32 {
+        let mask_steps = self.diffedit.as_ref().map_or(0, |d| d.mask_samples);
+        self.edit_steps() + mask_steps
+    }
+
+    /// The steps of the edit itself.
+    fn edit_steps(&self) -> u32 {
         let steps = self.generate.steps;
         if self.mode == EditKind::Instruct {
             return steps;

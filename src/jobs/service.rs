@@ -23,7 +23,7 @@ use super::{
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
 use crate::storage::{ImageFiles, StorageError};
-use crate::worker::pool::EncodedImage;
+use crate::worker::pool::{EncodedImage, WorkOutput};
 
 /// How long an `Idempotency-Key` keeps pointing at its job.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -52,6 +52,9 @@ pub enum JobsError {
     /// The job has no image with this index.
     #[error("job `{0}` has no image {1}")]
     NoImage(Uuid, u32),
+    /// The job computes no mask (only DiffEdit jobs, `mask: "auto"`, do).
+    #[error("job `{0}` has no computed mask (only edits with `mask: \"auto\"` have one)")]
+    NoMask(Uuid),
     /// The job is not in a state that allows the operation.
     #[error("job `{id}` is {status}; {why}")]
     WrongState {
@@ -566,6 +569,18 @@ impl Jobs {
         Ok((record, bytes))
     }
 
+    /// The mask `who`'s DiffEdit job `id` computed, as PNG; the job must have succeeded.
+    pub async fn mask(&self, who: &Principal, id: Uuid) -> Result<Vec<u8>, JobsError> {
+        let job = self.find(who, id).await?;
+        if !has_computed_mask(&job.params) {
+            return Err(JobsError::NoMask(id));
+        }
+        if job.status != JobStatus::Succeeded {
+            return Err(JobsError::WrongState { id, status: job.status, why: "its mask exists once it has succeeded" });
+        }
+        self.files.read(&ImageFiles::mask_key(id)).await.map_err(|e| JobsError::Files(e.to_string()))
+    }
+
     /// The stored bytes of an image.
     pub async fn image_bytes(&self, record: &ImageRecord) -> Result<Vec<u8>, JobsError> {
         self.files.read(&record.image.path).await.map_err(|e| JobsError::Files(e.to_string()))
@@ -650,9 +665,15 @@ impl Jobs {
         }
     }
 
-    /// Records a finished job's images, fenced by its lease. The images are stored whole first, so the
-    /// database never points at a missing one.
-    pub async fn succeeded(&self, id: Uuid, owner: &str, format: OutputFormat, images: Vec<EncodedImage>) {
+    /// Records a finished job's images, fenced by its lease. The images (and a DiffEdit job's mask, at
+    /// [`ImageFiles::mask_key`]) are stored whole first, so the database never points at a missing one.
+    pub async fn succeeded(&self, id: Uuid, owner: &str, format: OutputFormat, output: WorkOutput) {
+        let WorkOutput { images, mask } = output;
+        if let Some(mask) = mask {
+            if let Err(e) = self.files.write_mask(id, mask).await {
+                return self.failed(id, owner, "storage_error", &format!("writing the mask: {e}")).await;
+            }
+        }
         let records = match self.store_images(id, format, images).await {
             Ok(records) => records,
             Err(e) => return self.failed(id, owner, "storage_error", &format!("writing images: {e}")).await,
@@ -728,6 +749,11 @@ impl Jobs {
             self.bus.publish(id, EventKind::CANCELLED);
         }
     }
+}
+
+/// Whether a job computes its mask when it runs (a DiffEdit edit).
+pub fn has_computed_mask(params: &JobParams) -> bool {
+    matches!(params, JobParams::Edit(edit) if edit.diffedit.is_some())
 }
 
 /// Whether a fenced write of `what` took effect; a lost lease (the job was deleted, or another attempt owns

@@ -101,6 +101,16 @@ impl ImageFiles {
         format!("images/{job}/{index}.{extension}")
     }
 
+    /// The key of the mask a DiffEdit job computed, beside its images (so it goes with them).
+    pub fn mask_key(job: Uuid) -> String {
+        format!("images/{job}/mask.png")
+    }
+
+    /// Stores the computed mask of `job` whole; returns its key.
+    pub async fn write_mask(&self, job: Uuid, bytes: Vec<u8>) -> Result<String, StorageError> {
+        self.put(Self::mask_key(job), bytes).await
+    }
+
     /// The key of the input `name` stored under `folder`.
     pub fn input_key(folder: Uuid, name: &str) -> String {
         format!("inputs/{folder}/{name}")

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use super::pool::{EncodedImage, Reply, Task, WorkError, WorkItem, WorkOutcome, WorkerPool};
+use super::pool::{EncodedImage, Reply, Task, WorkError, WorkItem, WorkOutcome, WorkOutput, WorkerPool};
 use crate::credentials::{parameters_sha256, ContentCredentials, OutputClaim, Parent};
 use crate::engine::image::OutputFormat;
 use crate::jobs::params::GenerateParams;
@@ -194,8 +194,9 @@ impl Dispatcher {
         drop(idle);
         self.jobs.progress().finish(id);
         match outcome {
-            Some(Ok(images)) => match self.with_credentials(&job, format, images).await {
-                Ok(images) => self.jobs.succeeded(id, owner, format, images).await,
+            Some(Ok(mut output)) => match self.with_credentials(&job, format, std::mem::take(&mut output.images)).await
+            {
+                Ok(images) => self.jobs.succeeded(id, owner, format, WorkOutput { images, ..output }).await,
                 Err(Unrunnable { code, message }) => {
                     error!(%id, code, detail = %message, "signing the job's content credentials failed");
                     self.jobs.failed(id, owner, code, &message).await

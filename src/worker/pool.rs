@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::engine::image::{encode, OutputFormat};
 use crate::engine::model::LoadedModel;
 use crate::engine::pipeline::{
-    edit, text_to_image, text_to_image_cohort, CohortMember, EditRequest, GenerateRequest, StepObserver,
+    diffedit, edit, text_to_image, text_to_image_cohort, CohortMember, EditRequest, GenerateRequest, StepObserver,
 };
 use crate::engine::preview::PreviewMode;
 use crate::engine::runtime::{Device, RunControl, Runtime};
@@ -150,7 +150,16 @@ impl From<EngineError> for WorkError {
 }
 
 /// The result of a work item.
-pub type WorkOutcome = Result<Vec<EncodedImage>, WorkError>;
+pub type WorkOutcome = Result<WorkOutput, WorkError>;
+
+/// What a job made: its encoded pictures and, for a DiffEdit job, the mask they were inpainted with.
+#[derive(Debug, Clone, Default)]
+pub struct WorkOutput {
+    /// The pictures, in index order.
+    pub images: Vec<EncodedImage>,
+    /// DiffEdit's computed mask as PNG (white = repainted), at the pictures' size; `None` for other jobs.
+    pub mask: Option<Vec<u8>>,
+}
 
 /// Why the pool could not start.
 #[derive(Debug, thiserror::Error)]
@@ -527,12 +536,17 @@ fn run(item: &WorkItem, models: &mut [(String, LoadedModel)], progress: &Progres
     let model = find_model(models, &item.model)?;
     let started = std::time::Instant::now();
     let mut observer = JobObserver { board: progress, bus, item, last_step: started, reported: 0 };
-    let images = match &item.task {
-        Task::Generate(request) => text_to_image(model, request, &mut observer)?,
-        Task::Edit(request) => edit(model, request, &mut observer)?,
+    let (images, mask) = match &item.task {
+        Task::Generate(request) => (text_to_image(model, request, &mut observer)?, None),
+        Task::Edit(request) if request.diffedit.is_some() => {
+            let output = diffedit(model, request, &mut observer)?;
+            (output.images, Some(output.mask))
+        }
+        Task::Edit(request) => (edit(model, request, &mut observer)?, None),
     };
     metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
-    encode_images(item, &images)
+    let mask = mask.as_ref().map(mask_png).transpose()?;
+    Ok(WorkOutput { images: encode_images(item, &images)?, mask })
 }
 
 /// Runs text-to-image `items` as one cohort, answering each member as it finishes.
@@ -557,7 +571,10 @@ fn run_cohort(
     metrics::histogram!("denoised_cohort_jobs").record(members.len() as f64);
     text_to_image_cohort(model, members, &mut |index, pictures| {
         let item = &items[index];
-        let outcome = pictures.map_err(WorkError::from).and_then(|pictures| encode_images(item, &pictures));
+        let outcome = pictures
+            .map_err(WorkError::from)
+            .and_then(|pictures| encode_images(item, &pictures))
+            .map(|images| WorkOutput { images, mask: None });
         if outcome.is_ok() {
             metrics::histogram!("denoised_job_seconds").record(started.elapsed().as_secs_f64());
         }
@@ -575,8 +592,15 @@ fn find_model<'m>(models: &'m mut [(String, LoadedModel)], name: &str) -> Result
         .ok_or_else(|| WorkError::Engine { code: "unknown_model", message: format!("model `{name}` is not loaded") })
 }
 
+/// A computed mask as a grayscale PNG.
+fn mask_png(mask: &image::GrayImage) -> Result<Vec<u8>, WorkError> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    mask.write_to(&mut out, image::ImageFormat::Png).map_err(|e| EngineError::Image(e.to_string()))?;
+    Ok(out.into_inner())
+}
+
 /// `images` of `item` encoded in its output format, with their seeds.
-fn encode_images(item: &WorkItem, images: &[image::RgbImage]) -> WorkOutcome {
+fn encode_images(item: &WorkItem, images: &[image::RgbImage]) -> Result<Vec<EncodedImage>, WorkError> {
     let seeds = item.task.base().seeds();
     images
         .iter()

@@ -7,15 +7,18 @@ use std::io::Cursor;
 
 use image::{DynamicImage, GenericImageView, GrayImage, RgbImage};
 
-use super::generate::{generation, in_range};
+use super::generate::{generation, in_range, prompt};
 use super::{named_model, ValidationError};
 use crate::api::edits::EditImageRequest;
 use crate::api::images::GenerateImageRequest;
 use crate::config::LimitsConfig;
 use crate::engine::input::{self, InputImageError, ResizeMode};
 use crate::engine::model::Capability;
+use crate::engine::pipeline::diffedit::{
+    can_diffedit, DEFAULT_ENCODE_STRENGTH, DEFAULT_SAMPLES, DEFAULT_THRESHOLD, MAX_SAMPLES,
+};
 use crate::engine::pipeline::outpaint_canvas;
-use crate::jobs::params::{EditKind, EditParams};
+use crate::jobs::params::{DiffEditParams, EditKind, EditParams};
 use crate::jobs::EditInputs;
 use crate::models::{ModelRegistry, ServedModel};
 
@@ -43,7 +46,15 @@ pub fn edit(
     let mode = fields.mode;
     let served = model_for(models, fields.model.as_deref(), mode)?;
     let multiple = served.info.size_multiple;
-    let (picture, mask) = decode(image, mask, mode, limits)?;
+    let auto = fields.mask.as_deref() == Some(AUTO_MASK);
+    let diffedit = diffedit(mode, &fields, auto, limits)?;
+    if auto {
+        can_diffedit(&served.info).map_err(|e| {
+            ValidationError::field("mask", format!("model `{}` cannot compute DiffEdit masks: {e}", served.name))
+        })?;
+    }
+    let (picture, mask) =
+        if auto { (decode_picture(image, limits)?.to_rgb8(), None) } else { decode(image, mask, mode, limits)? };
     let width = fields.width.unwrap_or_else(|| input::round_to_multiple(picture.width(), multiple));
     let height = fields.height.unwrap_or_else(|| input::round_to_multiple(picture.height(), multiple));
     let resize_mode = fields.resize_mode.map(ResizeMode::from).unwrap_or_default();
@@ -101,6 +112,7 @@ pub fn edit(
         image_path: String::new(),
         mask_path: None,
         original_path: None,
+        diffedit,
     };
     Ok(PreparedEdit { model, params, inputs })
 }
@@ -157,6 +169,65 @@ fn image_error(field: &'static str, e: InputImageError) -> ValidationError {
     ValidationError::field(field, format!("{field}: {e}"))
 }
 
+/// The `mask` value that asks for a DiffEdit mask.
+pub const AUTO_MASK: &str = "auto";
+
+/// DiffEdit's fields: with `mask: "auto"`, mode `inpaint` and a `source_prompt` are required and the mask
+/// knobs take diffusers' defaults (`mask_encode_strength` 0.5 in (0, 1], `mask_samples` 10 in 1–32,
+/// `mask_threshold` 3 above 0); without it, any of them is an error naming it.
+pub fn diffedit(
+    mode: EditKind,
+    fields: &EditImageRequest,
+    auto: bool,
+    limits: &LimitsConfig,
+) -> Result<Option<DiffEditParams>, ValidationError> {
+    if !auto {
+        let given = [
+            ("source_prompt", fields.source_prompt.is_some()),
+            ("mask_encode_strength", fields.mask_encode_strength.is_some()),
+            ("mask_samples", fields.mask_samples.is_some()),
+            ("mask_threshold", fields.mask_threshold.is_some()),
+        ];
+        return match given.into_iter().find(|(_, given)| *given) {
+            Some((name, _)) => {
+                Err(ValidationError::field(name, format!("{name} is only used with `mask: \"auto\"` (DiffEdit)")))
+            }
+            None => Ok(None),
+        };
+    }
+    if mode != EditKind::Inpaint {
+        return Err(ValidationError::field(
+            "mask",
+            format!("`mask: \"auto\"` (DiffEdit) needs mode `inpaint`, not `{}`", mode.name()),
+        ));
+    }
+    let source_prompt = fields.source_prompt.clone().ok_or_else(|| {
+        ValidationError::field("source_prompt", "`mask: \"auto\"` needs a source_prompt: what the picture shows")
+    })?;
+    prompt("source_prompt", &source_prompt, limits, true)?;
+    let mask_encode_strength = fields.mask_encode_strength.unwrap_or(DEFAULT_ENCODE_STRENGTH);
+    if !(mask_encode_strength.is_finite() && mask_encode_strength > 0.0 && mask_encode_strength <= 1.0) {
+        return Err(ValidationError::field("mask_encode_strength", "mask_encode_strength must be in (0, 1]"));
+    }
+    let mask_samples = fields.mask_samples.unwrap_or(DEFAULT_SAMPLES);
+    if !(1..=MAX_SAMPLES).contains(&mask_samples) {
+        return Err(ValidationError::field(
+            "mask_samples",
+            format!("mask_samples must be between 1 and {MAX_SAMPLES}"),
+        ));
+    }
+    let mask_threshold = fields.mask_threshold.unwrap_or(DEFAULT_THRESHOLD);
+    if !(mask_threshold.is_finite() && mask_threshold > 0.0) {
+        return Err(ValidationError::field("mask_threshold", "mask_threshold must be a positive number"));
+    }
+    Ok(Some(DiffEditParams { source_prompt, mask_encode_strength, mask_samples, mask_threshold }))
+}
+
+/// Decodes the picture under the input limits (checked before any pixel is decoded).
+fn decode_picture(image: &[u8], limits: &LimitsConfig) -> Result<DynamicImage, ValidationError> {
+    input::decode(image, limits.max_input_side, limits.max_input_pixels).map_err(|e| image_error("image", e))
+}
+
 /// Decodes the picture and the mask under the input limits (checked before any pixel is decoded). Inpaint
 /// without a mask takes the picture's own transparent pixels; a mask for any other mode is refused.
 pub fn decode(
@@ -165,8 +236,7 @@ pub fn decode(
     mode: EditKind,
     limits: &LimitsConfig,
 ) -> Result<(RgbImage, Option<GrayImage>), ValidationError> {
-    let decoded =
-        input::decode(image, limits.max_input_side, limits.max_input_pixels).map_err(|e| image_error("image", e))?;
+    let decoded = decode_picture(image, limits)?;
     let mask = match (mask, mode) {
         (Some(_), mode) if mode != EditKind::Inpaint => {
             return Err(ValidationError::field(
@@ -386,6 +456,55 @@ mod tests {
         for (field, patch, image, mask) in cases {
             let error = run(patch, image, mask).expect_err(field);
             assert_eq!(error.field_name(), Some(field), "{error}");
+        }
+    }
+
+    #[test]
+    fn diffedit_takes_mask_auto_with_a_source_prompt_and_defaults() {
+        let good = picture(64, 64, false);
+        let auto = json!({"mode": "inpaint", "mask": "auto", "source_prompt": "a red fox", "steps": 20});
+        let prepared = run(auto, &good, None).unwrap();
+        assert!(prepared.inputs.mask_png.is_none(), "the mask is computed when the job runs");
+        let diffedit = prepared.params.diffedit.clone().expect("DiffEdit settings");
+        assert_eq!(diffedit.source_prompt, "a red fox");
+        assert_eq!((diffedit.mask_encode_strength, diffedit.mask_samples, diffedit.mask_threshold), (0.5, 10, 3.0));
+        assert_eq!(prepared.params.visible_steps(), 30, "20 inpainting steps and 10 mask draws");
+        // A picture with transparent pixels does not bring its own mask along.
+        let holed = json!({"mode": "inpaint", "mask": "auto", "source_prompt": "a fox", "mask_samples": 3});
+        let prepared = run(holed, &picture(64, 64, true), None).unwrap();
+        assert!(prepared.inputs.mask_png.is_none());
+        assert_eq!(prepared.params.diffedit.map(|d| d.mask_samples), Some(3));
+    }
+
+    #[test]
+    fn diffedit_mistakes_are_named() {
+        let good = picture(64, 64, false);
+        let marked = mask(64, 64, true);
+        let auto = |patch: serde_json::Value| {
+            let mut fields = json!({"mode": "inpaint", "mask": "auto", "source_prompt": "a fox"});
+            for (key, value) in patch.as_object().expect("patch object") {
+                fields[key] = value.clone();
+            }
+            fields
+        };
+        type Case<'a> = (&'static str, serde_json::Value, Option<&'a [u8]>);
+        let cases: [Case; 12] = [
+            ("mask", auto(json!({"mode": "img2img"})), None),
+            ("mask", auto(json!({"mode": "outpaint", "right": 8})), None),
+            ("source_prompt", json!({"mode": "inpaint", "mask": "auto"}), None),
+            ("source_prompt", auto(json!({"source_prompt": " "})), None),
+            ("source_prompt", json!({"mode": "inpaint", "source_prompt": "a fox"}), Some(&marked)),
+            ("mask_samples", json!({"mask_samples": 4}), None),
+            ("mask_encode_strength", auto(json!({"mask_encode_strength": 0.0})), None),
+            ("mask_encode_strength", auto(json!({"mask_encode_strength": 1.5})), None),
+            ("mask_samples", auto(json!({"mask_samples": 0})), None),
+            ("mask_samples", auto(json!({"mask_samples": 33})), None),
+            ("mask_threshold", auto(json!({"mask_threshold": 0.0})), None),
+            ("mask_threshold", auto(json!({"mask_threshold": -1.0})), None),
+        ];
+        for (field, patch, mask) in cases {
+            let error = run(patch.clone(), &good, mask).expect_err(field);
+            assert_eq!(error.field_name(), Some(field), "{patch}: {error}");
         }
     }
 

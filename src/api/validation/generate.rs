@@ -84,7 +84,12 @@ pub fn generation(
 
 /// A prompt: with at least one visible character when `required`, at most `limits.max_prompt_chars`
 /// characters.
-fn prompt(field: &'static str, text: &str, limits: &LimitsConfig, required: bool) -> Result<(), ValidationError> {
+pub(super) fn prompt(
+    field: &'static str,
+    text: &str,
+    limits: &LimitsConfig,
+    required: bool,
+) -> Result<(), ValidationError> {
     if required && !text.chars().any(visible) {
         return Err(ValidationError::field(field, format!("{field} must have visible characters")));
     }

@@ -8,7 +8,7 @@ mod edit;
 mod generate;
 
 pub use detect::{carries_watermark, detection, PreparedDetection};
-pub use edit::{edit, PreparedEdit};
+pub use edit::{edit, PreparedEdit, AUTO_MASK};
 pub use generate::{generation, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 
 use crate::models::{ModelRegistry, ServedModel};

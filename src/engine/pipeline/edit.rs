@@ -51,6 +51,9 @@ pub struct EditRequest {
     /// only). The feather runs inwards from the mask's edge, so pixels outside the mask are always kept
     /// exactly; 0 = hard edge.
     pub mask_blur: u32,
+    /// DiffEdit: compute the mask from the prompts instead of taking `mask` (run with
+    /// [`super::diffedit::diffedit`], which returns the mask with the pictures). `None` for every other edit.
+    pub diffedit: Option<super::diffedit::DiffEditOptions>,
 }
 
 /// Runs an edit and returns one picture per requested image (`base.images`, per-image seeds as for generation).
@@ -87,6 +90,11 @@ pub fn edit_with(
         EditMode::Instruct => Capability::Instruct,
     };
     model.info.require(wanted)?;
+    if request.diffedit.is_some() {
+        return Err(EngineError::InvalidRequest(
+            "a DiffEdit request runs through `diffedit`, which returns its mask".into(),
+        ));
+    }
     let base = &request.base;
     let shape = latent_shape(&model.info, base)?;
     if request.image.dimensions() != (base.width, base.height) {

@@ -3,6 +3,7 @@
 pub mod cohort;
 pub mod conditioning;
 mod denoise;
+pub mod diffedit;
 pub mod edit;
 pub mod guidance;
 pub mod invert;
@@ -15,6 +16,7 @@ mod text_to_image;
 pub mod vae;
 
 pub use cohort::{can_share, text_to_image_cohort, CohortMember};
+pub use diffedit::{diffedit, DiffEditOptions, DiffEditOutput};
 pub use edit::{edit, edit_with, outpaint_canvas, EditMode, EditRequest};
 pub use noise::BatchNoise;
 pub use text_to_image::{text_to_image, text_to_image_with, GenerateRequest};
