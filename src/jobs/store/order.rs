@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::super::error::StoreError;
 use super::rows::{non_negative, parse_uuid};
-use super::JobStore;
+use super::{Dialect, JobStore};
 
 /// A queued job as the order needs it: id, owner (`''` for none), priority, created_at.
 type Waiting = (String, String, i64, i64);
@@ -41,36 +41,65 @@ impl JobStore {
     /// when the job is not queued.
     pub async fn position_among_own(&self, id: Uuid) -> Result<Option<Option<u64>>, StoreError> {
         let id = id.to_string();
-        on_read!(self, pool, _d => {
+        on_read!(self, pool, dialect => {
+            // One snapshot for every read: a job claimed between two of them must not be counted by one and
+            // not the other.
+            let mut tx = pool.begin().await?;
             let job: Option<(String, String, i64, i64)> = sqlx::query_as(
                 "SELECT status, COALESCE(owner, ''), priority, created_at FROM jobs WHERE id = $1",
             )
             .bind(&id)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
             let Some((status, owner, priority, created_at)) = job else { return Ok(Some(None)) };
             if status != "queued" {
                 return Ok(Some(None));
             }
-            let others: Option<i32> = sqlx::query_scalar(
-                "SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND COALESCE(owner, '') <> $2 LIMIT 1",
+            // Another owner (NULL and '' are one owner) at this priority: each probe is one seek in the claim
+            // index, which orders a level's jobs by owner.
+            let others: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND owner < $2) \
+                     OR EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND owner > $2) \
+                     OR ($2 <> '' AND EXISTS (SELECT 1 FROM jobs \
+                         WHERE status = 'queued' AND priority = $1 AND owner IS NULL))",
             )
             .bind(priority)
             .bind(&owner)
-            .fetch_optional(pool)
+            .fetch_one(&mut *tx)
             .await?;
-            if others.is_some() {
+            if others {
                 return Ok(None);
             }
-            let (ahead,): (i64,) = sqlx::query_as(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > $1 OR (priority = $1 AND \
-                 (created_at < $2 OR (created_at = $2 AND id < $3))))",
-            )
-            .bind(priority)
-            .bind(created_at)
-            .bind(&id)
-            .fetch_one(pool)
-            .await?;
+            let ahead: i64 = match dialect {
+                // Everything queued at higher priorities and at this one (kept per level by triggers), less
+                // this job and the owner's jobs queued after it (a short range of the claim index).
+                Dialect::Sqlite => {
+                    sqlx::query_scalar(
+                        "SELECT (SELECT COALESCE(SUM(queued), 0) FROM queue_levels WHERE priority >= $1) - 1 \
+                             - (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = $1 AND owner = $2 \
+                                AND (created_at > $3 OR (created_at = $3 AND id > $4))) \
+                             - (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = $1 AND owner IS NULL \
+                                AND $2 = '' AND (created_at > $3 OR (created_at = $3 AND id > $4)))",
+                    )
+                    .bind(priority)
+                    .bind(&owner)
+                    .bind(created_at)
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                }
+                Dialect::Postgres => {
+                    sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > $1 OR (priority = $1 AND \
+                         (created_at < $2 OR (created_at = $2 AND id < $3))))",
+                    )
+                    .bind(priority)
+                    .bind(created_at)
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                }
+            };
             Ok(Some(Some(non_negative("jobs", "count", ahead)?)))
         })
     }

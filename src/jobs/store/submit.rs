@@ -57,11 +57,15 @@ macro_rules! replay {
     }};
 }
 
-/// Queued jobs, counted inside the transaction `$tx`.
+/// Queued jobs, counted inside the transaction `$tx`: on SQLite from the per-priority counts its triggers
+/// keep (`queue_levels`), on PostgreSQL by counting the rows.
 macro_rules! queued_count {
-    ($tx:expr) => {{
-        let (queued,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *$tx).await?;
+    ($tx:expr, $dialect:expr) => {{
+        let sql = match $dialect {
+            Dialect::Sqlite => "SELECT COALESCE(SUM(queued), 0) FROM queue_levels",
+            Dialect::Postgres => "SELECT COUNT(*) FROM jobs WHERE status = 'queued'",
+        };
+        let (queued,): (i64,) = sqlx::query_as(sql).fetch_one(&mut *$tx).await?;
         non_negative("jobs", "count", queued)?
     }};
 }
@@ -70,13 +74,13 @@ macro_rules! queued_count {
 /// bytes at their limits, counted inside the caller's write transaction `$tx` (which holds the submission
 /// lock), so racing submissions cannot overshoot them.
 macro_rules! refusal {
-    ($tx:expr, $new:expr, $limits:expr, $queued:expr) => {{
+    ($tx:expr, $dialect:expr, $new:expr, $limits:expr, $queued:expr) => {{
         let (new, limits, known): (&NewJob, SubmitLimits, Option<u64>) = ($new, $limits, $queued);
         let mut refusal = None;
         if limits.max_queued != u64::MAX {
             let queued = match known {
                 Some(queued) => queued,
-                None => queued_count!($tx),
+                None => queued_count!($tx, $dialect),
             };
             if queued >= limits.max_queued {
                 refusal = Some(Submission::QueueFull { queued });
@@ -229,7 +233,7 @@ macro_rules! submit_in {
                     return Ok((answer, true));
                 }
             }
-            if let Some(refusal) = refusal!($tx, new, limits, $queued) {
+            if let Some(refusal) = refusal!($tx, dialect, new, limits, $queued) {
                 return Ok((refusal, false));
             }
             if let (Some(owner), Some(rate)) = (owner, limits.rate_per_minute) {
@@ -453,7 +457,7 @@ async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Re
 
 /// Queued jobs, inside the group's transaction.
 async fn count_queued(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<u64, StoreError> {
-    Ok(queued_count!(*tx))
+    Ok(queued_count!(*tx, Dialect::Sqlite))
 }
 
 /// One submission of a group inside its own savepoint: kept when it inserted or changed state that must

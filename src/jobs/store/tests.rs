@@ -250,6 +250,57 @@ async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
     }
 }
 
+/// SQLite's per-priority queue counts (`queue_levels`, kept by triggers) match the queued rows after every
+/// kind of change: submissions at several priorities, claims, a release, a cancel, a deletion, a failure,
+/// start-up recovery and a group of submissions.
+#[tokio::test]
+async fn the_queue_counts_follow_every_change_to_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    async fn check(store: &JobStore, when: &str) {
+        let pool = sqlite_read(store);
+        let counted: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority ORDER BY priority",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let kept: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT priority, queued FROM queue_levels WHERE queued > 0 ORDER BY priority")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(kept, counted, "after {when}");
+    }
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(store.insert(new_job(i % 3 - 1)).await.unwrap().id);
+    }
+    check(&store, "inserts").await;
+    let claimed = store.claim("w", LEASE).await.unwrap().unwrap();
+    let second = store.claim("w", LEASE).await.unwrap().unwrap();
+    check(&store, "claims").await;
+    assert!(store.release(claimed.id, "w").await.unwrap());
+    check(&store, "a release").await;
+    assert!(store.cancel_queued(ids[0]).await.unwrap());
+    check(&store, "a cancel").await;
+    assert!(store.delete(ids[3]).await.unwrap());
+    check(&store, "a deletion").await;
+    assert!(store.fail(second.id, "w", "boom", "failed").await.unwrap());
+    check(&store, "a failure").await;
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    store.recover_all_running().await.unwrap();
+    check(&store, "recovery").await;
+    let limits = SubmitLimits { max_queued: 1000, ..SubmitLimits::NONE };
+    let group = (0..20).map(|i| store.submit(new_job(i % 2), None, limits));
+    for outcome in futures_util::future::join_all(group).await {
+        assert!(matches!(outcome.unwrap(), Submission::Created(_)));
+    }
+    check(&store, "a group of submissions").await;
+    let queued = store.count_by_status().await.unwrap();
+    assert!(queued.queued > 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn submissions_sent_together_share_commits_with_exact_limits() {
     let dir = tempfile::tempdir().unwrap();
