@@ -164,7 +164,9 @@ async fn a_server_on_a_bucket_stores_runs_serves_and_deletes_jobs() {
     assert_eq!((images_of(gen_id), images_of(edit_id)), (1, 1), "{all:?}");
     let inputs: Vec<&String> = all.iter().filter(|k| k.starts_with(&format!("{PREFIX}/inputs/"))).collect();
     let named = |name: &str| inputs.iter().filter(|k| k.ends_with(&format!("/{name}"))).count();
-    assert_eq!((named("latents.npy"), named("image.png"), named("mask.png"), inputs.len()), (1, 1, 1, 3), "{all:?}");
+    // The edit keeps its prepared picture and mask and, for content credentials, the picture as it was sent.
+    let counts = (named("latents.npy"), named("image.png"), named("mask.png"), named("original.png"), inputs.len());
+    assert_eq!(counts, (1, 1, 1, 1, 4), "{all:?}");
     assert!(!server.dir.path().join("images").exists() && !server.dir.path().join("inputs").exists());
 
     // Deleting the jobs removes their objects.
