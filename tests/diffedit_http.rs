@@ -22,11 +22,7 @@ const TARGET: &str = "a large yellow circle left on a blue background";
 
 /// The test config serving the default model, with its data in `data`.
 fn shapes_toml(data: &Path) -> String {
-    let fixture = common::fixture("tiny-sd").display().to_string();
-    let shapes = common::root().join("models/tiny-shapes").display().to_string();
-    common::test_config_toml(data, "")
-        .replace(&fixture, &shapes)
-        .replace("name = \"tiny-sd\"", "name = \"tiny-shapes\"\nguidance_scale = 2.5")
+    common::shapes_config_toml(data, "")
 }
 
 fn png(image: &DynamicImage) -> Vec<u8> {
@@ -95,6 +91,15 @@ async fn diffedit_recolours_by_prompt_and_returns_its_mask_across_a_restart() {
     // Ten mask draws, then twenty inpainting steps, counted as one run.
     assert_eq!((job["progress"]["step"].as_u64(), job["progress"]["total"].as_u64()), (Some(30), Some(30)), "{job}");
     assert_eq!(job["mask"]["url"], format!("/v1/jobs/{id}/mask"));
+    // A follower of the finished job gets its `completed` event with the same mask.
+    let events = client.get(server.url(&format!("/v1/jobs/{id}/events"))).send().await.unwrap().text().await.unwrap();
+    let completed = events
+        .split("\n\n")
+        .find(|block| block.lines().any(|line| line == "event: completed"))
+        .and_then(|block| block.lines().find_map(|line| line.strip_prefix("data: ")))
+        .unwrap_or_else(|| panic!("no completed event in {events}"));
+    let completed: Value = serde_json::from_str(completed).unwrap();
+    assert_eq!(completed["mask"]["url"], format!("/v1/jobs/{id}/mask"), "{completed}");
 
     let response = client.get(server.url(&format!("/v1/jobs/{id}/mask"))).send().await.unwrap();
     assert_eq!(response.status(), 200);

@@ -22,34 +22,9 @@ fn bearer(key: &str) -> String {
 /// The test config on the default model, with keys on and a server watermark (`watermark` adds keys to its
 /// section).
 fn config(dir: &std::path::Path, watermark: &str) -> String {
-    format!(
-        r#"
-[server]
-bind = "127.0.0.1:0"
-shutdown_grace_seconds = 5
-[storage]
-data_dir = "{data}"
-database_url = "sqlite://{data}/denoised.db"
-[runtime]
-onnxruntime_library = "{ort}"
-[queue]
-poll_millis = 50
-[auth]
-enabled = true
-[watermark]
-secret = "{SERVER_SECRET}"
-{watermark}
-[[models]]
-name = "tiny-shapes"
-path = "{model}"
-guidance_scale = 2.5
-[[workers]]
-device = "cpu"
-threads = 1
-"#,
-        data = dir.display(),
-        ort = common::ort_library().display(),
-        model = common::root().join("models/tiny-shapes").display(),
+    common::shapes_config_toml(
+        dir,
+        &format!("[auth]\nenabled = true\n[watermark]\nsecret = \"{SERVER_SECRET}\"\n{watermark}"),
     )
 }
 

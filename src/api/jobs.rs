@@ -12,7 +12,7 @@ use super::error::{ApiError, AppJson, ErrorBody};
 use super::AppState;
 use crate::auth::Principal;
 use crate::engine::image::OutputFormat;
-use crate::jobs::bus::ImageInfo;
+use crate::jobs::bus::{ImageInfo, MaskInfo};
 use crate::jobs::progress::Progress;
 use crate::jobs::store::{DeliveryStatus, WebhookState};
 use crate::jobs::time::rfc3339_from_millis;
@@ -97,13 +97,6 @@ impl From<WebhookState> for JobWebhookView {
     }
 }
 
-/// Where a job's computed mask is served.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct MaskInfo {
-    /// `/v1/jobs/{id}/mask`: a grayscale PNG of the pictures' size, white = repainted.
-    pub url: String,
-}
-
 /// A failed job's error.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobError {
@@ -133,8 +126,7 @@ pub async fn job_response_with(
 ) -> Result<JobResponse, ApiError> {
     let webhook = state.jobs.webhook(&job).await?.map(JobWebhookView::from);
     let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
-    let mask = (job.status == JobStatus::Succeeded && has_computed_mask(&job.params))
-        .then(|| MaskInfo { url: format!("/v1/jobs/{}/mask", job.id) });
+    let mask = (job.status == JobStatus::Succeeded && has_computed_mask(&job.params)).then(|| MaskInfo::of(job.id));
     Ok(JobResponse {
         id: job.id,
         status: job.status,

@@ -139,6 +139,23 @@ pub struct ProgressEvent {
 pub struct CompletedEvent {
     /// The pictures.
     pub images: Vec<ImageInfo>,
+    /// The mask a DiffEdit job (`mask: "auto"`) computed and inpainted with; absent for other jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskInfo>,
+}
+
+/// Where a job's computed mask is served, as job views and `completed` events describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MaskInfo {
+    /// `/v1/jobs/{id}/mask`: a grayscale PNG of the pictures' size, white = repainted.
+    pub url: String,
+}
+
+impl MaskInfo {
+    /// The mask of the job `id`.
+    pub fn of(id: uuid::Uuid) -> Self {
+        Self { url: format!("/v1/jobs/{id}/mask") }
+    }
 }
 
 /// Failed for good.

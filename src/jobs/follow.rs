@@ -17,7 +17,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
-use super::bus::{AllJobsFollower, CompletedEvent, EventKind, EventOwner, ImageInfo, JobEvent, Snapshot, StartedEvent};
+use super::bus::{
+    AllJobsFollower, CompletedEvent, EventKind, EventOwner, ImageInfo, JobEvent, MaskInfo, Snapshot, StartedEvent,
+};
 use super::service::{Jobs, JobsError};
 use super::{Job, JobStatus};
 use crate::auth::Principal;
@@ -119,7 +121,11 @@ impl Jobs {
         match job.status {
             JobStatus::Succeeded => {
                 let images = self.store.images(job.id).await.ok()?;
-                Some(EventKind::Completed(CompletedEvent { images: images.iter().map(ImageInfo::from).collect() }))
+                let mask = super::has_computed_mask(&job.params).then(|| MaskInfo::of(job.id));
+                Some(EventKind::Completed(CompletedEvent {
+                    images: images.iter().map(ImageInfo::from).collect(),
+                    mask,
+                }))
             }
             JobStatus::Failed => Some(EventKind::failed(
                 job.error_code.clone().unwrap_or_default(),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::image::OutputFormat;
 use crate::engine::input::ResizeMode;
-use crate::engine::pipeline::{DiffEditOptions, EditMode, EditRequest, GenerateRequest};
+use crate::engine::pipeline::{DiffEditOptions, EditMode, EditRequest, GenerateRequest, ScheduleKey};
 use crate::engine::preview::PreviewMode;
 use crate::engine::scheduler::flow_euler::flow_start_call;
 use crate::engine::scheduler::{start_call, Parameterization, SchedulerKind};
@@ -95,8 +95,9 @@ impl JobParams {
     pub fn batch_key(&self, model: &str) -> Option<String> {
         match self {
             JobParams::Generate(p) => {
-                let guided = if p.guidance_scale > 1.0 { "guided" } else { "unguided" };
-                Some(format!("{model}|{}x{}|{}|{}|{guided}", p.width, p.height, p.steps, p.scheduler))
+                let scheduler = SchedulerKind::from_request_name(&p.scheduler)?;
+                let key = ScheduleKey::new(p.width, p.height, p.steps, scheduler, p.guidance_scale);
+                Some(format!("{model}|{}", key.label()))
             }
             JobParams::Edit(_) | JobParams::Unreadable { .. } => None,
         }
@@ -433,6 +434,22 @@ mod tests {
         "guidance_scale":7.5,"scheduler":"euler","seed":12,"n":1,"output_format":"webp","mode":"img2img",
         "strength":0.6,"image_guidance_scale":1.5,"mask_blur":4,"resize_mode":"crop",
         "image_path":"inputs/8a3f87f3-ca86-4eac-bd52-03872f21b516/image.png"}"#;
+
+    #[test]
+    fn the_batch_key_is_the_engines_schedule_key_in_its_stored_form() {
+        let params = JobParams::decode("generate", GENERATE_ROW).unwrap();
+        // The form queued rows already carry: it must not change between releases.
+        assert_eq!(params.batch_key("tiny-sd").as_deref(), Some("tiny-sd|64x64|4|ddim|guided"));
+        let JobParams::Generate(generate) = &params else { unreachable!() };
+        let request = generate.to_request(None).unwrap();
+        let engine = ScheduleKey::of(&request).label();
+        assert_eq!(params.batch_key("tiny-sd"), Some(format!("tiny-sd|{engine}")));
+        let mut unguided = generate.clone();
+        unguided.guidance_scale = 1.0;
+        assert_eq!(JobParams::Generate(unguided).batch_key("m").as_deref(), Some("m|64x64|4|ddim|unguided"));
+        let edit = JobParams::decode("edit", EDIT_ROW).unwrap();
+        assert_eq!(edit.batch_key("m"), None, "edits run alone");
+    }
 
     #[test]
     fn rows_of_the_previous_layout_decode_to_their_kind_and_encode_back_the_same() {

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, StartedEvent};
+use super::bus::{CompletedEvent, EventBus, EventKind, ImageInfo, MaskInfo, StartedEvent};
 use super::params::JobParams;
 use super::progress::{Progress, ProgressBoard, StopReason};
 use super::store::JobWebhook;
@@ -669,6 +669,7 @@ impl Jobs {
     /// [`ImageFiles::mask_key`]) are stored whole first, so the database never points at a missing one.
     pub async fn succeeded(&self, id: Uuid, owner: &str, format: OutputFormat, output: WorkOutput) {
         let WorkOutput { images, mask } = output;
+        let computed_mask = mask.is_some().then(|| MaskInfo::of(id));
         if let Some(mask) = mask {
             if let Err(e) = self.files.write_mask(id, mask).await {
                 return self.failed(id, owner, "storage_error", &format!("writing the mask: {e}")).await;
@@ -683,7 +684,7 @@ impl Jobs {
                 info!(%id, images = records.len(), "job succeeded");
                 metrics::counter!("denoised_jobs_total", "outcome" => "succeeded").increment(1);
                 let images = records.iter().map(|r| ImageInfo::new(id, r)).collect();
-                self.bus.publish(id, EventKind::Completed(CompletedEvent { images }));
+                self.bus.publish(id, EventKind::Completed(CompletedEvent { images, mask: computed_mask }));
             }
             Ok(false) => {
                 if matches!(self.store.get(id).await, Ok(None)) {

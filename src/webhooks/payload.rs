@@ -2,7 +2,9 @@
 //! [`JobEvent`]) plus `timestamp`, the RFC 3339 time of the event. A terminal event's body is built from the
 //! job's stored end state, which never changes, so every attempt sends the same bytes.
 
-use crate::jobs::bus::{CancelledEvent, CompletedEvent, EventKind, EventOwner, ImageInfo, JobEvent, StartedEvent};
+use crate::jobs::bus::{
+    CancelledEvent, CompletedEvent, EventKind, EventOwner, ImageInfo, JobEvent, MaskInfo, StartedEvent,
+};
 use crate::jobs::store::ClaimedDelivery;
 use crate::jobs::time::rfc3339_from_millis;
 use crate::jobs::{ImageRecord, Job, JobStatus};
@@ -48,7 +50,14 @@ pub fn body(
                     info
                 })
                 .collect();
-            EventKind::Completed(CompletedEvent { images })
+            let mask = crate::jobs::has_computed_mask(&job.params).then(|| {
+                let mut mask = MaskInfo::of(job.id);
+                if let Some(base) = public_url {
+                    mask.url = format!("{base}{}", mask.url);
+                }
+                mask
+            });
+            EventKind::Completed(CompletedEvent { images, mask })
         }
         "failed" if job.status == JobStatus::Failed => {
             EventKind::failed(job.error_code.clone().unwrap_or_default(), job.error_message.clone().unwrap_or_default())

@@ -100,6 +100,23 @@ pub fn test_config_toml_with_server(data_dir: &Path, server: &str, extra: &str) 
 
 /// The test config with keys added to `[server]`, `[queue]` (or new sections) and the model's table.
 pub fn test_config_toml_full(data_dir: &Path, server: &str, extra: &str, model_extra: &str) -> String {
+    let model = format!("name = \"tiny-sd\"\npath = \"{}\"\n{model_extra}", fixture("tiny-sd").display());
+    config_toml(data_dir, server, extra, &model)
+}
+
+/// The test config serving the default model (`models/tiny-shapes`, at the guidance its scores were measured
+/// at) instead of the `tiny-sd` fixture, with keys added to `[queue]` (or new sections).
+pub fn shapes_config_toml(data_dir: &Path, extra: &str) -> String {
+    let model = format!(
+        "name = \"tiny-shapes\"\npath = \"{}\"\nguidance_scale = 2.5",
+        root().join("models/tiny-shapes").display()
+    );
+    config_toml(data_dir, "", extra, &model)
+}
+
+/// The test config with keys added to `[server]` and `[queue]` (or new sections), serving the model whose
+/// `[[models]]` table holds `model`.
+fn config_toml(data_dir: &Path, server: &str, extra: &str, model: &str) -> String {
     format!(
         r#"
 [server]
@@ -116,17 +133,13 @@ lease_seconds = 5
 poll_millis = 100
 {extra}
 [[models]]
-name = "tiny-sd"
-path = "{model}"
-{model_extra}
+{model}
 [[workers]]
 device = "cpu"
 threads = 1
 "#,
         data = data_dir.display(),
         ort = ort_library().display(),
-        model = fixture("tiny-sd").display(),
-        model_extra = model_extra,
     )
 }
 

@@ -21,7 +21,7 @@ use super::vae::{decode, render_preview, ShiftOnDecode};
 use super::{GenerateRequest, RunExtras, StepObserver};
 use crate::engine::error::EngineError;
 use crate::engine::model::LoadedModel;
-use crate::engine::scheduler::{Scheduler, StepInput};
+use crate::engine::scheduler::{Scheduler, SchedulerKind, StepInput};
 
 /// One job of a cohort: its request and where its progress goes.
 pub struct CohortMember<'a> {
@@ -31,12 +31,40 @@ pub struct CohortMember<'a> {
     pub observer: &'a mut dyn StepObserver,
 }
 
-/// Whether two requests walk the same schedule and may share denoiser calls: same picture size, scheduler,
-/// step count and number of guidance branches (guidance on or off). Guidance scales, prompts, seeds and image
-/// counts may differ.
+/// What text-to-image runs must have in common to share denoiser calls: the same picture size, scheduler,
+/// step count and number of guidance branches (guidance on or off); guidance scales, prompts, seeds and image
+/// counts may differ. The one home of that rule: the engine forms cohorts by it ([`can_share`]) and the job
+/// store finds queued jobs that can join one by its [`label`](Self::label) (`JobParams::batch_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduleKey {
+    width: u32,
+    height: u32,
+    steps: u32,
+    scheduler: SchedulerKind,
+    guided: bool,
+}
+
+impl ScheduleKey {
+    /// The key of a run of `width × height` pictures over `steps` steps of `scheduler` at `guidance_scale`.
+    pub fn new(width: u32, height: u32, steps: u32, scheduler: SchedulerKind, guidance_scale: f32) -> Self {
+        Self { width, height, steps, scheduler, guided: guidance_scale > 1.0 }
+    }
+
+    /// The key of `request`.
+    pub fn of(request: &GenerateRequest) -> Self {
+        Self::new(request.width, request.height, request.steps, request.scheduler, request.guidance_scale)
+    }
+
+    /// The key as text, `64x64|20|euler|guided`: stored with queued jobs, so it must stay stable.
+    pub fn label(&self) -> String {
+        let guided = if self.guided { "guided" } else { "unguided" };
+        format!("{}x{}|{}|{}|{guided}", self.width, self.height, self.steps, self.scheduler.name())
+    }
+}
+
+/// Whether two requests walk the same schedule and may share denoiser calls (same [`ScheduleKey`]).
 pub fn can_share(a: &GenerateRequest, b: &GenerateRequest) -> bool {
-    (a.width, a.height, a.steps, a.scheduler) == (b.width, b.height, b.steps, b.scheduler)
-        && (a.guidance_scale > 1.0) == (b.guidance_scale > 1.0)
+    ScheduleKey::of(a) == ScheduleKey::of(b)
 }
 
 /// Runs every member and hands each one's pictures (or error) to `done` with the member's index, as soon as

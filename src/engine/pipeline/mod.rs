@@ -15,7 +15,7 @@ pub mod prompt;
 mod text_to_image;
 pub mod vae;
 
-pub use cohort::{can_share, text_to_image_cohort, CohortMember};
+pub use cohort::{can_share, text_to_image_cohort, CohortMember, ScheduleKey};
 pub use diffedit::{diffedit, DiffEditOptions, DiffEditOutput};
 pub use edit::{edit, edit_with, outpaint_canvas, EditMode, EditRequest};
 pub use noise::BatchNoise;
