@@ -60,10 +60,7 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePools, StoreError> {
     }
     options = options.journal_mode(SqliteJournalMode::Wal).auto_vacuum(SqliteAutoVacuum::Incremental);
     create_parent_dir(options.get_filename()).await?;
-    // The write connection never checkpoints: the commit that crossed the WAL's size would otherwise copy
-    // the WAL into the database file and sync it while every submission of the next group waited.
-    let write_options = options.clone().pragma("wal_autocheckpoint", "0");
-    let write = SqlitePoolOptions::new().max_connections(1).connect_with(write_options).await?;
+    let write = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
     sqlx::migrate!("./migrations/sqlite").run(&write).await?;
     let (mode,): (i64,) = sqlx::query_as("PRAGMA auto_vacuum").fetch_one(&write).await?;
     if mode != INCREMENTAL_VACUUM {
@@ -71,33 +68,7 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePools, StoreError> {
         sqlx::query("VACUUM").execute(&write).await?;
     }
     let read = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(options).await?;
-    tokio::spawn(checkpoint(read.clone()));
     Ok(SqlitePools { read, submissions: GroupCommit::start(write.clone()), write })
-}
-
-/// How often the WAL is copied back into the database file, off the write connection.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
-
-/// Copies the WAL back into the database file every [`CHECKPOINT_EVERY`] from a read connection, so that no
-/// commit pays for it (SQLite's own automatic checkpoint, off on the write connection, runs inside the commit
-/// that crosses 1,000 pages). `PASSIVE` never waits for readers or the writer; frames it cannot copy yet are
-/// copied by a later round, and the WAL starts over once a round has copied everything. Ends when the pool
-/// closes.
-async fn checkpoint(pool: SqlitePool) {
-    let mut ticks = tokio::time::interval(CHECKPOINT_EVERY);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        if pool.is_closed() {
-            return;
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
-            if matches!(e, sqlx::Error::PoolClosed) {
-                return;
-            }
-            tracing::warn!(error = %e, "checkpointing the SQLite WAL failed; retrying");
-        }
-    }
 }
 
 /// Returns the pages freed by deletions to the file system, so the file shrinks instead of keeping its

@@ -161,31 +161,6 @@ async fn connect_creates_file_and_folder_with_durable_settings() {
     JobStore::connect(&url(&dir)).await.unwrap().ping().await.unwrap();
 }
 
-/// The write connection never checkpoints (a commit would otherwise pay for copying the WAL); the store's
-/// own background round copies the WAL into the database file soon after writes.
-#[tokio::test]
-async fn the_wal_is_checkpointed_off_the_write_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
-    let write = match &store.backend {
-        Backend::Sqlite(pools) => pools.write.clone(),
-        Backend::Postgres(_) => unreachable!(),
-    };
-    let (auto,): (i64,) = sqlx::query_as("PRAGMA wal_autocheckpoint").fetch_one(&write).await.unwrap();
-    assert_eq!(auto, 0);
-    let file = dir.path().join("data/db/jobs.db");
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let before = std::fs::metadata(&file).unwrap().len();
-    for _ in 0..300 {
-        store.insert(new_job(0)).await.unwrap();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&file).unwrap().len() <= before {
-        assert!(std::time::Instant::now() < deadline, "the database file never received the WAL's pages");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn in_memory_database_works() {
     let store = JobStore::connect("sqlite::memory:").await.unwrap();
