@@ -144,41 +144,64 @@ macro_rules! ordered_claim {
     };
 }
 
-/// The `SELECT` of the id of the job a claim with `filter` takes next (its parameters: `$4` the filter's text,
-/// `$5` its number): the highest priority first; within it, the owner whose fair-share pass is lowest (the
-/// owner with the oldest job among equal passes); that owner's oldest job.
-///
-/// SQLite without a filter (every claim of an `all` process) finds it owner by owner: a skip scan of the claim
-/// index lists the owners waiting at the top priority, and each one's oldest job is one index seek, so the
-/// claim costs a few seeks per waiting owner whatever the depth of the queue. Every other claim (PostgreSQL,
-/// whose `SKIP LOCKED` needs one ordered scan; cohort companions, narrowed by their batch key; worker processes
-/// restricted to their models) orders the candidates in one statement. Both give the same job (tested).
-fn next_job_sql(filter: &ClaimFilter, dialect: Dialect) -> &'static str {
-    match (filter, dialect) {
-        (ClaimFilter::Models(None), Dialect::Sqlite) => {
+/// The owner-first claim of [`next_job_sql`] on SQLite, with `$top` narrowing the candidates that decide the
+/// top priority, `$owners` the jobs whose owners are walked (alias `j`) and `$head` an owner's candidate jobs
+/// (alias `k`).
+macro_rules! owner_first {
+    ($top:literal, $owners:literal, $head:literal) => {
+        concat!(
             "WITH RECURSIVE \
-                 top(p) AS (SELECT priority FROM jobs \
-                     WHERE status = 'queued' AND $4 IS NULL AND $5 IS NULL ORDER BY priority DESC LIMIT 1), \
+                 top(p) AS (SELECT priority FROM jobs WHERE status = 'queued' ",
+            $top,
+            " \
+                     ORDER BY priority DESC LIMIT 1), \
                  owners(o) AS ( \
                      SELECT (SELECT MIN(j.owner) FROM jobs j \
-                         WHERE j.status = 'queued' AND j.priority = (SELECT p FROM top)) \
+                         WHERE j.status = 'queued' AND j.priority = (SELECT p FROM top) ",
+            $owners,
+            ") \
                      UNION ALL \
                      SELECT (SELECT MIN(j.owner) FROM jobs j \
-                         WHERE j.status = 'queued' AND j.priority = (SELECT p FROM top) AND j.owner > owners.o) \
+                         WHERE j.status = 'queued' AND j.priority = (SELECT p FROM top) AND j.owner > owners.o ",
+            $owners,
+            ") \
                      FROM owners WHERE owners.o IS NOT NULL), \
                  heads(owner, id, created_at) AS ( \
                      SELECT owners.o, j.id, j.created_at FROM owners JOIN jobs j ON j.id = ( \
                          SELECT k.id FROM jobs k \
-                         WHERE k.status = 'queued' AND k.priority = (SELECT p FROM top) AND k.owner = owners.o \
-                         ORDER BY k.created_at, k.id LIMIT 1) \
+                         WHERE k.status = 'queued' AND k.priority = (SELECT p FROM top) AND k.owner = owners.o ",
+            $head,
+            " ORDER BY k.created_at, k.id LIMIT 1) \
                      WHERE owners.o IS NOT NULL \
                      UNION ALL \
                      SELECT * FROM (SELECT NULL, k.id, k.created_at FROM jobs k \
-                         WHERE k.status = 'queued' AND k.priority = (SELECT p FROM top) AND k.owner IS NULL \
-                         ORDER BY k.created_at, k.id LIMIT 1)) \
+                         WHERE k.status = 'queued' AND k.priority = (SELECT p FROM top) AND k.owner IS NULL ",
+            $head,
+            " ORDER BY k.created_at, k.id LIMIT 1)) \
              SELECT h.id FROM heads h LEFT JOIN fair_share f ON f.owner = COALESCE(h.owner, '') \
              ORDER BY COALESCE(f.pass, 0.0), h.created_at, h.id LIMIT 1"
-        }
+        )
+    };
+}
+
+/// The `SELECT` of the id of the job a claim with `filter` takes next (its parameters: `$4` the filter's text,
+/// `$5` its number): the highest priority first; within it, the owner whose fair-share pass is lowest (the
+/// owner with the oldest job among equal passes); that owner's oldest job.
+///
+/// SQLite finds it owner by owner for the claims of an `all` process and for cohort companions: a skip scan of
+/// an index (the claim index; for companions, the queued jobs' batch-key index) lists the owners waiting at
+/// the top priority, and each one's oldest job is one index seek, so the claim costs a few seeks per waiting
+/// owner whatever the depth of the queue. PostgreSQL (whose `SKIP LOCKED` needs one ordered scan) and worker
+/// processes restricted to their models order the candidates in one statement. Both give the same job
+/// (tested).
+fn next_job_sql(filter: &ClaimFilter, dialect: Dialect) -> &'static str {
+    match (filter, dialect) {
+        (ClaimFilter::Models(None), Dialect::Sqlite) => owner_first!("AND $4 IS NULL AND $5 IS NULL", "", ""),
+        (ClaimFilter::Companion { .. }, Dialect::Sqlite) => owner_first!(
+            "AND batch_key = $4 AND cost <= $5",
+            "AND j.batch_key = $4",
+            "AND k.batch_key = $4 AND k.cost <= $5"
+        ),
         (ClaimFilter::Models(_), Dialect::Sqlite) => concat!(
             "SELECT j.id FROM jobs j LEFT JOIN fair_share f ON f.owner = COALESCE(j.owner, '') \
              WHERE j.status = 'queued' \
@@ -191,11 +214,6 @@ fn next_job_sql(filter: &ClaimFilter, dialect: Dialect) -> &'static str {
                AND ($4::text IS NULL OR j.model IN (SELECT json_array_elements_text($4::json))) \
                AND $5::bigint IS NULL ",
             ordered_claim!(" FOR UPDATE OF j SKIP LOCKED")
-        ),
-        (ClaimFilter::Companion { .. }, Dialect::Sqlite) => concat!(
-            "SELECT j.id FROM jobs j LEFT JOIN fair_share f ON f.owner = COALESCE(j.owner, '') \
-             WHERE j.status = 'queued' AND j.batch_key = $4 AND j.cost <= $5 ",
-            ordered_claim!("")
         ),
         (ClaimFilter::Companion { .. }, Dialect::Postgres) => concat!(
             "SELECT j.id FROM jobs j LEFT JOIN fair_share f ON f.owner = COALESCE(j.owner, '') \

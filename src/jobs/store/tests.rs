@@ -192,8 +192,9 @@ async fn insert_then_get(db: TestDb) {
 /// Submissions sent together share SQLite commits, and each still gets its own answer: exact limits across
 /// the group (the count sees the earlier members' inserts), one job for one idempotency key, and refusals
 /// that leave nothing behind.
-/// The SQLite claim that picks the owner first takes, at every step of a mixed queue (owners with and
-/// without keys, three priorities, uneven fair-share passes), the job the one-statement order names.
+/// The SQLite claims that pick the owner first (a worker's, and a cohort companion's of one batch key within
+/// a cost) take, at every step of a mixed queue (owners with and without keys, three priorities, two batch
+/// keys, three costs, uneven fair-share passes), the job the one-statement order names.
 #[tokio::test]
 async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
     let dir = tempfile::tempdir().unwrap();
@@ -213,6 +214,10 @@ async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
         let priority = next(3) as i32 - 1;
         store.insert(NewJob { owner, priority, ..new_job(0) }).await.unwrap();
     }
+    sqlx::query("UPDATE jobs SET batch_key = 'k' || (rowid % 2), cost = 4 * (rowid % 3)")
+        .execute(&write)
+        .await
+        .unwrap();
     for (owner, pass) in [("a", 3.0), ("b", 1.5), ("c", 3.0), ("", 0.5)] {
         sqlx::query("INSERT INTO fair_share (owner, pass) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET pass = excluded.pass")
             .bind(owner)
@@ -229,15 +234,30 @@ async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
         "SELECT ({}) AS id, $1 AS a, $2 AS b, $3 AS c",
         next_job_sql(&ClaimFilter::Models(None), Dialect::Sqlite)
     );
+    let companion_filter = ClaimFilter::Companion { batch_key: String::new(), max_cost: 0 };
+    let companion =
+        format!("SELECT ({}) AS id, $1 AS a, $2 AS b, $3 AS c", next_job_sql(&companion_filter, Dialect::Sqlite));
+    let ordered_companion = format!(
+        "SELECT (SELECT j.id FROM jobs j LEFT JOIN fair_share f ON f.owner = COALESCE(j.owner, '') \
+         WHERE j.status = 'queued' AND j.batch_key = $4 AND j.cost <= $5 {}) AS id, $1 AS a, $2 AS b, $3 AS c",
+        ordered_claim!("")
+    );
+    let mut found = 0;
     for step in 0..91 {
         let mut named = Vec::new();
-        for (sql, models) in [(&ordered, Some(r#"["tiny-sd"]"#.to_owned())), (&owner_first, None)] {
+        let cases = [
+            (&ordered, Some(r#"["tiny-sd"]"#.to_owned()), None),
+            (&owner_first, None, None),
+            (&ordered_companion, Some("k1".to_owned()), Some(4i64)),
+            (&companion, Some("k1".to_owned()), Some(4i64)),
+        ];
+        for (sql, text, number) in cases {
             let row: (Option<String>, i64, i64, i64) = sqlx::query_as(sql)
                 .bind(0i64)
                 .bind(0i64)
                 .bind(0i64)
-                .bind(models)
-                .bind(None::<i64>)
+                .bind(text)
+                .bind(number)
                 .fetch_one(&write)
                 .await
                 .unwrap();
@@ -245,9 +265,12 @@ async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
         }
         let (expected, fast) = (named[0].clone(), named[1].clone());
         assert_eq!(fast, expected, "step {step}");
+        assert_eq!(named[3], named[2], "companion, step {step}");
+        found += usize::from(named[2].is_some());
         let claimed = store.claim("w", LEASE).await.unwrap().map(|job| job.id.to_string());
         assert_eq!(claimed, expected, "step {step}");
     }
+    assert!(found > 20, "companions were found at {found} steps only")
 }
 
 /// SQLite's per-priority queue counts (`queue_levels`, kept by triggers) match the queued rows after every
