@@ -1,4 +1,5 @@
-// The Edit form: a picture (uploaded or reused), img2img, inpainting with a brush, outpainting, instruct.
+// The Edit form: a picture (uploaded or reused), img2img, inpainting with a brush or a DiffEdit mask found from
+// two prompts, outpainting, instruct.
 import { api } from "./api.js";
 import { clearErrors, fillSelect, showError, values } from "./fields.js";
 import { submitting, watchJob } from "./job.js";
@@ -22,15 +23,22 @@ function modelsFor(models, mode) {
   return models.filter((m) => m.capabilities.includes(mode));
 }
 
+/** Whether inpainting finds its mask from the prompts (DiffEdit) instead of the brush. */
+function autoMask() {
+  return $("e-mode").value === "inpaint" && $("e-auto").checked;
+}
+
 function syncMode(models) {
   const mode = $("e-mode").value;
   for (const field of document.querySelectorAll("#edit-form [data-modes]")) {
-    const shown = field.dataset.modes.split(" ").includes(mode);
+    const inMode = field.dataset.modes.split(" ").includes(mode);
+    // The source prompt goes with a DiffEdit mask, the brush with a painted one.
+    const shown = inMode && !("auto" in field.dataset && !autoMask()) && !("painted" in field.dataset && autoMask());
     field.hidden = !shown;
-    for (const control of field.querySelectorAll("input, select")) if (control.name) control.disabled = !shown;
+    for (const control of field.querySelectorAll("input, select, textarea")) if (control.name) control.disabled = !shown;
   }
   fillSelect($("e-model"), modelsFor(models, mode).map((m) => [m.id, `${m.id} (${m.family})`]));
-  painter.enabled = mode === "inpaint";
+  painter.enabled = mode === "inpaint" && !autoMask();
   painter.draw();
   const model = models.find((m) => m.id === $("e-model").value);
   if (model) {
@@ -51,7 +59,8 @@ async function submit(event) {
   const body = new FormData();
   for (const [name, value] of Object.entries(values(form))) body.append(name, String(value));
   body.append("image", await (await fetch(source)).blob(), "image.png");
-  if ($("e-mode").value === "inpaint") body.append("mask", await painter.toPng(), "mask.png");
+  if (autoMask()) body.append("mask", "auto");
+  else if ($("e-mode").value === "inpaint") body.append("mask", await painter.toPng(), "mask.png");
   try {
     const job = await api("/v1/edits", { method: "POST", form: body });
     await watchJob($("edit-job"), job);
@@ -70,6 +79,7 @@ export function setupEdit(models) {
   }
   if (instruct.disabled && $("e-mode").value === "instruct") $("e-mode").value = "img2img";
   $("e-mode").addEventListener("change", () => syncMode(models));
+  $("e-auto").addEventListener("change", () => syncMode(models));
   $("e-model").addEventListener("change", () => syncMode(models));
   syncMode(models);
   $("e-image").addEventListener("change", () => {

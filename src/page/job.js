@@ -6,7 +6,7 @@ const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
 /** The terminal event a finished job's view stands for, by its status. */
 const TERMINAL_STATUS = {
-  succeeded: (view) => ({ type: "completed", images: view.images }),
+  succeeded: (view) => ({ type: "completed", images: view.images, mask: view.mask }),
   failed: (view) => ({ type: "failed", code: view.error?.code ?? "", message: view.error?.message ?? "" }),
   cancelled: () => ({ type: "cancelled" }),
 };
@@ -33,6 +33,13 @@ export async function pictureFigure(image, model) {
     document.getElementById("edit").scrollIntoView();
   });
   return element("figure", {}, [img, element("figcaption", {}, [`seed ${image.seed} `, download, " ", edit])]);
+}
+
+/** Shows the mask a DiffEdit job computed (white: repainted). */
+async function maskFigure(mask) {
+  const url = await imageUrl(mask.url);
+  const img = element("img", { src: url, alt: "The mask found from the prompts (white: repainted)", className: "mask" });
+  return element("figure", {}, [img, element("figcaption", { textContent: "computed mask" })]);
 }
 
 /** Marks `container` as waiting for a new job's answer (its old pictures are no longer current). */
@@ -111,6 +118,7 @@ export async function watchJob(container, job) {
     bar.value = bar.max;
     status.textContent = "done";
     const figures = await Promise.all(terminal.images.map((image) => pictureFigure(image, job.model)));
+    if (terminal.mask) figures.push(await maskFigure(terminal.mask));
     pictures.replaceChildren(...figures);
     preview.hidden = true;
     seed.textContent = `Seed used: ${terminal.images.map((image) => image.seed).join(", ")}`;

@@ -150,6 +150,43 @@ def test_inpaint_half_the_picture_with_the_brush(site):
     shot(page, "5-inpainted")
 
 
+def test_diffedit_finds_the_mask_from_two_prompts(site):
+    page = site[2]
+    page.click("#generate-job figure button:has-text('Edit this')")
+    page.select_option("#e-mode", "inpaint")
+    page.select_option("#e-model", "tiny-shapes")
+    page.wait_for_selector("#e-canvas-area:not([hidden])")
+    assert page.is_hidden("#e-source")
+    page.check("#e-auto")
+    assert page.is_visible("#e-source") and page.is_hidden(".mask-tools")
+    page.fill("#e-source", PROMPT)
+    page.fill("#e-prompt", PROMPT.replace("red", "yellow"))
+    page.click("#edit-form button[type=submit]")
+    page.wait_for_selector("#edit-job[data-state=completed] img.mask")
+    assert page.locator("#edit-job img.result").count() == 1
+    # The computed mask is the picture's size and marks part of it (the circle), not all of it.
+    marked = page.evaluate(
+        """() => new Promise((resolve) => {
+            const img = document.querySelector('#edit-job img.mask');
+            const done = () => {
+                const canvas = document.createElement('canvas');
+                canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+                const context = canvas.getContext('2d');
+                context.drawImage(img, 0, 0);
+                const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+                let white = 0;
+                for (let i = 0; i < data.length; i += 4) if (data[i] > 127) white++;
+                resolve([canvas.width, white / (canvas.width * canvas.height)]);
+            };
+            img.complete ? done() : img.addEventListener('load', done);
+        })"""
+    )
+    assert marked[0] == 64 and 0.0 < marked[1] < 0.6, marked
+    shot(page, "6-diffedit")
+    page.uncheck("#e-auto")
+    assert page.is_hidden("#e-source") and page.is_visible(".mask-tools")
+
+
 def test_outpaint_with_margins(site):
     page = site[2]
     page.select_option("#e-mode", "outpaint")
@@ -165,7 +202,9 @@ def test_outpaint_with_margins(site):
 
 def test_rerun_with_the_same_seed_then_delete(site):
     base, key, page, _ = site
-    first = page.locator("#gallery-list li").filter(has_text=PROMPT).first
+    # The newest text-to-image card of the prompt (edits of its picture may name it too, as their source).
+    rerun = page.get_by_role("button", name="Re-run (same seed)")
+    first = page.locator("#gallery-list li").filter(has_text=PROMPT).filter(has=rerun).first
     job_id = first.get_attribute("data-job-id")
     seed = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()["params"]["seed"]
     first.get_by_role("button", name="Re-run (same seed)").click()
