@@ -156,20 +156,40 @@ macro_rules! take_token {
 
 /// An owner that had nothing queued joins the fair-share rotation at the virtual time of the owners already
 /// waiting, neither ahead of them with credit saved while idle nor behind them.
+/// SQLite condition: the owner `$owner` (an SQL expression; `''` stands for jobs without an owner too) has
+/// queued jobs. One seek per priority level that has queued jobs (`queue_levels`), so its cost does not grow
+/// with the queue.
+macro_rules! waiting_sqlite {
+    ($owner:literal) => {
+        concat!(
+            "(EXISTS (SELECT 1 FROM queue_levels l WHERE l.queued > 0 AND EXISTS (SELECT 1 FROM jobs j \
+                 WHERE j.status = 'queued' AND j.priority = l.priority AND j.owner = ", $owner, ")) \
+             OR (", $owner, " = '' AND EXISTS (SELECT 1 FROM queue_levels l WHERE l.queued > 0 AND EXISTS ( \
+                 SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.priority = l.priority AND j.owner IS NULL))))"
+        )
+    };
+}
+
+#[cfg(test)]
+pub(super) use waiting_sqlite;
+
 macro_rules! join_rotation {
     ($tx:expr, $dialect:expr, $owner:expr) => {{
-        let waiting: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1 LIMIT 1")
-                .bind($owner)
-                .fetch_optional(&mut *$tx)
-                .await?;
+        let waiting_sql = match $dialect {
+            // Per priority level with queued jobs, one seek in the claim index (which orders a level by owner).
+            Dialect::Sqlite => concat!("SELECT 1 WHERE ", waiting_sqlite!("$1"), " LIMIT 1"),
+            Dialect::Postgres => "SELECT 1 FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1 LIMIT 1",
+        };
+        let waiting: Option<i32> = sqlx::query_scalar(waiting_sql).bind($owner).fetch_optional(&mut *$tx).await?;
         if waiting.is_none() {
             let sql = match $dialect {
-                Dialect::Sqlite => {
+                // The owners in the rotation that have queued jobs, each checked by seeks as above.
+                Dialect::Sqlite => concat!(
                     "INSERT INTO fair_share (owner, pass) VALUES ($1, (SELECT COALESCE(MIN(f.pass), 0.0) FROM \
-                     fair_share f WHERE f.owner IN (SELECT COALESCE(owner, '') FROM jobs WHERE status = 'queued'))) \
-                     ON CONFLICT (owner) DO UPDATE SET pass = MAX(fair_share.pass, excluded.pass)"
-                }
+                     fair_share f WHERE ",
+                    waiting_sqlite!("f.owner"),
+                    ")) ON CONFLICT (owner) DO UPDATE SET pass = MAX(fair_share.pass, excluded.pass)"
+                ),
                 Dialect::Postgres => {
                     "INSERT INTO fair_share (owner, pass) VALUES ($1, (SELECT COALESCE(MIN(f.pass), 0.0) FROM \
                      fair_share f WHERE f.owner IN (SELECT COALESCE(owner, '') FROM jobs WHERE status = 'queued'))) \

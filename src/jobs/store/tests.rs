@@ -324,6 +324,55 @@ async fn the_queue_counts_follow_every_change_to_the_queue() {
     assert!(queued.queued > 0);
 }
 
+/// SQLite's index-seek test of whether an owner has queued jobs, used when an owner joins the fair-share
+/// rotation, agrees with reading the rows, for owners with and without queued jobs, with and without a key
+/// (`''` also stands for jobs without an owner), as the queue drains; so does the lowest pass among waiting
+/// owners that a joining owner starts from.
+#[tokio::test]
+async fn an_owner_joining_the_rotation_is_judged_by_seeks_like_by_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let write = match &store.backend {
+        Backend::Sqlite(pools) => pools.write.clone(),
+        Backend::Postgres(_) => unreachable!(),
+    };
+    let owners = [None, Some("a"), Some("b"), Some("")];
+    for i in 0..40usize {
+        let owner = owners[(i * 7 + i / 3) % owners.len()].map(str::to_owned);
+        store.insert(NewJob { owner, priority: (i % 3) as i32 - 1, ..new_job(0) }).await.unwrap();
+    }
+    for (owner, pass) in [("a", 3.0), ("b", 1.5), ("c", 0.25), ("", 2.0)] {
+        sqlx::query("INSERT INTO fair_share (owner, pass) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET pass = excluded.pass")
+            .bind(owner)
+            .bind(pass)
+            .execute(&write)
+            .await
+            .unwrap();
+    }
+    let by_seeks = concat!("SELECT ", super::submit::waiting_sqlite!("$1"));
+    let by_rows = "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1)";
+    let lowest_by_seeks = concat!(
+        "SELECT COALESCE(MIN(f.pass), 0.0) FROM fair_share f WHERE ",
+        super::submit::waiting_sqlite!("f.owner")
+    );
+    let lowest_by_rows = "SELECT COALESCE(MIN(f.pass), 0.0) FROM fair_share f \
+        WHERE f.owner IN (SELECT COALESCE(owner, '') FROM jobs WHERE status = 'queued')";
+    let mut seen = HashSet::new();
+    for step in 0..41 {
+        for owner in ["", "a", "b", "c"] {
+            let seeks: bool = sqlx::query_scalar(by_seeks).bind(owner).fetch_one(&write).await.unwrap();
+            let rows: bool = sqlx::query_scalar(by_rows).bind(owner).fetch_one(&write).await.unwrap();
+            assert_eq!(seeks, rows, "owner {owner:?}, step {step}");
+            seen.insert((owner, rows));
+        }
+        let seeks: f64 = sqlx::query_scalar(lowest_by_seeks).fetch_one(&write).await.unwrap();
+        let rows: f64 = sqlx::query_scalar(lowest_by_rows).fetch_one(&write).await.unwrap();
+        assert_eq!(seeks, rows, "lowest pass, step {step}");
+        store.claim("w", LEASE).await.unwrap();
+    }
+    assert!(seen.contains(&("a", true)) && seen.contains(&("a", false)) && seen.contains(&("", true)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn submissions_sent_together_share_commits_with_exact_limits() {
     let dir = tempfile::tempdir().unwrap();
