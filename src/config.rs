@@ -536,11 +536,6 @@ pub struct ContentCredentialsConfig {
 }
 
 impl ContentCredentialsConfig {
-    /// Whether outputs are signed.
-    pub fn enabled(&self) -> bool {
-        self.certificate_chain.is_some()
-    }
-
     fn validate(&self) -> Result<(), String> {
         if self.certificate_chain.is_some() != self.private_key.is_some() {
             return Err("certificate_chain and private_key must be set together".into());

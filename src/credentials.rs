@@ -72,13 +72,7 @@ impl<'a> Parent<'a> {
     /// `bytes` with the media type their content shows (`application/octet-stream` when it is none of the
     /// accepted picture formats).
     pub fn of(bytes: &'a [u8]) -> Self {
-        let media_type = match image::guess_format(bytes) {
-            Ok(image::ImageFormat::Png) => "image/png",
-            Ok(image::ImageFormat::Jpeg) => "image/jpeg",
-            Ok(image::ImageFormat::WebP) => "image/webp",
-            _ => "application/octet-stream",
-        };
-        Self { bytes, media_type }
+        Self { bytes, media_type: OutputFormat::of_bytes(bytes).map_or("application/octet-stream", OutputFormat::mime) }
     }
 }
 
@@ -418,6 +412,15 @@ mod tests {
         let err =
             ContentCredentials::from_pem(chain.as_bytes(), other_key.as_bytes(), SigningAlg::Es256, None).unwrap_err();
         assert!(matches!(err, CredentialsError::SelfCheck(_) | CredentialsError::Signer(_)), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_the_named_format_fail_to_sign() {
+        let credentials = credentials();
+        let jpeg = picture(OutputFormat::Jpeg);
+        let err = credentials.sign(&jpeg, OutputFormat::Png, &claim(None)).unwrap_err();
+        assert!(matches!(err, CredentialsError::Sign(_)), "{err}");
+        assert_eq!(Parent::of(b"not a picture").media_type, "application/octet-stream");
     }
 
     #[test]

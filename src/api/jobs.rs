@@ -174,6 +174,9 @@ pub async fn get_job(
     Ok(AppJson(full_response(&state, job).await?))
 }
 
+/// `Cache-Control` of a finished job's files: they never change once written.
+const IMMUTABLE: &str = "private, max-age=31536000, immutable";
+
 /// Downloads one picture of a succeeded job.
 #[utoipa::path(
     get,
@@ -204,7 +207,7 @@ pub async fn get_image(
         [
             (header::CONTENT_TYPE, mime.to_string()),
             (header::ETAG, format!("\"{}\"", record.image.sha256)),
-            (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
+            (header::CACHE_CONTROL, IMMUTABLE.to_string()),
         ],
         bytes,
     )
@@ -230,13 +233,7 @@ pub async fn get_mask(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let bytes = state.jobs.mask(&who, parse_id(&id)?).await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "image/png".to_string()),
-            (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
-        ],
-        bytes,
-    )
+    Ok(([(header::CONTENT_TYPE, "image/png".to_string()), (header::CACHE_CONTROL, IMMUTABLE.to_string())], bytes)
         .into_response())
 }
 

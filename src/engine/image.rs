@@ -49,6 +49,16 @@ impl OutputFormat {
         }
     }
 
+    /// The format `bytes` are in, when it is one of these (by their content, not a name).
+    pub fn of_bytes(bytes: &[u8]) -> Option<Self> {
+        match image::guess_format(bytes).ok()? {
+            ImageFormat::Png => Some(OutputFormat::Png),
+            ImageFormat::Jpeg => Some(OutputFormat::Jpeg),
+            ImageFormat::WebP => Some(OutputFormat::Webp),
+            _ => None,
+        }
+    }
+
     /// Canonical name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use super::pool::{EncodedImage, Reply, Task, WorkError, WorkItem, WorkOutcome, WorkOutput, WorkerPool};
+use super::pool::{Reply, Task, WorkError, WorkItem, WorkOutcome, WorkOutput, WorkerPool};
 use crate::credentials::{parameters_sha256, ContentCredentials, OutputClaim, Parent};
 use crate::engine::image::OutputFormat;
 use crate::jobs::params::GenerateParams;
@@ -194,9 +194,8 @@ impl Dispatcher {
         drop(idle);
         self.jobs.progress().finish(id);
         match outcome {
-            Some(Ok(mut output)) => match self.with_credentials(&job, format, std::mem::take(&mut output.images)).await
-            {
-                Ok(images) => self.jobs.succeeded(id, owner, format, WorkOutput { images, ..output }).await,
+            Some(Ok(output)) => match self.with_credentials(&job, format, output).await {
+                Ok(output) => self.jobs.succeeded(id, owner, format, output).await,
                 Err(Unrunnable { code, message }) => {
                     error!(%id, code, detail = %message, "signing the job's content credentials failed");
                     self.jobs.failed(id, owner, code, &message).await
@@ -211,15 +210,16 @@ impl Dispatcher {
         }
     }
 
-    /// `images` of `job` with signed content credentials embedded, when this process signs; an edit's
-    /// manifest records the picture the client sent as its parent. Signing runs on a blocking thread.
+    /// `output` of `job` with signed content credentials embedded in its pictures, when this process signs;
+    /// an edit's manifest records the picture the client sent as its parent. Signing runs on a blocking thread.
     async fn with_credentials(
         &self,
         job: &Job,
         format: OutputFormat,
-        images: Vec<EncodedImage>,
-    ) -> Result<Vec<EncodedImage>, Unrunnable> {
-        let Some(credentials) = self.credentials.clone() else { return Ok(images) };
+        output: WorkOutput,
+    ) -> Result<WorkOutput, Unrunnable> {
+        let Some(credentials) = self.credentials.clone() else { return Ok(output) };
+        let WorkOutput { images, mask } = output;
         let parent = match &job.params {
             JobParams::Edit(edit) => {
                 let key = edit.original_path.as_deref().unwrap_or(&edit.image_path);
@@ -249,7 +249,8 @@ impl Dispatcher {
                 .collect::<Result<Vec<_>, crate::credentials::CredentialsError>>()
         });
         let failed = |message: String| Unrunnable { code: "content_credentials_failed", message };
-        signing.await.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))
+        let images = signing.await.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        Ok(WorkOutput { images, mask })
     }
 
     /// Records why a stopped job stopped.

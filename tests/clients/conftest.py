@@ -47,6 +47,21 @@ threads = 1
 """
 
 
+def finished_job(base: str, key: str, route: str, body: dict, timeout: float = 300) -> tuple[dict, list[bytes]]:
+    """Submits `body` to `route` with `key`, waits until the job succeeds (failing the test otherwise) and returns
+    the finished job and the bytes of its images."""
+    headers = {"Authorization": f"Bearer {key}"}
+    response = httpx.post(f"{base}{route}", json=body, headers=headers, timeout=60)
+    assert response.status_code == 202, response.text
+    url = f"{base}/v1/jobs/{response.json()['id']}"
+    deadline = time.time() + timeout
+    while (job := httpx.get(url, headers=headers).json())["status"] in ("queued", "running"):
+        assert time.time() < deadline, f"the job did not finish within {timeout} s"
+        time.sleep(0.1)
+    assert job["status"] == "succeeded", job
+    return job, [httpx.get(f"{base}{image['url']}", headers=headers).content for image in job["images"]]
+
+
 @pytest.fixture(scope="session")
 def api_key(_running):
     """An admin key of the running server."""

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, running_server
+from conftest import ROOT, finished_job, running_server
 
 sys.path.insert(0, str(ROOT / "models" / "tiny-shapes" / "training"))
 import analyse  # noqa: E402
@@ -57,20 +57,8 @@ def run_edit(base: str, key: str, body: dict) -> list[np.ndarray]:
 
 def run_job(base: str, key: str, route: str, body: dict) -> tuple[list[np.ndarray], dict]:
     """Submits to `route`, waits, returns the pictures and the finished job."""
-    headers = {"Authorization": f"Bearer {key}"}
-    response = httpx.post(f"{base}{route}", json=body, headers=headers, timeout=60)
-    assert response.status_code == 202, response.text
-    url = f"{base}/v1/jobs/{response.json()['id']}"
-    deadline = time.time() + 300
-    while (job := httpx.get(url, headers=headers).json())["status"] in ("queued", "running"):
-        assert time.time() < deadline, "the edit did not finish"
-        time.sleep(0.1)
-    assert job["status"] == "succeeded", job
-    pictures = []
-    for image in job["images"]:
-        data = httpx.get(f"{base}{image['url']}", headers=headers).content
-        pictures.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-    return pictures, job
+    job, files = finished_job(base, key, route, body)
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in files], job
 
 
 def test_inpainting_draws_the_prompted_shape_and_keeps_everything_else(shapes_server):

@@ -115,12 +115,17 @@ def test_generate_with_live_previews_then_the_gallery(site):
     shot(page, "3-gallery")
 
 
-def test_inpaint_half_the_picture_with_the_brush(site):
-    page = site[2]
+def edit_the_generated_picture(page, mode):
+    """Sends the last generated picture to the Edit form in `mode` on the default model."""
     page.click("#generate-job figure button:has-text('Edit this')")
-    page.select_option("#e-mode", "inpaint")
+    page.select_option("#e-mode", mode)
     page.select_option("#e-model", "tiny-shapes")
     page.wait_for_selector("#e-canvas-area:not([hidden])")
+
+
+def test_inpaint_half_the_picture_with_the_brush(site):
+    page = site[2]
+    edit_the_generated_picture(page, "inpaint")
     page.fill("#e-brush", "16")
     page.dispatch_event("#e-brush", "input")
     box = page.locator("#e-canvas").bounding_box()
@@ -152,10 +157,7 @@ def test_inpaint_half_the_picture_with_the_brush(site):
 
 def test_diffedit_finds_the_mask_from_two_prompts(site):
     page = site[2]
-    page.click("#generate-job figure button:has-text('Edit this')")
-    page.select_option("#e-mode", "inpaint")
-    page.select_option("#e-model", "tiny-shapes")
-    page.wait_for_selector("#e-canvas-area:not([hidden])")
+    edit_the_generated_picture(page, "inpaint")
     assert page.is_hidden("#e-source")
     page.check("#e-auto")
     assert page.is_visible("#e-source") and page.is_hidden(".mask-tools")

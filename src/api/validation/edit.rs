@@ -12,6 +12,7 @@ use super::{named_model, ValidationError};
 use crate::api::edits::EditImageRequest;
 use crate::api::images::GenerateImageRequest;
 use crate::config::LimitsConfig;
+use crate::engine::image::OutputFormat;
 use crate::engine::input::{self, InputImageError, ResizeMode};
 use crate::engine::model::Capability;
 use crate::engine::pipeline::diffedit::{
@@ -120,13 +121,7 @@ pub fn edit(
 /// The picture as the client sent it, with the file extension of its format (it decoded, so it is one of
 /// the accepted formats).
 fn original(image: &[u8]) -> Option<(Vec<u8>, &'static str)> {
-    let extension = match image::guess_format(image).ok()? {
-        image::ImageFormat::Png => "png",
-        image::ImageFormat::Jpeg => "jpg",
-        image::ImageFormat::WebP => "webp",
-        _ => return None,
-    };
-    Some((image.to_vec(), extension))
+    OutputFormat::of_bytes(image).map(|format| (image.to_vec(), format.extension()))
 }
 
 fn capability(mode: EditKind) -> Capability {

@@ -145,6 +145,27 @@ fn sqlite_read(store: &JobStore) -> &sqlx::SqlitePool {
     }
 }
 
+fn sqlite_write(store: &JobStore) -> &sqlx::SqlitePool {
+    match &store.backend {
+        Backend::Sqlite(pools) => &pools.write,
+        Backend::Postgres(_) => panic!("a SQLite-only test"),
+    }
+}
+
+/// Sets the fair-share passes of `owners`, as if they had been served that much.
+async fn set_passes(write: &sqlx::SqlitePool, owners: &[(&str, f64)]) {
+    for (owner, pass) in owners {
+        sqlx::query(
+            "INSERT INTO fair_share (owner, pass) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET pass = excluded.pass",
+        )
+        .bind(owner)
+        .bind(pass)
+        .execute(write)
+        .await
+        .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn connect_creates_file_and_folder_with_durable_settings() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,10 +220,7 @@ async fn insert_then_get(db: TestDb) {
 async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let write = match &store.backend {
-        Backend::Sqlite(pools) => pools.write.clone(),
-        Backend::Postgres(_) => unreachable!(),
-    };
+    let write = sqlite_write(&store).clone();
     let owners = [None, Some("a"), Some("b"), Some("c"), Some("")];
     let mut state = 12345u64;
     let mut next = |n: u64| {
@@ -218,14 +236,7 @@ async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
         .execute(&write)
         .await
         .unwrap();
-    for (owner, pass) in [("a", 3.0), ("b", 1.5), ("c", 3.0), ("", 0.5)] {
-        sqlx::query("INSERT INTO fair_share (owner, pass) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET pass = excluded.pass")
-            .bind(owner)
-            .bind(pass)
-            .execute(&write)
-            .await
-            .unwrap();
-    }
+    set_passes(&write, &[("a", 3.0), ("b", 1.5), ("c", 3.0), ("", 0.5)]).await;
     let ordered = format!(
         "SELECT ({}) AS id, $1 AS a, $2 AS b, $3 AS c",
         next_job_sql(&ClaimFilter::Models(Some(r#"["tiny-sd"]"#.into())), Dialect::Sqlite)
@@ -332,23 +343,13 @@ async fn the_queue_counts_follow_every_change_to_the_queue() {
 async fn an_owner_joining_the_rotation_is_judged_by_seeks_like_by_rows() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let write = match &store.backend {
-        Backend::Sqlite(pools) => pools.write.clone(),
-        Backend::Postgres(_) => unreachable!(),
-    };
+    let write = sqlite_write(&store).clone();
     let owners = [None, Some("a"), Some("b"), Some("")];
     for i in 0..40usize {
         let owner = owners[(i * 7 + i / 3) % owners.len()].map(str::to_owned);
         store.insert(NewJob { owner, priority: (i % 3) as i32 - 1, ..new_job(0) }).await.unwrap();
     }
-    for (owner, pass) in [("a", 3.0), ("b", 1.5), ("c", 0.25), ("", 2.0)] {
-        sqlx::query("INSERT INTO fair_share (owner, pass) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET pass = excluded.pass")
-            .bind(owner)
-            .bind(pass)
-            .execute(&write)
-            .await
-            .unwrap();
-    }
+    set_passes(&write, &[("a", 3.0), ("b", 1.5), ("c", 0.25), ("", 2.0)]).await;
     let by_seeks = concat!("SELECT ", super::submit::waiting_sqlite!("$1"));
     let by_rows = "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND COALESCE(owner, '') = $1)";
     let lowest_by_seeks = concat!(
