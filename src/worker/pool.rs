@@ -250,7 +250,7 @@ impl WorkerPool {
                 .spawn(move || {
                     let span = info_span!("worker", index, %device);
                     let _entered = span.enter();
-                    lower_priority();
+                    lower_priority(device);
                     let mut models = Vec::new();
                     for served in registry.all() {
                         match LoadedModel::load(served.info.clone(), &factory) {
@@ -497,19 +497,31 @@ impl Interruptible {
     }
 }
 
-/// How much lower than the rest of the process worker threads run (a nice increment).
-const WORKER_NICENESS: i32 = 10;
+/// How much lower than the rest of the process a GPU worker's thread runs (a nice increment).
+const GPU_WORKER_NICENESS: i32 = 10;
 
 /// Lowers the calling worker thread's CPU priority before it builds its sessions (ONNX Runtime's intra-op
-/// threads, made by it, inherit the value): when cores are scarce, accepting and answering requests (short,
-/// latency-bound) goes before another slice of a denoising step (long, throughput-bound), and the workers
-/// still get every cycle the HTTP side leaves. Linux keeps the nice value per thread.
+/// threads, made by it, inherit it): when cores are scarce, accepting and answering requests (short,
+/// latency-bound) goes before another slice of a denoising step (long, throughput-bound).
+///
+/// A CPU worker runs under `SCHED_IDLE`: it gets every cycle the HTTP side leaves, and a request's thread
+/// that wakes up takes its core at once (with a nice value alone the kernel lets the running worker finish
+/// its slice first, which put milliseconds into every hop of a submission: the database thread, the group
+/// commit, the answer). A GPU worker mostly waits for its device and must launch the next kernels promptly,
+/// so it keeps a normal policy with a higher nice value. Linux keeps both per thread.
 #[cfg(target_os = "linux")]
-fn lower_priority() {
-    // SAFETY: gettid and setpriority take plain integers and touch only the calling thread's scheduling.
+fn lower_priority(device: Device) {
+    // SAFETY: gettid, sched_setscheduler and setpriority take plain values and touch only the calling
+    // thread's scheduling.
     let outcome = unsafe {
-        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, thread, WORKER_NICENESS)
+        let thread = libc::syscall(libc::SYS_gettid) as libc::pid_t;
+        match device {
+            Device::Cpu => {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(thread, libc::SCHED_IDLE, &param)
+            }
+            Device::Cuda(_) => libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, GPU_WORKER_NICENESS),
+        }
     };
     if outcome != 0 {
         warn!(error = %std::io::Error::last_os_error(), "could not lower the worker thread's priority");
@@ -517,7 +529,7 @@ fn lower_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+fn lower_priority(_device: Device) {}
 
 /// Runs `job`, turning a panic into a failed outcome so that the worker thread survives it.
 fn guarded<T>(job: impl FnOnce() -> Result<T, WorkError>) -> Result<T, WorkError> {
@@ -632,6 +644,30 @@ mod tests {
         assert!(formatted.unwrap_err().to_string().contains("formatted 1"));
         // The same thread keeps working after catching.
         assert!(guarded(|| Ok::<_, WorkError>(Vec::<EncodedImage>::new())).is_ok());
+    }
+
+    /// A CPU worker's thread yields to every normal thread at once (`SCHED_IDLE`); a GPU worker's keeps the
+    /// normal policy at a higher nice value; the thread that spawned them is untouched.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn worker_threads_run_below_the_http_side() {
+        let policy_and_nice = |device: Device| {
+            std::thread::spawn(move || {
+                lower_priority(device);
+                // SAFETY: plain queries of the calling thread's scheduling (0 = this thread).
+                unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) }
+            })
+            .join()
+            .unwrap()
+        };
+        let (cpu_policy, _) = policy_and_nice(Device::Cpu);
+        assert_eq!(cpu_policy, libc::SCHED_IDLE);
+        let (gpu_policy, gpu_nice) = policy_and_nice(Device::Cuda(0));
+        assert_eq!(gpu_policy, libc::SCHED_OTHER);
+        // SAFETY: as above.
+        let (own_policy, own_nice) = unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) };
+        assert_eq!(own_policy, libc::SCHED_OTHER);
+        assert_eq!(gpu_nice, (own_nice + GPU_WORKER_NICENESS).min(19));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::super::error::StoreError;
 use super::rows::{non_negative, parse_uuid};
-use super::{Dialect, JobStore};
+use super::{Backend, JobStore};
 
 /// A queued job as the order needs it: id, owner (`''` for none), priority, created_at.
 type Waiting = (String, String, i64, i64);
@@ -41,67 +41,83 @@ impl JobStore {
     /// when the job is not queued.
     pub async fn position_among_own(&self, id: Uuid) -> Result<Option<Option<u64>>, StoreError> {
         let id = id.to_string();
-        on_read!(self, pool, dialect => {
-            // One snapshot for every read: a job claimed between two of them must not be counted by one and
-            // not the other.
-            let mut tx = pool.begin().await?;
-            let job: Option<(String, String, i64, i64)> = sqlx::query_as(
-                "SELECT status, COALESCE(owner, ''), priority, created_at FROM jobs WHERE id = $1",
-            )
-            .bind(&id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((status, owner, priority, created_at)) = job else { return Ok(Some(None)) };
-            if status != "queued" {
-                return Ok(Some(None));
-            }
-            // Another owner (NULL and '' are one owner) at this priority: each probe is one seek in the claim
-            // index, which orders a level's jobs by owner.
-            let others: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND owner < $2) \
-                     OR EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND owner > $2) \
-                     OR ($2 <> '' AND EXISTS (SELECT 1 FROM jobs \
-                         WHERE status = 'queued' AND priority = $1 AND owner IS NULL))",
-            )
-            .bind(priority)
-            .bind(&owner)
-            .fetch_one(&mut *tx)
-            .await?;
-            if others {
-                return Ok(None);
-            }
-            let ahead: i64 = match dialect {
-                // Everything queued at higher priorities and at this one (kept per level by triggers), less
-                // this job and the owner's jobs queued after it (a short range of the claim index).
-                Dialect::Sqlite => {
-                    sqlx::query_scalar(
-                        "SELECT (SELECT COALESCE(SUM(queued), 0) FROM queue_levels WHERE priority >= $1) - 1 \
-                             - (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = $1 AND owner = $2 \
-                                AND (created_at > $3 OR (created_at = $3 AND id > $4))) \
-                             - (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = $1 AND owner IS NULL \
-                                AND $2 = '' AND (created_at > $3 OR (created_at = $3 AND id > $4)))",
-                    )
-                    .bind(priority)
-                    .bind(&owner)
-                    .bind(created_at)
-                    .bind(&id)
-                    .fetch_one(&mut *tx)
-                    .await?
+        match &self.backend {
+            // One statement, so one snapshot (a job claimed meanwhile is counted by every part or by none) and
+            // one round trip to the connection's thread. `others`: another owner (NULL and '' are one owner)
+            // has queued jobs at this priority, each probe one seek in the claim index, which orders a level's
+            // jobs by owner. `ahead`: everything queued at higher priorities and at this one (kept per level
+            // by triggers), less this job and the owner's jobs queued after it (a short range of that index:
+            // the `created_at >=` bound lets the planner seek it, which the `OR` alone does not).
+            Backend::Sqlite(pools) => {
+                let row: Option<(String, bool, i64)> = sqlx::query_as(
+                    "WITH me AS (SELECT status, COALESCE(owner, '') AS owner, priority, created_at, id \
+                                 FROM jobs WHERE id = $1) \
+                     SELECT me.status, \
+                         EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.priority = me.priority \
+                                 AND j.owner < me.owner) \
+                         OR EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.priority = me.priority \
+                                 AND j.owner > me.owner) \
+                         OR (me.owner <> '' AND EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'queued' \
+                                 AND j.priority = me.priority AND j.owner IS NULL)), \
+                         (SELECT COALESCE(SUM(queued), 0) FROM queue_levels WHERE priority >= me.priority) - 1 \
+                         - (SELECT COUNT(*) FROM jobs j WHERE j.status = 'queued' AND j.priority = me.priority \
+                            AND j.owner = me.owner \
+                            AND j.created_at >= me.created_at AND (j.created_at > me.created_at OR j.id > me.id)) \
+                         - (SELECT COUNT(*) FROM jobs j WHERE j.status = 'queued' AND j.priority = me.priority \
+                            AND j.owner IS NULL AND me.owner = '' \
+                            AND j.created_at >= me.created_at AND (j.created_at > me.created_at OR j.id > me.id)) \
+                     FROM me",
+                )
+                .bind(&id)
+                .fetch_optional(&pools.read)
+                .await?;
+                match row {
+                    None => Ok(Some(None)),
+                    Some((status, _, _)) if status != "queued" => Ok(Some(None)),
+                    Some((_, true, _)) => Ok(None),
+                    Some((_, false, ahead)) => Ok(Some(Some(non_negative("jobs", "count", ahead)?))),
                 }
-                Dialect::Postgres => {
-                    sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > $1 OR (priority = $1 AND \
-                         (created_at < $2 OR (created_at = $2 AND id < $3))))",
-                    )
-                    .bind(priority)
-                    .bind(created_at)
-                    .bind(&id)
-                    .fetch_one(&mut *tx)
-                    .await?
+            }
+            Backend::Postgres(pool) => {
+                // One snapshot for every read: a job claimed between two of them must not be counted by one
+                // and not the other.
+                let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+                let job: Option<(String, String, i64, i64)> = sqlx::query_as(
+                    "SELECT status, COALESCE(owner, ''), priority, created_at FROM jobs WHERE id = $1",
+                )
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((status, owner, priority, created_at)) = job else { return Ok(Some(None)) };
+                if status != "queued" {
+                    return Ok(Some(None));
                 }
-            };
-            Ok(Some(Some(non_negative("jobs", "count", ahead)?)))
-        })
+                // Another owner (NULL and '' are one owner) at this priority.
+                let others: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND owner < $2) \
+                         OR EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND priority = $1 AND owner > $2) \
+                         OR ($2 <> '' AND EXISTS (SELECT 1 FROM jobs \
+                             WHERE status = 'queued' AND priority = $1 AND owner IS NULL))",
+                )
+                .bind(priority)
+                .bind(&owner)
+                .fetch_one(&mut *tx)
+                .await?;
+                if others {
+                    return Ok(None);
+                }
+                let ahead: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > $1 OR (priority = $1 AND \
+                     (created_at < $2 OR (created_at = $2 AND id < $3))))",
+                )
+                .bind(priority)
+                .bind(created_at)
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+                Ok(Some(Some(non_negative("jobs", "count", ahead)?)))
+            }
+        }
     }
 
     /// How many queued jobs will be claimed before this one (0 = next), in claim order; `None` if the job

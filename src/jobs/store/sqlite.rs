@@ -58,16 +58,30 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePools, StoreError> {
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         return Ok(SqlitePools { submissions: GroupCommit::start(pool.clone()), write: pool.clone(), read: pool });
     }
+    // Readers open the file as it is: WAL is a property of the file, set by the write connection, and asking
+    // for it (or for auto_vacuum) again on each new reader needs the write lock, which the group commit holds
+    // most of the time under load (a reader opened then waited out the busy timeout's sleeps: up to seconds).
+    let read_options = options.clone();
     options = options.journal_mode(SqliteJournalMode::Wal).auto_vacuum(SqliteAutoVacuum::Incremental);
     create_parent_dir(options.get_filename()).await?;
-    let write = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+    // No ping before each use: a connection to a local file does not go stale the way a network one does
+    // (a broken one fails its next statement anyway), and the ping was one more round trip to the
+    // connection's thread on every claim, write and group commit.
+    let write =
+        SqlitePoolOptions::new().max_connections(1).test_before_acquire(false).connect_with(options.clone()).await?;
     sqlx::migrate!("./migrations/sqlite").run(&write).await?;
     let (mode,): (i64,) = sqlx::query_as("PRAGMA auto_vacuum").fetch_one(&write).await?;
     if mode != INCREMENTAL_VACUUM {
         sqlx::query("PRAGMA auto_vacuum = INCREMENTAL").execute(&write).await?;
         sqlx::query("VACUUM").execute(&write).await?;
     }
-    let read = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(options).await?;
+    // Every reader is opened now, not under the first burst of requests.
+    let read = SqlitePoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .min_connections(MAX_CONNECTIONS)
+        .test_before_acquire(false)
+        .connect_with(read_options)
+        .await?;
     Ok(SqlitePools { read, submissions: GroupCommit::start(write.clone()), write })
 }
 

@@ -1,14 +1,17 @@
 //! Submitting a job: idempotency replay, the queue and per-key limits, and the insert, in one transaction.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::super::error::StoreError;
-use super::super::model::{IdempotencyKey, NewJob, RateState, Submission, SubmitLimits};
+use super::super::model::{IdempotencyKey, Job, NewJob, RateState, Submission, SubmitLimits};
 use super::super::time::now_millis;
 use super::rows::{non_negative, one_job, JobRow};
 use super::usage::{DAY_MILLIS, STORED_BYTES};
@@ -82,9 +85,7 @@ macro_rules! refusal {
                 Some(queued) => queued,
                 None => queued_count!($tx, $dialect),
             };
-            if queued >= limits.max_queued {
-                refusal = Some(Submission::QueueFull { queued });
-            }
+            refusal = queue_full(queued, limits);
         }
         if let (None, Some(owner)) = (&refusal, &new.owner) {
             if limits.max_outstanding_per_owner != u64::MAX {
@@ -125,6 +126,11 @@ macro_rules! refusal {
         }
         refusal
     }};
+}
+
+/// The refusal of a submission when `queued` jobs already wait and the queue holds `limits.max_queued`.
+fn queue_full(queued: u64, limits: SubmitLimits) -> Option<Submission> {
+    (queued >= limits.max_queued).then_some(Submission::QueueFull { queued })
 }
 
 /// Takes one submission from `$owner`'s token bucket of `$rate` per minute, or says when one will be there.
@@ -238,6 +244,15 @@ pub(super) fn seconds_to_full(tokens: f64, rate: u32) -> u64 {
     ((f64::from(rate) - tokens).max(0.0) * 60.0 / f64::from(rate)).ceil() as u64
 }
 
+/// The columns a submission writes, in the order of its `VALUES`: the single insert of [`submit_in!`] and
+/// the many-row insert of a group's plain submissions ([`insert_plain`]) share it.
+macro_rules! inserted_columns {
+    () => {
+        "(id, kind, status, model, params, priority, attempts, max_attempts, created_at, idempotency_key, owner, \
+         idempotency_fingerprint, input_bytes, cost, batch_key)"
+    };
+}
+
 /// One submission inside the open write transaction `$tx`: the idempotency replay, the limits, the rate
 /// bucket, the insert. Evaluates to `Result<(Submission, bool), StoreError>`, the bool saying whether what it
 /// wrote must be committed (a refusal by the limits wrote nothing worth keeping).
@@ -263,9 +278,9 @@ macro_rules! submit_in {
             }
             join_rotation!($tx, dialect, owner.unwrap_or(""));
             let rows: Vec<JobRow> = sqlx::query_as(concat!(
-                "INSERT INTO jobs (id, kind, status, model, params, priority, attempts, max_attempts, created_at, \
-                 idempotency_key, owner, idempotency_fingerprint, input_bytes, cost, batch_key) \
-                 VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
+                "INSERT INTO jobs ",
+                inserted_columns!(),
+                " VALUES ($1, $2, 'queued', $3, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
                 job_columns!()
             ))
             .bind(Uuid::now_v7().to_string())
@@ -428,9 +443,25 @@ impl GroupCommit {
 /// [`GroupCommit`] handle is gone.
 async fn run_groups(write: SqlitePool, mut pending: mpsc::Receiver<PendingSubmission>, commits: Arc<AtomicU64>) {
     let mut group = Vec::with_capacity(GROUP_LIMIT);
+    let mut held: Option<(PoolConnection<sqlx::Sqlite>, Instant)> = None;
     while pending.recv_many(&mut group, GROUP_LIMIT).await > 0 {
         metrics::histogram!("denoised_submissions_per_commit").record(group.len() as f64);
-        let answers = commit_group(&write, &group).await;
+        let connection = match held.take() {
+            Some(held) => Ok(held),
+            None => write.acquire().await.map(|connection| (connection, Instant::now())),
+        };
+        let answers = match connection {
+            Ok((mut connection, since)) => {
+                let answers = commit_group(&mut connection, &group).await;
+                // While submissions keep coming, the next group reuses the connection (handing it back costs
+                // a round trip to its thread), for a bounded time so that the workers' writes get their turn.
+                if !pending.is_empty() && since.elapsed() < HOLD_WRITE_CONNECTION {
+                    held = Some((connection, since));
+                }
+                answers
+            }
+            Err(error) => everyone_fails(group.len(), error.into()),
+        };
         commits.fetch_add(1, Ordering::Relaxed);
         for (submission, answer) in group.drain(..).zip(answers) {
             // The caller may have gone (a closed connection): its job stays committed, like any job whose
@@ -440,15 +471,32 @@ async fn run_groups(write: SqlitePool, mut pending: mpsc::Receiver<PendingSubmis
     }
 }
 
-/// Runs every submission of `group` in one write transaction, each in a savepoint, and commits; the answers
-/// are in `group`'s order. When the transaction cannot be opened or committed, every answer is that error.
-async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Result<Submission, StoreError>> {
+/// How long the group-commit task keeps the write connection for consecutive groups at most.
+const HOLD_WRITE_CONNECTION: Duration = Duration::from_millis(10);
+
+/// The same failure as every answer of a group of `size`.
+fn everyone_fails(size: usize, error: StoreError) -> Vec<Result<Submission, StoreError>> {
+    let cause = Arc::new(error);
+    (0..size).map(|_| Err(StoreError::Group(cause.clone()))).collect()
+}
+
+/// Runs every submission of `group` in one write transaction and commits; the answers are in `group`'s
+/// order. When the transaction cannot be opened or committed, every answer is that error.
+///
+/// A submission that reads and writes state of its own (an idempotency key, a key's rate, compute or
+/// per-key limits, a webhook) runs alone inside a savepoint, so that a refused or failing one rolls back
+/// alone. The others ([`plain`]) only need the queue's length, which the group counts once and keeps up to
+/// date: they are inserted together by one statement ([`insert_plain`]), after those with state of their
+/// own. Per submission that is one row of a statement instead of four statements (savepoint, rotation
+/// check, insert, release), each a round trip to the database thread, which was what limited how many
+/// submissions one write connection took per second.
+async fn commit_group(
+    connection: &mut sqlx::SqliteConnection,
+    group: &[PendingSubmission],
+) -> Vec<Result<Submission, StoreError>> {
     let dialect = Dialect::Sqlite;
-    let everyone_fails = |error: StoreError| {
-        let cause = Arc::new(error);
-        group.iter().map(|_| Err(StoreError::Group(cause.clone()))).collect::<Vec<_>>()
-    };
-    let mut tx = match write.begin_with(dialect.begin()).await {
+    let everyone_fails = |error: StoreError| everyone_fails(group.len(), error);
+    let mut tx = match sqlx::Connection::begin_with(connection, dialect.begin()).await {
         Ok(tx) => tx,
         Err(error) => return everyone_fails(error.into()),
     };
@@ -461,18 +509,120 @@ async fn commit_group(write: &SqlitePool, group: &[PendingSubmission]) -> Vec<Re
             Err(error) => return everyone_fails(error),
         }
     }
-    let mut answers = Vec::with_capacity(group.len());
-    for submission in group {
-        let answer = submit_in_savepoint(&mut tx, submission, queued).await;
-        if let (Ok(Submission::Created(_)), Some(count)) = (&answer, queued.as_mut()) {
-            *count += 1;
+    let mut answers: Vec<Option<Result<Submission, StoreError>>> = group.iter().map(|_| None).collect();
+    for (submission, answer) in group.iter().zip(answers.iter_mut()) {
+        if !plain(submission) {
+            *answer = Some(submit_counted(&mut tx, submission, &mut queued).await);
         }
-        answers.push(answer);
+    }
+    let mut accepted = Vec::new();
+    for (index, submission) in group.iter().enumerate().filter(|(_, s)| plain(s)) {
+        let waiting = queued.map(|count| count + accepted.len() as u64);
+        match waiting.and_then(|count| queue_full(count, submission.limits)) {
+            Some(refusal) => answers[index] = Some(Ok(refusal)),
+            None => accepted.push(index),
+        }
+    }
+    for chunk in accepted.chunks(PLAIN_ROWS) {
+        let plain: Vec<&PendingSubmission> = chunk.iter().map(|&i| &group[i]).collect();
+        match insert_plain(&mut tx, &plain).await {
+            Ok(jobs) => {
+                if let Some(count) = queued.as_mut() {
+                    *count += jobs.len() as u64;
+                }
+                for (&index, job) in chunk.iter().zip(jobs) {
+                    answers[index] = Some(Ok(Submission::Created(job)));
+                }
+            }
+            // The statement wrote nothing: each submission is tried alone, so that only the one at fault fails.
+            Err(_) => {
+                for &index in chunk {
+                    answers[index] = Some(submit_counted(&mut tx, &group[index], &mut queued).await);
+                }
+            }
+        }
     }
     if let Err(error) = tx.commit().await {
         return everyone_fails(error.into());
     }
     answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or_else(|| Err(StoreError::corrupt("jobs", "a submission was left unanswered"))))
+        .collect()
+}
+
+/// Rows in one many-row insert at most (13 values each, well under SQLite's limit on bound values).
+const PLAIN_ROWS: usize = 128;
+
+/// Whether `submission` touches no state of its own besides its job row: no idempotency key, no webhook,
+/// and no per-key rate, compute or limit to read and update in order (an ownerless job has none).
+fn plain(submission: &PendingSubmission) -> bool {
+    let limits = submission.limits;
+    let keyed_limits = submission.new.owner.is_some()
+        && (limits.max_outstanding_per_owner != u64::MAX
+            || limits.max_stored_bytes_per_owner != u64::MAX
+            || limits.rate_per_minute.is_some()
+            || limits.daily_image_steps.is_some());
+    submission.idempotency.is_none() && submission.new.webhook.is_none() && !keyed_limits
+}
+
+/// One submission alone in its savepoint, keeping the group's count of queued jobs up to date.
+async fn submit_counted(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    submission: &PendingSubmission,
+    queued: &mut Option<u64>,
+) -> Result<Submission, StoreError> {
+    let answer = submit_in_savepoint(tx, submission, *queued).await;
+    if let (Ok(Submission::Created(_)), Some(count)) = (&answer, queued.as_mut()) {
+        *count += 1;
+    }
+    answer
+}
+
+/// Inserts `plain` submissions (see [`plain`]) with one statement, after placing each of their owners in
+/// the fair-share rotation once; the jobs come back in `plain`'s order. One statement is atomic: when it
+/// fails, none of them was inserted.
+async fn insert_plain(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    plain: &[&PendingSubmission],
+) -> Result<Vec<Job>, StoreError> {
+    let dialect = Dialect::Sqlite;
+    let mut owners: Vec<&str> = plain.iter().map(|s| s.new.owner.as_deref().unwrap_or("")).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    for owner in owners {
+        join_rotation!(*tx, dialect, owner);
+    }
+    let now = now_millis();
+    let ids: Vec<String> = plain.iter().map(|_| Uuid::now_v7().to_string()).collect();
+    let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!("INSERT INTO jobs ", inserted_columns!(), " "));
+    insert.push_values(plain.iter().zip(&ids), |mut row, (submission, id)| {
+        let new = &submission.new;
+        row.push_bind(id.as_str())
+            .push_bind(new.params.kind())
+            .push_bind("queued")
+            .push_bind(new.model.as_str())
+            .push_bind(new.params.encode())
+            .push_bind(i64::from(new.priority))
+            .push_bind(0_i64)
+            .push_bind(i64::from(new.max_attempts))
+            .push_bind(now)
+            .push_bind(None::<String>)
+            .push_bind(new.owner.as_deref())
+            .push_bind(None::<String>)
+            .push_bind(i64::try_from(new.input_bytes).unwrap_or(i64::MAX))
+            .push_bind(i64::try_from(new.cost).unwrap_or(i64::MAX))
+            .push_bind(new.params.batch_key(&new.model));
+    });
+    insert.push(concat!(" RETURNING ", job_columns!()));
+    let rows: Vec<JobRow> = insert.build_query_as().fetch_all(&mut **tx).await?;
+    let mut inserted: HashMap<String, JobRow> = rows.into_iter().map(|row| (row.id.clone(), row)).collect();
+    ids.iter()
+        .map(|id| {
+            let row = inserted.remove(id).ok_or_else(|| StoreError::corrupt("jobs", "a many-row insert lost a row"))?;
+            Job::try_from(row)
+        })
+        .collect()
 }
 
 /// Queued jobs, inside the group's transaction.

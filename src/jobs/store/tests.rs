@@ -421,6 +421,51 @@ async fn submissions_sent_together_share_commits_with_exact_limits() {
     assert_eq!(store.count_by_status().await.unwrap().queued, 150);
 }
 
+/// Submissions with no state of their own are inserted by one statement per group; each caller must still
+/// get its own job, those with state of their own (a key's limits, a webhook) go through alone in the same
+/// group, and every owner joins the fair-share rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_inserts_plain_submissions_together_and_each_caller_gets_its_own_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let commits_before = sqlite_commits(&store);
+    let keyed = SubmitLimits { max_queued: 1000, max_outstanding_per_owner: 100, ..SubmitLimits::NONE };
+    let plain = SubmitLimits { max_queued: 1000, ..SubmitLimits::NONE };
+    let answers = futures_util::future::join_all((0..120_u64).map(|i| {
+        let store = store.clone();
+        async move {
+            let stored = json!({
+                "prompt": format!("prompt {i}"), "negative_prompt": "", "width": 64, "height": 64, "steps": 4,
+                "guidance_scale": 7.5, "scheduler": "euler", "seed": i, "n": 1, "output_format": "png"
+            });
+            let params = JobParams::decode("generate", &stored.to_string()).unwrap();
+            let owner = (i % 3 != 0).then(|| format!("owner-{}", i % 5));
+            let webhook = (i % 7 == 0).then(|| JobWebhook { url: format!("http://hooks.test/{i}"), started: false });
+            let new = NewJob { params, priority: (i % 2) as i32, owner, webhook, ..new_job(0) };
+            let limits = if i % 4 == 0 { keyed } else { plain };
+            (i, store.submit(new, None, limits).await.unwrap())
+        }
+    }))
+    .await;
+    let commits = sqlite_commits(&store) - commits_before;
+    assert!(commits < 60, "120 submissions took {commits} commits: they were not grouped");
+    for (i, answer) in &answers {
+        let Submission::Created(job) = answer else { panic!("submission {i}: {answer:?}") };
+        let stored = store.get(job.id).await.unwrap().unwrap();
+        assert_eq!(stored.params.generation().map(|g| g.seed), Some(*i), "submission {i} got another caller's job");
+        assert_eq!(stored.priority, (i % 2) as i32);
+        assert_eq!(stored.owner, (i % 3 != 0).then(|| format!("owner-{}", i % 5)));
+        let hook = store.webhook_state(job.id).await.unwrap().map(|w| w.url);
+        assert_eq!(hook, (i % 7 == 0).then(|| format!("http://hooks.test/{i}")), "submission {i}'s webhook");
+    }
+    assert_eq!(store.count_by_status().await.unwrap().queued, 120);
+    let Backend::Sqlite(pools) = &store.backend else { panic!("a SQLite store") };
+    let owners: Vec<(String,)> =
+        sqlx::query_as("SELECT owner FROM fair_share ORDER BY owner").fetch_all(&pools.read).await.unwrap();
+    let owners: Vec<String> = owners.into_iter().map(|(o,)| o).collect();
+    assert_eq!(owners, ["", "owner-0", "owner-1", "owner-2", "owner-3", "owner-4"]);
+}
+
 /// A submission that cannot be written (here: the store was closed) is an error for its caller, not a job.
 #[tokio::test]
 async fn a_submission_to_a_closed_store_fails() {
