@@ -76,3 +76,60 @@ fn fp16_export_runs_and_tracks_fp32() {
     assert!(mean < 0.01, "fp16 drifts from fp32: mean difference {mean}");
     assert!(max < 0.1, "fp16 drifts from fp32: max difference {max}");
 }
+
+/// The denoiser runs with its text conditioning bound once (IO binding, `Graph::bind`) and only the latents
+/// and timestep handed over per call: each call must give what a call handing over every input gives, the
+/// per-call inputs must replace the previous call's, and inputs bound for one graph are refused by another.
+#[test]
+fn bound_conditioning_gives_the_same_predictions_as_every_input_per_call() {
+    use denoised::engine::graph::{Feed, Graph};
+    use ndarray::{ArrayD, IxDyn};
+
+    let factory = common::runtime().session_factory(common::device(), 1);
+    // Bit-identical on the CPU; on CUDA the same kernels may still differ in the last bits.
+    let tolerance = if common::device() == denoised::engine::runtime::Device::Cpu { 0.0 } else { 1e-4 };
+    for fixture in ["tiny-sd", "tiny-sd-fp16"] {
+        let folder = common::fixture(fixture);
+        let mut unet = Graph::open(&factory, &folder.join("unet/model.onnx"), "unet").unwrap();
+        let text = Graph::open(&factory, &folder.join("text_encoder/model.onnx"), "text_encoder").unwrap();
+        let width = unet.input("encoder_hidden_states").unwrap().shape[2] as usize;
+        let pattern = |shape: &[usize], offset: f32| {
+            let count: usize = shape.iter().product();
+            let values = (0..count).map(|i| ((i as f32 * 0.37 + offset).sin() * 0.8).clamp(-1.0, 1.0)).collect();
+            ArrayD::from_shape_vec(IxDyn(shape), values).unwrap()
+        };
+        let hidden = pattern(&[2, 77, width], 0.5);
+        let timestep = match unet.input("timestep").unwrap().rank() {
+            0 => ArrayD::from_elem(IxDyn(&[]), 500.0f32),
+            _ => ArrayD::from_elem(IxDyn(&[2]), 500.0f32),
+        };
+        let mut bound = unet.bind(vec![("encoder_hidden_states", Feed::Float(hidden.clone()))]).unwrap();
+        for (call, offset) in [0.0f32, 1.3, 2.9].into_iter().enumerate() {
+            let sample = pattern(&[2, 4, 8, 8], offset);
+            let every = unet
+                .run(vec![
+                    ("sample", Feed::Float(sample.clone())),
+                    ("timestep", Feed::Float(timestep.clone())),
+                    ("encoder_hidden_states", Feed::Float(hidden.clone())),
+                ])
+                .unwrap();
+            let with_binding = unet
+                .run_bound(
+                    &mut bound,
+                    vec![("sample", Feed::Float(sample)), ("timestep", Feed::Float(timestep.clone()))],
+                    call < 2,
+                )
+                .unwrap();
+            assert_eq!(every.keys().collect::<Vec<_>>(), with_binding.keys().collect::<Vec<_>>());
+            for (name, expected) in &every {
+                let got = &with_binding[name];
+                assert_eq!(got.shape(), expected.shape());
+                let largest = got.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(largest <= tolerance, "{fixture} call {call} `{name}`: differs by {largest}");
+            }
+        }
+        let mut foreign = text.bind(Vec::new()).unwrap();
+        let refused = unet.run_bound(&mut foreign, Vec::new(), false).unwrap_err();
+        assert!(refused.to_string().contains("text_encoder"), "{refused}");
+    }
+}

@@ -3,6 +3,10 @@
 //! Exports drift: `input_ids` may be int32 or int64, `timestep` float or int64, scalar or batched, and fp16
 //! exports take f16 tensors. Callers hand over f32 / i64 arrays by name; [`Graph::run`] converts each to what
 //! the graph declares and converts every float output back to f32.
+//!
+//! A graph called many times with some inputs unchanged (the denoiser's text conditioning over a run's
+//! steps) binds those once ([`Graph::bind`], ONNX Runtime's IO binding): they are converted once and, on
+//! CUDA, copied to the device once, and each call binds only what changes ([`Graph::run_bound`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -10,7 +14,8 @@ use std::path::Path;
 
 use half::f16;
 use ndarray::ArrayD;
-use ort::session::{Session, SessionInputValue};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
 use super::error::EngineError;
@@ -178,23 +183,95 @@ impl Graph {
         let fail = |message: String| EngineError::Inference { graph, message };
         let mut values: Vec<(Cow<'static, str>, SessionInputValue<'static>)> = Vec::with_capacity(feeds.len());
         for (name, feed) in feeds {
-            let spec = self.input(name).ok_or_else(|| fail(format!("the graph has no input `{name}`")))?;
-            let value = to_value(spec, feed).map_err(|e| fail(format!("input `{name}`: {e}")))?;
-            values.push((Cow::Owned(name.to_string()), value));
+            let value = self.value_for(name, feed)?;
+            values.push((Cow::Owned(name.to_string()), SessionInputValue::Owned(value)));
         }
         let outputs = self.session.run_with_options(values, options).map_err(|e| fail(e.to_string()))?;
         self.runs += 1;
-        let mut result = HashMap::new();
-        for (name, value) in outputs.iter() {
-            if let Some(array) = to_f32(&value).map_err(|e| fail(format!("output `{name}`: {e}")))? {
-                result.insert(name.to_string(), array);
-            }
+        float_outputs(graph, &outputs)
+    }
+
+    /// Binds `constant` inputs for a run of calls (see [`BoundInputs`]) and every output to host memory.
+    pub fn bind(&self, constant: Vec<(&str, Feed)>) -> Result<BoundInputs, EngineError> {
+        let graph = self.name;
+        let fail = |e: ort::Error| EngineError::Inference { graph, message: format!("binding: {e}") };
+        let mut binding = self.session.create_binding().map_err(fail)?;
+        for (name, feed) in constant {
+            let value = self.value_for(name, feed)?;
+            binding.bind_input(name, &value).map_err(fail)?;
         }
-        Ok(result)
+        let host =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(fail)?;
+        for output in &self.outputs {
+            binding.bind_output_to_device(output.name.as_str(), &host).map_err(fail)?;
+        }
+        Ok(BoundInputs { binding, graph })
+    }
+
+    /// Runs the graph on `bound`'s inputs plus `feeds` (bound for this call, replacing any earlier value of
+    /// the same name), converted like [`Graph::run`]'s. `again_soon` keeps the CPU arena's memory for the
+    /// next call, like [`Graph::run_again_soon`].
+    pub fn run_bound(
+        &mut self,
+        bound: &mut BoundInputs,
+        feeds: Vec<(&str, Feed)>,
+        again_soon: bool,
+    ) -> Result<HashMap<String, ArrayD<f32>>, EngineError> {
+        let graph = self.name;
+        if bound.graph != graph {
+            return Err(EngineError::Inference { graph, message: format!("inputs bound for `{}`", bound.graph) });
+        }
+        let fail = |e: ort::Error| EngineError::Inference { graph, message: e.to_string() };
+        for (name, feed) in feeds {
+            let value = self.value_for(name, feed)?;
+            bound.binding.bind_input(name, &value).map_err(fail)?;
+        }
+        let options = if again_soon { self.steady_options.clone() } else { self.run_options.clone() };
+        let outputs = self.session.run_binding_with_options(&bound.binding, &options).map_err(fail)?;
+        self.runs += 1;
+        float_outputs(graph, &outputs)
+    }
+
+    /// `feed` as the value the input `name` declares.
+    fn value_for(&self, name: &str, feed: Feed) -> Result<DynValue, EngineError> {
+        let graph = self.name;
+        let fail = |message: String| EngineError::Inference { graph, message };
+        let spec = self.input(name).ok_or_else(|| fail(format!("the graph has no input `{name}`")))?;
+        to_value(spec, feed).map_err(|e| fail(format!("input `{name}`: {e}")))
     }
 }
 
-fn to_value(spec: &IoSpec, feed: Feed) -> Result<SessionInputValue<'static>, String> {
+/// Inputs bound to one graph's session for a run of calls, with its outputs bound to host memory: made by
+/// [`Graph::bind`], used by [`Graph::run_bound`]. On CUDA the bound inputs are copied to the device when
+/// bound, once, instead of at every call.
+pub struct BoundInputs {
+    binding: IoBinding,
+    graph: &'static str,
+}
+
+impl std::fmt::Debug for BoundInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundInputs").field("graph", &self.graph).finish_non_exhaustive()
+    }
+}
+
+/// Every float output of a run as f32, by name (integer outputs are skipped).
+fn float_outputs(
+    graph: &'static str,
+    outputs: &SessionOutputs<'_>,
+) -> Result<HashMap<String, ArrayD<f32>>, EngineError> {
+    let mut result = HashMap::new();
+    for (name, value) in outputs.iter() {
+        let array =
+            to_f32(&value).map_err(|e| EngineError::Inference { graph, message: format!("output `{name}`: {e}") })?;
+        if let Some(array) = array {
+            result.insert(name.to_string(), array);
+        }
+    }
+    Ok(result)
+}
+
+fn to_value(spec: &IoSpec, feed: Feed) -> Result<DynValue, String> {
     let value: DynValue = match (spec.element, feed) {
         (Element::F32, Feed::Float(a)) => Tensor::from_array(a).map_err(|e| e.to_string())?.into_dyn(),
         (Element::F16, Feed::Float(a)) => {
@@ -217,7 +294,7 @@ fn to_value(spec: &IoSpec, feed: Feed) -> Result<SessionInputValue<'static>, Str
         }
         (Element::Unsupported, _) => return Err("unsupported element type".into()),
     };
-    Ok(SessionInputValue::Owned(value))
+    Ok(value)
 }
 
 fn to_f32(value: &ort::value::DynValueRef<'_>) -> Result<Option<ArrayD<f32>>, String> {

@@ -20,6 +20,7 @@ use super::text_to_image::{prepare, text_to_image, Prepared};
 use super::vae::{decode, render_preview, ShiftOnDecode};
 use super::{GenerateRequest, RunExtras, StepObserver};
 use crate::engine::error::EngineError;
+use crate::engine::graph::BoundInputs;
 use crate::engine::model::LoadedModel;
 use crate::engine::scheduler::{Scheduler, SchedulerKind, StepInput};
 
@@ -137,8 +138,8 @@ fn run_shared(
     }
     let Some(timesteps) = running.first().map(|r| r.scheduler.timesteps().to_vec()) else { return };
     let calls = timesteps.len();
-    let timestep_rank = model.denoiser.input("timestep").map(|s| s.rank());
     let mut stacked: Option<UnetConditioning> = None;
+    let mut bound: Option<BoundInputs> = None;
 
     for (call, &t) in timesteps.iter().enumerate() {
         let before = running.len();
@@ -152,14 +153,18 @@ fn run_shared(
         if running.is_empty() {
             return;
         }
-        // The stacked conditioning is kept from call to call while the members stay the same.
+        // The stacked conditioning, and its binding to the denoiser, are kept from call to call while the
+        // members stay the same.
         let kept = stacked.take().filter(|_| running.len() == before);
         let conditioning = match kept {
             Some(conditioning) => Ok(conditioning),
-            None => stack_conditioning(&running.iter().map(|r| &r.conditioning).collect::<Vec<_>>()),
+            None => {
+                bound = None;
+                stack_conditioning(&running.iter().map(|r| &r.conditioning).collect::<Vec<_>>())
+            }
         };
         let result = conditioning.and_then(|conditioning| {
-            let predicted = shared_call(model, &running, &conditioning, call, t, calls, timestep_rank);
+            let predicted = shared_call(model, &running, &conditioning, &mut bound, call, t, calls);
             stacked = Some(conditioning);
             predicted
         });
@@ -200,10 +205,10 @@ fn shared_call(
     model: &mut LoadedModel,
     running: &[Running<'_>],
     conditioning: &UnetConditioning,
+    bound: &mut Option<BoundInputs>,
     call: usize,
     t: f64,
     calls: usize,
-    timestep_rank: Option<usize>,
 ) -> Result<ArrayD<f32>, EngineError> {
     let shape_err = |e: ndarray::ShapeError| EngineError::InvalidRequest(e.to_string());
     let mut blocks = Vec::with_capacity(running.len());
@@ -216,11 +221,11 @@ fn shared_call(
     let sample = concatenate(Axis(0), &views).map_err(shape_err)?;
     let rows = sample.shape()[0];
     let value = model.denoiser_kind.timestep_value(t);
-    let timestep = match timestep_rank {
+    let timestep = match model.denoiser.input("timestep").map(|s| s.rank()) {
         Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
         _ => ArrayD::from_elem(IxDyn(&[rows]), value),
     };
-    let predicted = predict(model, sample, timestep, conditioning, call + 1 == calls)?;
+    let predicted = predict(model, sample, timestep, conditioning, bound, call + 1 == calls)?;
     if predicted.shape()[0] != rows {
         return Err(EngineError::Inference {
             graph: model.denoiser.name(),

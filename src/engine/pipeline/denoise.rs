@@ -15,7 +15,7 @@ use super::packing::{pack, unpack};
 use super::vae::render_preview;
 use super::StepObserver;
 use crate::engine::error::EngineError;
-use crate::engine::graph::Feed;
+use crate::engine::graph::{BoundInputs, Feed};
 use crate::engine::model::LoadedModel;
 use crate::engine::rng::NoiseSource;
 use crate::engine::scheduler::{Scheduler, StepInput};
@@ -136,6 +136,7 @@ pub(super) fn denoise(
     let timestep_rank = model.denoiser.input("timestep").map(|s| s.rank());
     let shape_err = |e: ndarray::ShapeError| EngineError::InvalidRequest(e.to_string());
     let mut latents = run.latents;
+    let mut bound = None;
 
     for (call, &t) in timesteps.iter().enumerate().skip(run.start) {
         if observer.should_stop() {
@@ -157,7 +158,7 @@ pub(super) fn denoise(
             _ => ArrayD::from_elem(IxDyn(&[copies * n]), value),
         };
         let last = call + 1 == calls;
-        let predicted = predict(model, sample, timestep, run.conditioning, last)?;
+        let predicted = predict(model, sample, timestep, run.conditioning, &mut bound, last)?;
         if predicted.shape() != model_input.shape() {
             return Err(EngineError::Inference {
                 graph: model.denoiser.name(),
@@ -182,22 +183,28 @@ pub(super) fn denoise(
 }
 
 /// One denoiser call on `sample` `[b, C, h, w]` (packed around the call for Flux); the prediction comes back
-/// unpacked, `[b, C_out, h, w]`. The denoiser's arena memory is kept between calls and handed back after the
-/// `last` one.
+/// unpacked, `[b, C_out, h, w]`. `conditioning` is bound to the denoiser on the first call of a run and kept
+/// in `bound` for the next ones (the caller clears `bound` when the conditioning changes), so only the
+/// latents and the timestep are handed over at each call. The denoiser's arena memory is kept between calls
+/// and handed back after the `last` one.
 pub(super) fn predict(
     model: &mut LoadedModel,
     sample: ArrayD<f32>,
     timestep: ArrayD<f32>,
     conditioning: &UnetConditioning,
+    bound: &mut Option<BoundInputs>,
     last: bool,
 ) -> Result<ArrayD<f32>, EngineError> {
     let kind = model.denoiser_kind;
+    let graph = model.denoiser.name();
     let (h, w) = (sample.shape().get(2).copied().unwrap_or(0), sample.shape().get(3).copied().unwrap_or(0));
     let sample = if kind.packs_latents() { pack(&sample)? } else { sample };
-    let mut feeds = vec![(kind.sample_input(), Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
-    feeds.extend(conditioning.feeds());
-    let graph = model.denoiser.name();
-    let mut outputs = if last { model.denoiser.run(feeds)? } else { model.denoiser.run_again_soon(feeds)? };
+    let feeds = vec![(kind.sample_input(), Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
+    if bound.is_none() {
+        *bound = Some(model.denoiser.bind(conditioning.feeds())?);
+    }
+    let inputs = bound.as_mut().ok_or_else(|| EngineError::Inference { graph, message: "nothing bound".into() })?;
+    let mut outputs = model.denoiser.run_bound(inputs, feeds, !last)?;
     let predicted = outputs
         .remove(&model.denoiser_output)
         .ok_or_else(|| EngineError::Inference { graph, message: "no output".into() })?;

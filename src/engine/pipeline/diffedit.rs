@@ -187,6 +187,7 @@ pub fn semantic_mask(
     let mut map = Array2::<f32>::zeros((h, w));
     let mut generator = BatchNoise::new(&[base.seed]);
     let samples = options.samples as usize;
+    let mut bound = None;
     for draw in 0..samples {
         if observer.should_stop() {
             return Err(EngineError::Cancelled);
@@ -197,7 +198,7 @@ pub fn semantic_mask(
         let noisy = scheduler.add_noise(latents.view(), noise.view(), start);
         let pair = concatenate(Axis(0), &[noisy.view(), noisy.view()]).map_err(shape_err)?;
         let sample = scheduler.scale_model_input(pair.view(), start);
-        let predicted = predict(model, sample, timestep.clone(), &conditioning, draw + 1 == samples)?;
+        let predicted = predict(model, sample, timestep.clone(), &conditioning, &mut bound, draw + 1 == samples)?;
         if predicted.shape() != pair.shape() {
             return Err(EngineError::Inference {
                 graph: model.denoiser.name(),

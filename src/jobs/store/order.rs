@@ -82,12 +82,11 @@ impl JobStore {
                 // One snapshot for every read: a job claimed between two of them must not be counted by one
                 // and not the other.
                 let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-                let job: Option<(String, String, i64, i64)> = sqlx::query_as(
-                    "SELECT status, COALESCE(owner, ''), priority, created_at FROM jobs WHERE id = $1",
-                )
-                .bind(&id)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let job: Option<(String, String, i64, i64)> =
+                    sqlx::query_as("SELECT status, COALESCE(owner, ''), priority, created_at FROM jobs WHERE id = $1")
+                        .bind(&id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
                 let Some((status, owner, priority, created_at)) = job else { return Ok(Some(None)) };
                 if status != "queued" {
                     return Ok(Some(None));
