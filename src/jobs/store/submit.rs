@@ -14,7 +14,7 @@ use super::super::error::StoreError;
 use super::super::model::{IdempotencyKey, Job, NewJob, RateState, Submission, SubmitLimits};
 use super::super::time::now_millis;
 use super::rows::{non_negative, one_job, JobRow};
-use super::usage::{DAY_MILLIS, STORED_BYTES};
+use super::usage::{outstanding_sql, stored_bytes_sql, DAY_MILLIS};
 use super::{job_columns, postgres, Backend, Dialect, JobStore};
 
 /// The job `key` already made for `owner` within its window (`Replayed`, or `KeyReused` when the request
@@ -89,14 +89,8 @@ macro_rules! refusal {
         }
         if let (None, Some(owner)) = (&refusal, &new.owner) {
             if limits.max_outstanding_per_owner != u64::MAX {
-                let (outstanding,): (i64,) = sqlx::query_as(
-                    // `owner IS NOT NULL` repeats the partial index's condition so the planner can pick it.
-                    "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status IN ('queued', 'running') \
-                     AND owner IS NOT NULL",
-                )
-                .bind(owner)
-                .fetch_one(&mut *$tx)
-                .await?;
+                let (outstanding,): (i64,) =
+                    sqlx::query_as(outstanding_sql($dialect)).bind(owner).fetch_one(&mut *$tx).await?;
                 let outstanding = non_negative("jobs", "count", outstanding)?;
                 if outstanding >= limits.max_outstanding_per_owner {
                     refusal = Some(Submission::OwnerBusy { outstanding });
@@ -117,7 +111,8 @@ macro_rules! refusal {
         if let (None, Some(owner)) = (&refusal, &new.owner) {
             if limits.max_stored_bytes_per_owner != u64::MAX {
                 // Bytes the owner's jobs keep stored: their inputs and their images.
-                let (stored,): (i64,) = sqlx::query_as(STORED_BYTES).bind(owner).fetch_one(&mut *$tx).await?;
+                let (stored,): (i64,) =
+                    sqlx::query_as(stored_bytes_sql($dialect)).bind(owner).fetch_one(&mut *$tx).await?;
                 let stored = non_negative("jobs", "stored bytes", stored)?;
                 if stored.saturating_add(new.input_bytes) > limits.max_stored_bytes_per_owner {
                     refusal = Some(Submission::OverQuota { stored });

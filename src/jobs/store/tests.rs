@@ -335,6 +335,80 @@ async fn the_queue_counts_follow_every_change_to_the_queue() {
     assert!(queued.queued > 0);
 }
 
+/// SQLite's per-key totals (`owner_totals`, kept by triggers) agree with counting and summing the rows, which
+/// PostgreSQL still does, after every kind of change: inserts with uploads, claims, completions with images,
+/// a failure, a cancel, a release, recovery, deletions of a finished and of a queued job, retention, and
+/// grouped submissions; and `usage` reports them.
+#[tokio::test]
+async fn the_per_key_totals_follow_every_change_to_jobs_and_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    async fn check(store: &JobStore, when: &str) {
+        let pool = sqlite_read(store);
+        let counted: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT j.owner, SUM(j.status IN ('queued', 'running')), \
+                    SUM(j.input_bytes) + COALESCE((SELECT SUM(i.bytes) FROM images i JOIN jobs k ON k.id = i.job_id \
+                                                   WHERE k.owner = j.owner), 0) \
+             FROM jobs j WHERE j.owner IS NOT NULL GROUP BY j.owner ORDER BY j.owner",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let kept: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT owner, outstanding, stored_bytes FROM owner_totals \
+             WHERE outstanding <> 0 OR stored_bytes <> 0 ORDER BY owner",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let counted: Vec<_> = counted.into_iter().filter(|(_, o, b)| *o != 0 || *b != 0).collect();
+        assert_eq!(kept, counted, "after {when}");
+        for (owner, outstanding, stored) in kept {
+            let usage = store.usage(&owner).await.unwrap();
+            assert_eq!((usage.outstanding as i64, usage.stored_bytes as i64), (outstanding, stored), "usage of {owner}");
+        }
+    }
+    let owners = [Some("a"), Some("b"), None];
+    let mut ids = Vec::new();
+    for i in 0..12u64 {
+        let owner = owners[(i % 3) as usize].map(str::to_owned);
+        ids.push(store.insert(NewJob { owner, input_bytes: 100 * i, ..new_job(0) }).await.unwrap().id);
+    }
+    check(&store, "inserts").await;
+    let first = store.claim("w", LEASE).await.unwrap().unwrap();
+    let second = store.claim("w", LEASE).await.unwrap().unwrap();
+    let third = store.claim("w", LEASE).await.unwrap().unwrap();
+    check(&store, "claims").await;
+    assert!(store.complete(first.id, "w", &[image(0, 1), image(1, 2)]).await.unwrap());
+    check(&store, "a completion with images").await;
+    assert!(store.fail(second.id, "w", "boom", "failed").await.unwrap());
+    check(&store, "a failure").await;
+    assert!(store.release(third.id, "w").await.unwrap());
+    check(&store, "a release").await;
+    assert!(store.cancel_queued(ids[4]).await.unwrap());
+    check(&store, "a cancel").await;
+    store.claim("w", LEASE).await.unwrap().unwrap();
+    store.recover_all_running().await.unwrap();
+    check(&store, "recovery").await;
+    assert!(store.delete(first.id).await.unwrap());
+    check(&store, "deleting a job with images").await;
+    assert!(store.delete(ids[7]).await.unwrap());
+    check(&store, "deleting a queued job").await;
+    let done = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert!(store.complete(done.id, "w", &[image(0, 3)]).await.unwrap());
+    store.delete_finished_before(time::now_millis() + 1, 100).await.unwrap();
+    check(&store, "retention").await;
+    let limits = SubmitLimits { max_queued: 1000, max_outstanding_per_owner: 1000, ..SubmitLimits::NONE };
+    let group = (0..20u64).map(|i| {
+        let owner = owners[(i % 3) as usize].map(str::to_owned);
+        store.submit(NewJob { owner, input_bytes: 7 * i, ..new_job(0) }, None, limits)
+    });
+    for outcome in futures_util::future::join_all(group).await {
+        assert!(matches!(outcome.unwrap(), Submission::Created(_)));
+    }
+    check(&store, "a group of submissions").await;
+}
+
 /// SQLite's index-seek test of whether an owner has queued jobs, used when an owner joins the fair-share
 /// rotation, agrees with reading the rows, for owners with and without queued jobs, with and without a key
 /// (`''` also stands for jobs without an owner), as the queue drains; so does the lowest pass among waiting
