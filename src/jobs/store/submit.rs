@@ -91,10 +91,7 @@ macro_rules! refusal {
             if limits.max_outstanding_per_owner != u64::MAX {
                 let (outstanding,): (i64,) =
                     sqlx::query_as(outstanding_sql($dialect)).bind(owner).fetch_one(&mut *$tx).await?;
-                let outstanding = non_negative("jobs", "count", outstanding)?;
-                if outstanding >= limits.max_outstanding_per_owner {
-                    refusal = Some(Submission::OwnerBusy { outstanding });
-                }
+                refusal = owner_busy(non_negative("jobs", "count", outstanding)?, limits);
             }
         }
         if let (None, Some(owner), Some(limit)) = (&refusal, &new.owner, limits.daily_image_steps) {
@@ -113,14 +110,21 @@ macro_rules! refusal {
                 // Bytes the owner's jobs keep stored: their inputs and their images.
                 let (stored,): (i64,) =
                     sqlx::query_as(stored_bytes_sql($dialect)).bind(owner).fetch_one(&mut *$tx).await?;
-                let stored = non_negative("jobs", "stored bytes", stored)?;
-                if stored.saturating_add(new.input_bytes) > limits.max_stored_bytes_per_owner {
-                    refusal = Some(Submission::OverQuota { stored });
-                }
+                refusal = over_quota(non_negative("jobs", "stored bytes", stored)?, new.input_bytes, limits);
             }
         }
         refusal
     }};
+}
+
+/// The refusal of a submission whose key already has `outstanding` jobs queued or running.
+fn owner_busy(outstanding: u64, limits: SubmitLimits) -> Option<Submission> {
+    (outstanding >= limits.max_outstanding_per_owner).then_some(Submission::OwnerBusy { outstanding })
+}
+
+/// The refusal of a submission whose `input_bytes` would take its key's `stored` bytes past its quota.
+fn over_quota(stored: u64, input_bytes: u64, limits: SubmitLimits) -> Option<Submission> {
+    (stored.saturating_add(input_bytes) > limits.max_stored_bytes_per_owner).then_some(Submission::OverQuota { stored })
 }
 
 /// The refusal of a submission when `queued` jobs already wait and the queue holds `limits.max_queued`.
@@ -478,13 +482,14 @@ fn everyone_fails(size: usize, error: StoreError) -> Vec<Result<Submission, Stor
 /// Runs every submission of `group` in one write transaction and commits; the answers are in `group`'s
 /// order. When the transaction cannot be opened or committed, every answer is that error.
 ///
-/// A submission that reads and writes state of its own (an idempotency key, a key's rate, compute or
-/// per-key limits, a webhook) runs alone inside a savepoint, so that a refused or failing one rolls back
-/// alone. The others ([`plain`]) only need the queue's length, which the group counts once and keeps up to
-/// date: they are inserted together by one statement ([`insert_plain`]), after those with state of their
-/// own. Per submission that is one row of a statement instead of four statements (savepoint, rotation
-/// check, insert, release), each a round trip to the database thread, which was what limited how many
-/// submissions one write connection took per second.
+/// A submission that writes state of its own (an idempotency key, a key's rate or daily compute, a webhook)
+/// runs alone inside a savepoint, so that a refused or failing one rolls back alone. The others ([`plain`])
+/// only need the queue's length and their key's totals (jobs outstanding, bytes stored), which the group
+/// reads once and keeps up to date: they are judged in arrival order by the same rules ([`queue_full`],
+/// [`owner_busy`], [`over_quota`]) and inserted together by one statement ([`insert_plain`]), after those
+/// with state of their own. Per submission that is one row of a statement instead of four to six
+/// statements (savepoint, limits, rotation check, insert, release), each a round trip to the database
+/// thread, which was what limited how many submissions one write connection took per second.
 async fn commit_group(
     connection: &mut sqlx::SqliteConnection,
     group: &[PendingSubmission],
@@ -510,10 +515,30 @@ async fn commit_group(
             *answer = Some(submit_counted(&mut tx, submission, &mut queued).await);
         }
     }
+    // The keys' totals, read once per key for the group and kept up to date by its accepted submissions.
+    let mut totals: HashMap<&str, (u64, u64)> = HashMap::new();
     let mut accepted = Vec::new();
     for (index, submission) in group.iter().enumerate().filter(|(_, s)| plain(s)) {
         let waiting = queued.map(|count| count + accepted.len() as u64);
-        match waiting.and_then(|count| queue_full(count, submission.limits)) {
+        let mut refusal = waiting.and_then(|count| queue_full(count, submission.limits));
+        if let (None, Some(owner)) = (&refusal, submission.new.owner.as_deref()) {
+            let (outstanding, stored) = match totals.get(owner) {
+                Some(&known) => known,
+                None => match owner_totals(&mut tx, owner).await {
+                    Ok(read) => *totals.entry(owner).or_insert(read),
+                    Err(error) => {
+                        answers[index] = Some(Err(error));
+                        continue;
+                    }
+                },
+            };
+            refusal = owner_busy(outstanding, submission.limits)
+                .or_else(|| over_quota(stored, submission.new.input_bytes, submission.limits));
+            if refusal.is_none() {
+                totals.insert(owner, (outstanding + 1, stored.saturating_add(submission.new.input_bytes)));
+            }
+        }
+        match refusal {
             Some(refusal) => answers[index] = Some(Ok(refusal)),
             None => accepted.push(index),
         }
@@ -549,16 +574,22 @@ async fn commit_group(
 /// Rows in one many-row insert at most (13 values each, well under SQLite's limit on bound values).
 const PLAIN_ROWS: usize = 128;
 
-/// Whether `submission` touches no state of its own besides its job row: no idempotency key, no webhook,
-/// and no per-key rate, compute or limit to read and update in order (an ownerless job has none).
+/// Whether `submission` can be inserted with others: it writes no state of its own besides its job row (no
+/// idempotency key, no webhook, no per-key rate or daily compute to take from), so what it needs to know is
+/// the queue's length and its key's totals, which the group reads once and keeps up to date.
 fn plain(submission: &PendingSubmission) -> bool {
     let limits = submission.limits;
-    let keyed_limits = submission.new.owner.is_some()
-        && (limits.max_outstanding_per_owner != u64::MAX
-            || limits.max_stored_bytes_per_owner != u64::MAX
-            || limits.rate_per_minute.is_some()
-            || limits.daily_image_steps.is_some());
-    submission.idempotency.is_none() && submission.new.webhook.is_none() && !keyed_limits
+    let keyed_state =
+        submission.new.owner.is_some() && (limits.rate_per_minute.is_some() || limits.daily_image_steps.is_some());
+    submission.idempotency.is_none() && submission.new.webhook.is_none() && !keyed_state
+}
+
+/// The key `owner`'s jobs queued or running and its stored bytes (`owner_totals`).
+async fn owner_totals(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, owner: &str) -> Result<(u64, u64), StoreError> {
+    let (outstanding,): (i64,) =
+        sqlx::query_as(outstanding_sql(Dialect::Sqlite)).bind(owner).fetch_one(&mut **tx).await?;
+    let (stored,): (i64,) = sqlx::query_as(stored_bytes_sql(Dialect::Sqlite)).bind(owner).fetch_one(&mut **tx).await?;
+    Ok((non_negative("jobs", "count", outstanding)?, non_negative("jobs", "stored bytes", stored)?))
 }
 
 /// One submission alone in its savepoint, keeping the group's count of queued jobs up to date.

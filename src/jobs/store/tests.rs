@@ -365,7 +365,11 @@ async fn the_per_key_totals_follow_every_change_to_jobs_and_images() {
         assert_eq!(kept, counted, "after {when}");
         for (owner, outstanding, stored) in kept {
             let usage = store.usage(&owner).await.unwrap();
-            assert_eq!((usage.outstanding as i64, usage.stored_bytes as i64), (outstanding, stored), "usage of {owner}");
+            assert_eq!(
+                (usage.outstanding as i64, usage.stored_bytes as i64),
+                (outstanding, stored),
+                "usage of {owner}"
+            );
         }
     }
     let owners = [Some("a"), Some("b"), None];
@@ -538,6 +542,18 @@ async fn a_group_inserts_plain_submissions_together_and_each_caller_gets_its_own
         sqlx::query_as("SELECT owner FROM fair_share ORDER BY owner").fetch_all(&pools.read).await.unwrap();
     let owners: Vec<String> = owners.into_iter().map(|(o,)| o).collect();
     assert_eq!(owners, ["", "owner-0", "owner-1", "owner-2", "owner-3", "owner-4"]);
+
+    // A key's stored-bytes quota holds inside a group: its totals are read once and counted up as its
+    // submissions are accepted.
+    let quota = SubmitLimits { max_queued: 1000, max_stored_bytes_per_owner: 1000, ..SubmitLimits::NONE };
+    let answers = futures_util::future::join_all((0..10).map(|_| {
+        let store = store.clone();
+        async move { store.submit(NewJob { input_bytes: 300, ..owned_by("q") }, None, quota).await.unwrap() }
+    }))
+    .await;
+    let created = answers.iter().filter(|a| matches!(a, Submission::Created(_))).count();
+    assert_eq!(created, 3, "{answers:?}");
+    assert!(answers.iter().all(|a| matches!(a, Submission::Created(_) | Submission::OverQuota { stored: 900 })));
 }
 
 /// A submission that cannot be written (here: the store was closed) is an error for its caller, not a job.
