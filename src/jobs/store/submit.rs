@@ -521,7 +521,9 @@ async fn commit_group(
     for (index, submission) in group.iter().enumerate().filter(|(_, s)| plain(s)) {
         let waiting = queued.map(|count| count + accepted.len() as u64);
         let mut refusal = waiting.and_then(|count| queue_full(count, submission.limits));
-        if let (None, Some(owner)) = (&refusal, submission.new.owner.as_deref()) {
+        let limits = submission.limits;
+        let key_limited = limits.max_outstanding_per_owner != u64::MAX || limits.max_stored_bytes_per_owner != u64::MAX;
+        if let (None, Some(owner), true) = (&refusal, submission.new.owner.as_deref(), key_limited) {
             let (outstanding, stored) = match totals.get(owner) {
                 Some(&known) => known,
                 None => match owner_totals(&mut tx, owner).await {
@@ -545,7 +547,7 @@ async fn commit_group(
     }
     for chunk in accepted.chunks(PLAIN_ROWS) {
         let plain: Vec<&PendingSubmission> = chunk.iter().map(|&i| &group[i]).collect();
-        match insert_plain(&mut tx, &plain).await {
+        match insert_plain_in_savepoint(&mut tx, &plain).await {
             Ok(jobs) => {
                 if let Some(count) = queued.as_mut() {
                     *count += jobs.len() as u64;
@@ -554,7 +556,7 @@ async fn commit_group(
                     answers[index] = Some(Ok(Submission::Created(job)));
                 }
             }
-            // The statement wrote nothing: each submission is tried alone, so that only the one at fault fails.
+            // Nothing of it was kept: each submission is tried alone, so that only the one at fault fails.
             Err(_) => {
                 for &index in chunk {
                     answers[index] = Some(submit_counted(&mut tx, &group[index], &mut queued).await);
@@ -605,9 +607,27 @@ async fn submit_counted(
     answer
 }
 
+/// [`insert_plain`] inside a savepoint: on any error (the statement, or a row that does not read back as a
+/// job) everything it wrote is rolled back.
+async fn insert_plain_in_savepoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    plain: &[&PendingSubmission],
+) -> Result<Vec<Job>, StoreError> {
+    let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
+    match insert_plain(&mut savepoint, plain).await {
+        Ok(jobs) => {
+            savepoint.commit().await?;
+            Ok(jobs)
+        }
+        Err(error) => {
+            savepoint.rollback().await?;
+            Err(error)
+        }
+    }
+}
+
 /// Inserts `plain` submissions (see [`plain`]) with one statement, after placing each of their owners in
-/// the fair-share rotation once; the jobs come back in `plain`'s order. One statement is atomic: when it
-/// fails, none of them was inserted.
+/// the fair-share rotation once; the jobs come back in `plain`'s order.
 async fn insert_plain(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     plain: &[&PendingSubmission],

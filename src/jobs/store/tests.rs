@@ -556,6 +556,40 @@ async fn a_group_inserts_plain_submissions_together_and_each_caller_gets_its_own
     assert!(answers.iter().all(|a| matches!(a, Submission::Created(_) | Submission::OverQuota { stored: 900 })));
 }
 
+/// When the many-row insert of a group fails (here a trigger refuses one row), nothing of it is kept and
+/// each submission is tried alone: only the one at fault fails, every other is created exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_row_fails_alone_and_its_group_is_inserted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    sqlx::query(
+        "CREATE TRIGGER poison BEFORE INSERT ON jobs WHEN NEW.model = 'poison' \
+         BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
+    )
+    .execute(sqlite_write(&store))
+    .await
+    .unwrap();
+    let limits = SubmitLimits { max_queued: 1000, ..SubmitLimits::NONE };
+    let answers = futures_util::future::join_all((0..40).map(|i| {
+        let store = store.clone();
+        async move {
+            let model = if i % 7 == 3 { "poison" } else { "tiny-sd" };
+            (i, store.submit(NewJob { model: model.into(), ..new_job(0) }, None, limits).await)
+        }
+    }))
+    .await;
+    let mut created = HashSet::new();
+    for (i, answer) in answers {
+        match answer {
+            Ok(Submission::Created(job)) if i % 7 != 3 => assert!(created.insert(job.id)),
+            Err(error) if i % 7 == 3 => assert!(error.to_string().contains("poisoned row"), "{error}"),
+            other => panic!("submission {i}: {other:?}"),
+        }
+    }
+    assert_eq!(created.len(), 34);
+    assert_eq!(store.count_by_status().await.unwrap().queued, 34, "each job inserted once");
+}
+
 /// A submission that cannot be written (here: the store was closed) is an error for its caller, not a job.
 #[tokio::test]
 async fn a_submission_to_a_closed_store_fails() {
