@@ -11,7 +11,7 @@
 //! next call; the others go on.
 
 use image::RgbImage;
-use ndarray::{concatenate, ArrayD, Axis, IxDyn};
+use ndarray::{concatenate, ArrayD, Axis};
 
 use super::conditioning::UnetConditioning;
 use super::denoise::{predict, Guidance};
@@ -220,12 +220,7 @@ fn shared_call(
     let views: Vec<_> = blocks.iter().map(|b| b.view()).collect();
     let sample = concatenate(Axis(0), &views).map_err(shape_err)?;
     let rows = sample.shape()[0];
-    let value = model.denoiser_kind.timestep_value(t);
-    let timestep = match model.denoiser.input("timestep").map(|s| s.rank()) {
-        Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
-        _ => ArrayD::from_elem(IxDyn(&[rows]), value),
-    };
-    let predicted = predict(model, sample, timestep, conditioning, bound, call + 1 == calls)?;
+    let predicted = predict(model, sample, t, conditioning, bound, call + 1 == calls)?;
     if predicted.shape()[0] != rows {
         return Err(EngineError::Inference {
             graph: model.denoiser.name(),

@@ -133,7 +133,6 @@ pub(super) fn denoise(
     let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
     let calls = timesteps.len();
     let total = calls.saturating_sub(run.start);
-    let timestep_rank = model.denoiser.input("timestep").map(|s| s.rank());
     let shape_err = |e: ndarray::ShapeError| EngineError::InvalidRequest(e.to_string());
     let mut latents = run.latents;
     let mut bound = None;
@@ -152,13 +151,8 @@ pub(super) fn denoise(
         if let Some(extra) = &run.extra_channels {
             sample = concatenate(Axis(1), &[sample.view(), extra.view()]).map_err(shape_err)?;
         }
-        let value = model.denoiser_kind.timestep_value(t);
-        let timestep = match timestep_rank {
-            Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
-            _ => ArrayD::from_elem(IxDyn(&[copies * n]), value),
-        };
         let last = call + 1 == calls;
-        let predicted = predict(model, sample, timestep, run.conditioning, &mut bound, last)?;
+        let predicted = predict(model, sample, t, run.conditioning, &mut bound, last)?;
         if predicted.shape() != model_input.shape() {
             return Err(EngineError::Inference {
                 graph: model.denoiser.name(),
@@ -182,30 +176,38 @@ pub(super) fn denoise(
     Ok(latents)
 }
 
-/// One denoiser call on `sample` `[b, C, h, w]` (packed around the call for Flux); the prediction comes back
-/// unpacked, `[b, C_out, h, w]`. `conditioning` is bound to the denoiser on the first call of a run and kept
-/// in `bound` for the next ones (the caller clears `bound` when the conditioning changes), so only the
-/// latents and the timestep are handed over at each call. The denoiser's arena memory is kept between calls
-/// and handed back after the `last` one.
+/// One denoiser call on `sample` `[b, C, h, w]` at timestep `t` (packed around the call for Flux); the
+/// prediction comes back unpacked, `[b, C_out, h, w]`. The timestep goes in as the graph declares it: a
+/// scalar, or one per row, in the family's scale. `conditioning` is bound to the denoiser on the first call
+/// of a run and kept in `bound` for the next ones (the caller clears `bound` when the conditioning changes),
+/// so only the latents and the timestep are handed over at each call. The denoiser's arena memory is kept
+/// between calls and handed back after the `last` one.
 pub(super) fn predict(
     model: &mut LoadedModel,
     sample: ArrayD<f32>,
-    timestep: ArrayD<f32>,
+    t: f64,
     conditioning: &UnetConditioning,
     bound: &mut Option<BoundInputs>,
     last: bool,
 ) -> Result<ArrayD<f32>, EngineError> {
     let kind = model.denoiser_kind;
     let graph = model.denoiser.name();
+    let rows = sample.shape().first().copied().unwrap_or(0);
     let (h, w) = (sample.shape().get(2).copied().unwrap_or(0), sample.shape().get(3).copied().unwrap_or(0));
+    let value = kind.timestep_value(t);
+    let timestep = match model.denoiser.input("timestep").map(|s| s.rank()) {
+        Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
+        _ => ArrayD::from_elem(IxDyn(&[rows]), value),
+    };
     let sample = if kind.packs_latents() { pack(&sample)? } else { sample };
     let feeds = vec![(kind.sample_input(), Feed::Float(sample)), ("timestep", Feed::Float(timestep))];
-    if bound.is_none() {
-        *bound = Some(model.denoiser.bind(conditioning.feeds())?);
-    }
-    let inputs = bound.as_mut().ok_or_else(|| EngineError::Inference { graph, message: "nothing bound".into() })?;
-    let mut outputs = model.denoiser.run_bound(inputs, feeds, !last)?;
-    let predicted = outputs
+    let mut inputs = match bound.take() {
+        Some(inputs) => inputs,
+        None => model.denoiser.bind(conditioning.feeds())?,
+    };
+    let outputs = model.denoiser.run_bound(&mut inputs, feeds, !last);
+    *bound = Some(inputs);
+    let predicted = outputs?
         .remove(&model.denoiser_output)
         .ok_or_else(|| EngineError::Inference { graph, message: "no output".into() })?;
     if kind.packs_latents() {

@@ -22,7 +22,7 @@
 //! of an inpainting job with the same seed and the returned mask.
 
 use image::{GrayImage, RgbImage};
-use ndarray::{concatenate, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, IxDyn};
+use ndarray::{concatenate, Array2, ArrayD, ArrayView2, ArrayViewD, Axis};
 
 use super::conditioning::{assemble, classifier_guidance, Branch, SizeConditioning};
 use super::denoise::{predict, Guidance};
@@ -177,11 +177,6 @@ pub fn semantic_mask(
         Guidance::Classifier { scale, .. } => scale,
         _ => 1.0,
     };
-    let value = model.denoiser_kind.timestep_value(t);
-    let timestep = match model.denoiser.input("timestep").map(|s| s.rank()) {
-        Some(0) => ArrayD::from_elem(IxDyn(&[]), value),
-        _ => ArrayD::from_elem(IxDyn(&[2]), value),
-    };
     let shape_err = |e: ndarray::ShapeError| EngineError::InvalidRequest(e.to_string());
     let (h, w) = (latents.shape()[2], latents.shape()[3]);
     let mut map = Array2::<f32>::zeros((h, w));
@@ -198,7 +193,7 @@ pub fn semantic_mask(
         let noisy = scheduler.add_noise(latents.view(), noise.view(), start);
         let pair = concatenate(Axis(0), &[noisy.view(), noisy.view()]).map_err(shape_err)?;
         let sample = scheduler.scale_model_input(pair.view(), start);
-        let predicted = predict(model, sample, timestep.clone(), &conditioning, &mut bound, draw + 1 == samples)?;
+        let predicted = predict(model, sample, t, &conditioning, &mut bound, draw + 1 == samples)?;
         if predicted.shape() != pair.shape() {
             return Err(EngineError::Inference {
                 graph: model.denoiser.name(),
