@@ -284,6 +284,19 @@ async fn the_owner_first_claim_takes_the_job_the_ordered_claim_names() {
     assert!(found > 20, "companions were found at {found} steps only")
 }
 
+/// The rows of `kept` (a table SQLite's triggers keep) equal those of `counted` (the same numbers from the
+/// rows themselves) `when` something changed; returns them.
+async fn kept_like_counted<T>(store: &JobStore, kept: &str, counted: &str, when: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin + PartialEq + std::fmt::Debug,
+{
+    let pool = sqlite_read(store);
+    let kept: Vec<T> = sqlx::query_as(kept).fetch_all(pool).await.unwrap();
+    let counted: Vec<T> = sqlx::query_as(counted).fetch_all(pool).await.unwrap();
+    assert_eq!(kept, counted, "after {when}");
+    kept
+}
+
 /// SQLite's per-priority queue counts (`queue_levels`, kept by triggers) match the queued rows after every
 /// kind of change: submissions at several priorities, claims, a release, a cancel, a deletion, a failure,
 /// start-up recovery and a group of submissions.
@@ -292,19 +305,13 @@ async fn the_queue_counts_follow_every_change_to_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     async fn check(store: &JobStore, when: &str) {
-        let pool = sqlite_read(store);
-        let counted: Vec<(i64, i64)> = sqlx::query_as(
+        kept_like_counted::<(i64, i64)>(
+            store,
+            "SELECT priority, queued FROM queue_levels WHERE queued > 0 ORDER BY priority",
             "SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority ORDER BY priority",
+            when,
         )
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        let kept: Vec<(i64, i64)> =
-            sqlx::query_as("SELECT priority, queued FROM queue_levels WHERE queued > 0 ORDER BY priority")
-                .fetch_all(pool)
-                .await
-                .unwrap();
-        assert_eq!(kept, counted, "after {when}");
+        .await;
     }
     let mut ids = Vec::new();
     for i in 0..12 {
@@ -344,25 +351,18 @@ async fn the_per_key_totals_follow_every_change_to_jobs_and_images() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     async fn check(store: &JobStore, when: &str) {
-        let pool = sqlite_read(store);
-        let counted: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT j.owner, SUM(j.status IN ('queued', 'running')), \
-                    SUM(j.input_bytes) + COALESCE((SELECT SUM(i.bytes) FROM images i JOIN jobs k ON k.id = i.job_id \
-                                                   WHERE k.owner = j.owner), 0) \
-             FROM jobs j WHERE j.owner IS NOT NULL GROUP BY j.owner ORDER BY j.owner",
-        )
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        let kept: Vec<(String, i64, i64)> = sqlx::query_as(
+        let kept = kept_like_counted::<(String, i64, i64)>(
+            store,
             "SELECT owner, outstanding, stored_bytes FROM owner_totals \
              WHERE outstanding <> 0 OR stored_bytes <> 0 ORDER BY owner",
+            "SELECT * FROM (SELECT j.owner AS owner, SUM(j.status IN ('queued', 'running')) AS outstanding, \
+                 SUM(j.input_bytes) + COALESCE((SELECT SUM(i.bytes) FROM images i JOIN jobs k ON k.id = i.job_id \
+                                                WHERE k.owner = j.owner), 0) AS stored \
+                 FROM jobs j WHERE j.owner IS NOT NULL GROUP BY j.owner) \
+             WHERE outstanding <> 0 OR stored <> 0 ORDER BY owner",
+            when,
         )
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        let counted: Vec<_> = counted.into_iter().filter(|(_, o, b)| *o != 0 || *b != 0).collect();
-        assert_eq!(kept, counted, "after {when}");
+        .await;
         for (owner, outstanding, stored) in kept {
             let usage = store.usage(&owner).await.unwrap();
             assert_eq!(
