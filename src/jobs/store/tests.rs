@@ -413,6 +413,40 @@ async fn the_per_key_totals_follow_every_change_to_jobs_and_images() {
     check(&store, "a group of submissions").await;
 }
 
+/// Migration `0015` fills `owner_totals` from the jobs and images a database already holds: its filling
+/// statement, run on a store whose totals were emptied, gives what counting the rows gives.
+#[tokio::test]
+async fn the_per_key_totals_are_filled_from_existing_rows_by_their_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    for i in 0..9u64 {
+        let owner = [Some("a"), Some("b"), None][(i % 3) as usize].map(str::to_owned);
+        store.insert(NewJob { owner, input_bytes: 10 * i, ..new_job(0) }).await.unwrap();
+    }
+    for seed in 0..2 {
+        let job = store.claim("w", LEASE).await.unwrap().unwrap();
+        assert!(store.complete(job.id, "w", &[image(0, seed)]).await.unwrap());
+    }
+    let migration = include_str!("../../../migrations/sqlite/0015_owner_totals.sql");
+    let start = migration.find("INSERT INTO owner_totals").unwrap();
+    let filling = &migration[start..start + migration[start..].find(';').unwrap()];
+    let write = sqlite_write(&store);
+    sqlx::query("DELETE FROM owner_totals").execute(write).await.unwrap();
+    sqlx::query(filling).execute(write).await.unwrap();
+    let kept = kept_like_counted::<(String, i64, i64)>(
+        &store,
+        "SELECT owner, outstanding, stored_bytes FROM owner_totals ORDER BY owner",
+        "SELECT j.owner, SUM(j.status IN ('queued', 'running')), \
+             SUM(j.input_bytes) + COALESCE((SELECT SUM(i.bytes) FROM images i JOIN jobs k ON k.id = i.job_id \
+                                            WHERE k.owner = j.owner), 0) \
+         FROM jobs j WHERE j.owner IS NOT NULL GROUP BY j.owner ORDER BY j.owner",
+        "the migration's filling",
+    )
+    .await;
+    assert_eq!(kept.len(), 2);
+    assert!(kept.iter().any(|(_, _, stored)| *stored > 1234), "image bytes are counted: {kept:?}");
+}
+
 /// SQLite's index-seek test of whether an owner has queued jobs, used when an owner joins the fair-share
 /// rotation, agrees with reading the rows, for owners with and without queued jobs, with and without a key
 /// (`''` also stands for jobs without an owner), as the queue drains; so does the lowest pass among waiting
