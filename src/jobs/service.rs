@@ -481,11 +481,13 @@ impl Jobs {
             self.wake.notify_one();
             metrics::counter!("denoised_jobs_submitted_total").increment(1);
             self.bus.note_owner(job.id, job.owner.as_deref());
-            let position = self.positions.of_new(job.id, committed, self.bus.last_lifecycle_id()).await?;
+            // A worker may have claimed the job since its commit: then nothing is ahead of it any more, and the
+            // answer (which shows the job as committed, queued) says 0, like its `queued` event.
+            let position = self.positions.of_new(job.id, committed, self.bus.last_lifecycle_id()).await?.unwrap_or(0);
             let total = job.params.visible_steps();
-            let eta_ms = self.progress.queued_eta_ms(total, position.unwrap_or(0), self.rules.workers);
-            self.bus.publish(job.id, EventKind::queued(position.unwrap_or(0), eta_ms));
-            live = Some(LiveState { progress: Progress { step: 0, total, eta_ms }, queue_position: position });
+            let eta_ms = self.progress.queued_eta_ms(total, position, self.rules.workers);
+            self.bus.publish(job.id, EventKind::queued(position, eta_ms));
+            live = Some(LiveState { progress: Progress { step: 0, total, eta_ms }, queue_position: Some(position) });
         }
         Ok(Submitted { job, created, rate, live })
     }
